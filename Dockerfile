@@ -1,0 +1,29 @@
+# The gateway image: slim, non-root, tiktoken's encodings inside (no network needed at run time).
+FROM python:3.11-slim AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+RUN python -m venv /opt/venv
+COPY requirements.txt /tmp/requirements.txt
+RUN /opt/venv/bin/pip install -r /tmp/requirements.txt
+
+FROM python:3.11-slim
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    DJANGO_SETTINGS_MODULE=gateway.settings \
+    GATEWAY_VAR_DIR=/app/var \
+    TIKTOKEN_CACHE_DIR=/opt/tiktoken
+RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin gateway
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /app
+COPY --chown=gateway:gateway . /app
+RUN mkdir -p /app/var /opt/tiktoken \
+    && SECRET_KEY=build python manage.py seed_encodings --dir /opt/tiktoken \
+    && SECRET_KEY=build python manage.py collectstatic --noinput \
+    && chown -R gateway:gateway /app/var && rm -f /app/var/db.sqlite3
+USER gateway
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=20s \
+    CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"
+# uvicorn with uvloop and httptools: the fastest server measured for this app (see docs/architecture.md);
+# daphne works too: daphne -b 0.0.0.0 -p 8000 gateway.asgi:application
+CMD ["sh", "-c", "python manage.py migrate --noinput && exec uvicorn gateway.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http httptools --lifespan on --proxy-headers --no-access-log"]

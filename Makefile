@@ -1,0 +1,36 @@
+# Two commands matter: `make run` (the demo on embedded defaults) and `make test` (the suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SIM_PORT ?= 9100
+
+.PHONY: install run test test-embedded test-services bench migrations-check clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Embedded defaults: SQLite in var/, in-process state, a simulated upstream on $(SIM_PORT).
+run: install
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py seed_encodings
+	$(PY) manage.py seed_demo --upstream http://127.0.0.1:$(SIM_PORT) --upstream-key sim-key --key-file var/demo-key
+	$(PY) -m gateway.demo --host $(HOST) --port $(PORT) --sim-port $(SIM_PORT)
+
+# The whole suite on whatever DATABASE_URL / REDIS_URL say (embedded defaults when unset).
+test: install
+	$(PY) manage.py makemigrations --check --dry-run
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) var

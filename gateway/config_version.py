@@ -1,0 +1,73 @@
+"""The configuration version: bumped whenever something the request path reads changes.
+
+Processes compare it with the version their in-memory snapshot was built from and rebuild when
+it moved. The database row is the record; when Redis is configured the same number is mirrored
+to a Redis key so that polling costs one GET instead of a query.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.db.models.signals import post_delete, post_save
+
+log = logging.getLogger(__name__)
+
+REDIS_KEY = "gw:config-version"
+
+
+def config_version_read() -> int:
+    """The current version from the database (sync; callers on the event loop use a thread)."""
+    from gateway.models import ConfigVersion
+
+    row = ConfigVersion.objects.filter(pk=1).values_list("version", flat=True).first()
+    return row or 0
+
+
+def config_version_bump() -> None:
+    """Move the version on, after the surrounding transaction commits (so readers see the change)."""
+    connection = transaction.get_connection()
+    # Django keeps (savepoints, callback, robust) tuples; a rollback drops ours with them.
+    if any(entry[1] is _bump_now for entry in connection.run_on_commit):
+        return
+    transaction.on_commit(_bump_now)
+
+
+def _bump_now() -> None:
+    from gateway.models import ConfigVersion
+
+    updated = ConfigVersion.objects.filter(pk=1).update(version=F("version") + 1)
+    if not updated:
+        ConfigVersion.objects.get_or_create(pk=1, defaults={"version": 1})
+    if settings.REDIS_URL:
+        _mirror_to_redis(config_version_read())
+
+
+def _mirror_to_redis(version: int) -> None:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2)
+        client.set(REDIS_KEY, version)
+        client.close()
+    except redis.RedisError:
+        # The database still holds the version; processes fall back to polling it.
+        log.warning("could not mirror config version %s to Redis", version, exc_info=True)
+
+
+def _on_change(sender, **kwargs) -> None:
+    config_version_bump()
+
+
+def connect_config_signals() -> None:
+    """Bump the version on every save or delete of a model the snapshot is built from."""
+    from billing.models import Price
+    from gateway.models import Deployment, Endpoint
+    from tenants.models import AccessPolicy, ClientKey, Quota, Tenant
+
+    for model in (Endpoint, Deployment, Tenant, ClientKey, Quota, AccessPolicy, Price):
+        post_save.connect(_on_change, sender=model, dispatch_uid=f"config-version-save-{model.__name__}")
+        post_delete.connect(_on_change, sender=model, dispatch_uid=f"config-version-delete-{model.__name__}")

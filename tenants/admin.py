@@ -1,0 +1,307 @@
+"""Admin for tenants, client keys, quotas, access policies and memberships.
+
+Keys are issued, revoked and expired only through ``tenants.services``: the add page calls
+``key_issue`` and answers with a page that shows the secret once (a message would park it in the
+session or a cookie; a redirect would need it stored somewhere in between), and the actions call
+``key_revoke`` and ``key_expire``. The hash is in no form and no page.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db import transaction
+from django.db.models import Count, Q, QuerySet
+from django.forms.models import BaseInlineFormSet
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.cache import add_never_cache_headers
+from django.utils.html import format_html
+
+from tenants.admin_forms import AccessPolicyForm, ClientKeyForm, ClientKeyIssueForm, QuotaForm
+from tenants.models import AccessPolicy, ClientKey, Membership, Quota, Tenant
+from tenants.services import IssuedKey, key_expire, key_issue, key_revoke
+
+# --- inlines ---------------------------------------------------------------------------------
+
+QUOTA_FIELDS = ("rpm", "tpm", "daily_tokens", "monthly_tokens", "monthly_cost", "alert_thresholds")
+
+
+class TenantQuotaInline(admin.StackedInline):
+    """The tenant-wide quota (the row whose key is empty); per-key quotas are on each key's page."""
+
+    model = Quota
+    form = QuotaForm
+    fk_name = "tenant"
+    fields = QUOTA_FIELDS
+    max_num = 1
+    verbose_name = verbose_name_plural = "tenant quota (0 = unlimited)"
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Quota]:
+        return super().get_queryset(request).filter(key__isnull=True).select_related("tenant")
+
+
+class AccessPolicyInline(admin.StackedInline):
+    model = AccessPolicy
+    form = AccessPolicyForm
+    fields = ("allowed_models", "ip_allow", "ip_deny", "max_tokens_cap")
+    verbose_name_plural = "access policy"
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[AccessPolicy]:
+        return super().get_queryset(request).select_related("tenant")
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+    autocomplete_fields = ("user",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Membership]:
+        return super().get_queryset(request).select_related("user", "tenant")
+
+
+class KeyQuotaFormSet(BaseInlineFormSet):
+    """A key's quota belongs to the key's tenant too: set it on new rows before they validate."""
+
+    def get_form_kwargs(self, index: int | None) -> dict[str, Any]:
+        kwargs = super().get_form_kwargs(index)
+        if index is None or index >= self.initial_form_count():
+            kwargs["instance"] = Quota(tenant_id=self.instance.tenant_id)
+        return kwargs
+
+
+class KeyQuotaInline(admin.StackedInline):
+    model = Quota
+    form = QuotaForm
+    formset = KeyQuotaFormSet
+    fk_name = "key"
+    fields = QUOTA_FIELDS
+    verbose_name = verbose_name_plural = "key quota (0 = unlimited)"
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Quota]:
+        return super().get_queryset(request).select_related("tenant", "key")
+
+
+# --- tenants ---------------------------------------------------------------------------------
+
+
+@admin.register(Tenant)
+class TenantAdmin(admin.ModelAdmin):
+    list_display = ("slug", "name", "active", "key_count", "created_at")
+    list_filter = ("active",)
+    search_fields = ("slug", "name")
+    readonly_fields = ("created_at", "updated_at")
+    inlines = (TenantQuotaInline, AccessPolicyInline, MembershipInline)
+    # Explicit, because Meta.ordering does not apply to the GROUP BY query the count makes.
+    ordering = ("slug",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
+        return super().get_queryset(request).annotate(key_count=Count("keys"))
+
+    @admin.display(description="keys", ordering="key_count")
+    def key_count(self, tenant: Tenant) -> str:
+        url = reverse("admin:tenants_clientkey_changelist") + f"?tenant__id__exact={tenant.pk}"
+        return format_html('<a href="{}">{}</a>', url, tenant.key_count)  # type: ignore[attr-defined]
+
+
+# --- client keys -----------------------------------------------------------------------------
+
+
+class RevokedFilter(admin.SimpleListFilter):
+    title = "revoked"
+    parameter_name = "revoked"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Revoked"), ("no", "Not revoked")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() in ("yes", "no"):
+            return queryset.filter(revoked_at__isnull=self.value() == "no")
+        return queryset
+
+
+class ExpiredFilter(admin.SimpleListFilter):
+    title = "expired"
+    parameter_name = "expired"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Expired"), ("no", "Not expired")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        expired = Q(expires_at__lte=timezone.now())
+        if self.value() == "yes":
+            return queryset.filter(expired)
+        if self.value() == "no":
+            return queryset.exclude(expired)
+        return queryset
+
+
+#: The request attribute that carries a just-issued key from save_model to response_add.
+_ISSUED = "_tenants_issued_key"
+ISSUED_TEMPLATE = "admin/tenants/clientkey/issued.html"
+
+
+@admin.register(ClientKey)
+class ClientKeyAdmin(admin.ModelAdmin):
+    form = ClientKeyForm
+    list_display = (
+        "tenant", "name", "prefix", "created_at", "expires_at", "status", "last_used_at", "default_priority",
+    )
+    list_display_links = ("name",)
+    list_filter = ("tenant", RevokedFilter, ExpiredFilter)
+    list_select_related = ("tenant",)
+    search_fields = ("name", "prefix", "tenant__slug")
+    autocomplete_fields = ("tenant",)
+    exclude = ("key_hash",)  # not editable anyway; said here so that nobody adds it to a page
+    actions = ("revoke_keys", "expire_keys")
+    fieldsets = (
+        (None, {"fields": ("tenant", "name", "prefix", "status")}),
+        ("Use", {"fields": ("allowed_models", "default_priority", "last_used_at")}),
+        ("Lifetime", {"fields": ("created_at", "expires_at", "revoked_at")}),
+    )
+    add_fieldsets = ((None, {"fields": ("tenant", "name", "expires_at", "allowed_models", "default_priority")}),)
+    change_readonly_fields = ("tenant", "prefix", "status", "last_used_at", "created_at", "revoked_at")
+
+    # The add page issues a key; the change page edits what may change after.
+
+    def get_fieldsets(self, request: HttpRequest, obj: ClientKey | None = None):
+        return self.add_fieldsets if obj is None else self.fieldsets
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ClientKey | None = None):
+        return () if obj is None else self.change_readonly_fields
+
+    def get_form(self, request: HttpRequest, obj: ClientKey | None = None, change: bool = False, **kwargs: Any):
+        if obj is None:
+            kwargs["form"] = ClientKeyIssueForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def get_inlines(self, request: HttpRequest, obj: ClientKey | None):
+        return (KeyQuotaInline,) if obj is not None else ()
+
+    def add_view(self, request: HttpRequest, form_url: str = "", extra_context: dict | None = None):
+        context = {
+            "title": "Issue a client key",
+            # Every way out of the add page is the page that shows the secret.
+            "show_save_and_add_another": False,
+            "show_save_and_continue": False,
+            **(extra_context or {}),
+        }
+        return super().add_view(request, form_url, context)
+
+    def save_model(self, request: HttpRequest, obj: ClientKey, form: Any, change: bool) -> None:
+        if change:
+            # Save only what the form changed: a full save would write back revoked_at and
+            # last_used_at as this request read them, undoing a revocation that landed meanwhile.
+            editable = {f.name for f in ClientKey._meta.concrete_fields}
+            fields = [name for name in form.changed_data if name in editable]
+            if fields:
+                obj.save(update_fields=fields)
+            return
+        issued = key_issue(
+            obj.tenant,
+            name=obj.name,
+            expires_at=obj.expires_at,
+            allowed_models=obj.allowed_models,
+            default_priority=obj.default_priority,
+        )
+        # The admin goes on with ``obj`` (history entry, response): make it the row just created.
+        for field in ClientKey._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(issued.key, field.attname))
+        obj._state.adding, obj._state.db = False, issued.key._state.db
+        setattr(request, _ISSUED, issued)
+
+    def response_add(self, request: HttpRequest, obj: ClientKey, post_url_continue: str | None = None) -> HttpResponse:
+        issued: IssuedKey | None = getattr(request, _ISSUED, None)
+        if issued is None:  # pragma: no cover - save_model always sets it on add
+            return super().response_add(request, obj, post_url_continue)
+        # Rendered, not redirected, and for popups too (the secret must reach a person), and
+        # never cached: this response is the only copy of the secret there will ever be.
+        opts = self.opts
+        response = TemplateResponse(request, ISSUED_TEMPLATE, {
+            **self.admin_site.each_context(request),
+            "title": "Key issued",
+            "opts": opts,
+            "key": obj,
+            "secret": issued.secret,
+            "change_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk]),
+            "changelist_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist"),
+            "add_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_add"),
+        })
+        add_never_cache_headers(response)
+        return response
+
+    @admin.display(description="status")
+    def status(self, key: ClientKey) -> str:
+        # From the row's own columns: no query per row.
+        if key.revoked:
+            return "revoked"
+        return "expired" if key.expired else "active"
+
+    @admin.action(description="Revoke selected keys", permissions=["change"])
+    def revoke_keys(self, request: HttpRequest, queryset: QuerySet[ClientKey]) -> None:
+        self._apply(request, queryset.filter(revoked_at__isnull=True), key_revoke, "Revoked", "revoked")
+
+    @admin.action(description="Expire selected keys now", permissions=["change"])
+    def expire_keys(self, request: HttpRequest, queryset: QuerySet[ClientKey]) -> None:
+        now = timezone.now()
+        pending = queryset.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        self._apply(request, pending, key_expire, "Expired", "expired")
+
+    def _apply(self, request: HttpRequest, queryset: QuerySet[ClientKey], service, verb: str, done: str) -> None:
+        """Run ``service`` on each key, with a history entry each; keys already done are skipped."""
+        with transaction.atomic():
+            keys = list(queryset)
+            for key in keys:
+                service(key)
+                self.log_change(request, key, f"{verb} from the key list.")
+        self.message_user(request, f"{verb} {len(keys)} key(s)." if keys else f"The selected keys were already {done}.",
+                          messages.SUCCESS if keys else messages.INFO)
+
+
+# --- quotas, policies, memberships -------------------------------------------------------------
+
+
+class ScopeFilter(admin.SimpleListFilter):
+    title = "scope"
+    parameter_name = "scope"
+
+    def lookups(self, request, model_admin):
+        return [("tenant", "Tenant-wide"), ("key", "One key")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() in ("tenant", "key"):
+            return queryset.filter(key__isnull=self.value() == "tenant")
+        return queryset
+
+
+@admin.register(Quota)
+class QuotaAdmin(admin.ModelAdmin):
+    form = QuotaForm
+    list_display = ("tenant", "key", "rpm", "tpm", "daily_tokens", "monthly_tokens", "monthly_cost", "updated_at")
+    list_filter = (ScopeFilter, "tenant")
+    list_select_related = ("tenant", "key")
+    search_fields = ("tenant__slug", "key__name", "key__prefix")
+    autocomplete_fields = ("tenant", "key")
+    readonly_fields = ("updated_at",)
+
+
+@admin.register(AccessPolicy)
+class AccessPolicyAdmin(admin.ModelAdmin):
+    form = AccessPolicyForm
+    list_display = ("tenant", "allowed_models", "ip_allow", "ip_deny", "max_tokens_cap", "updated_at")
+    list_select_related = ("tenant",)
+    search_fields = ("tenant__slug", "tenant__name")
+    autocomplete_fields = ("tenant",)
+    readonly_fields = ("updated_at",)
+
+
+@admin.register(Membership)
+class MembershipAdmin(admin.ModelAdmin):
+    list_display = ("user", "tenant", "role")
+    list_filter = ("role", "tenant")
+    list_select_related = ("user", "tenant")
+    search_fields = ("user__username", "user__email", "tenant__slug")
+    autocomplete_fields = ("user", "tenant")

@@ -1,0 +1,126 @@
+"""Tenants (teams), their client keys, quotas, access policy and the people who run them."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class Tenant(models.Model):
+    """A team that sends traffic through the gateway and gets its own usage and bill."""
+
+    slug = models.SlugField(max_length=100, unique=True)
+    name = models.CharField(max_length=200)
+    active = models.BooleanField(default=True, help_text="Inactive tenants' keys are refused.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.name or self.slug
+
+
+class ClientKey(models.Model):
+    """A key an application presents. Only its SHA-256 hash and a visible prefix are stored."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="keys")
+    name = models.CharField(max_length=200)
+    prefix = models.CharField(max_length=20, help_text="The first characters, to recognise a key.")
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    allowed_models = models.JSONField(
+        default=list, blank=True, help_text="Model names this key may use; empty = what the tenant allows."
+    )
+    default_priority = models.PositiveSmallIntegerField(
+        default=5, help_text="Queue priority when a request names none (lower is served first)."
+    )
+
+    class Meta:
+        ordering = ["tenant__slug", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "name"], name="client_key_name_unique_per_tenant"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= timezone.now()
+
+
+class Quota(models.Model):
+    """Limits and budgets for a tenant (key empty) or for one of its keys. 0 means unlimited."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="quotas")
+    key = models.OneToOneField(ClientKey, on_delete=models.CASCADE, null=True, blank=True, related_name="quota")
+    rpm = models.PositiveIntegerField("RPM", default=0)
+    tpm = models.PositiveIntegerField("TPM", default=0)
+    daily_tokens = models.PositiveBigIntegerField(default=0)
+    monthly_tokens = models.PositiveBigIntegerField(default=0)
+    monthly_cost = models.DecimalField(max_digits=12, decimal_places=2, default=0)
+    alert_thresholds = models.JSONField(
+        default=list, blank=True, help_text="Percentages of a budget that raise an alert, e.g. [50, 80, 100]."
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant"], condition=Q(key__isnull=True), name="quota_one_per_tenant"
+            ),
+            models.CheckConstraint(
+                condition=Q(rpm__gte=0) & Q(tpm__gte=0) & Q(daily_tokens__gte=0)
+                & Q(monthly_tokens__gte=0) & Q(monthly_cost__gte=0),
+                name="quota_limits_not_negative",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"quota for {self.key or self.tenant}"
+
+
+class AccessPolicy(models.Model):
+    """What a tenant's keys may do: models, client networks, and a cap on max_tokens."""
+
+    tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="policy")
+    allowed_models = models.JSONField(default=list, blank=True, help_text="Empty = every model.")
+    ip_allow = models.JSONField(default=list, blank=True, help_text="CIDRs; empty = any address.")
+    ip_deny = models.JSONField(default=list, blank=True, help_text="CIDRs refused even if allowed.")
+    max_tokens_cap = models.PositiveIntegerField(default=0, help_text="Largest max_tokens a request may ask; 0 = none.")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "access policies"
+
+    def __str__(self) -> str:
+        return f"policy for {self.tenant}"
+
+
+class Membership(models.Model):
+    """Ties a Django user to a tenant, so they can see its usage (viewer) or manage it (admin)."""
+
+    class Role(models.TextChoices):
+        VIEWER = "viewer", "Viewer"
+        ADMIN = "admin", "Admin"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.VIEWER)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "tenant"], name="membership_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.tenant} ({self.role})"

@@ -1,0 +1,58 @@
+"""Writes to tenants and keys. The admin, the management commands and (later) the REST API call these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db import transaction
+from django.utils import timezone
+
+from tenants.keys import key_generate, key_hash, key_visible_prefix
+from tenants.models import ClientKey, Tenant
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A key just issued. ``secret`` exists only here: it is shown once and never stored."""
+
+    key: ClientKey
+    secret: str
+
+
+@transaction.atomic
+def key_issue(
+    tenant: Tenant,
+    *,
+    name: str,
+    expires_at: datetime | None = None,
+    allowed_models: list[str] | None = None,
+    default_priority: int = 5,
+) -> IssuedKey:
+    """Create a key for ``tenant`` and return its secret, which the caller must show exactly once."""
+    secret = key_generate()
+    key = ClientKey.objects.create(
+        tenant=tenant,
+        name=name,
+        prefix=key_visible_prefix(secret),
+        key_hash=key_hash(secret),
+        expires_at=expires_at,
+        allowed_models=list(allowed_models or []),
+        default_priority=default_priority,
+    )
+    return IssuedKey(key=key, secret=secret)
+
+
+def key_revoke(key: ClientKey) -> None:
+    """Refuse the key from now on. Idempotent: a revoked key keeps its first revocation time."""
+    if key.revoked_at is None:
+        key.revoked_at = timezone.now()
+        key.save(update_fields=["revoked_at"])
+
+
+def key_expire(key: ClientKey) -> None:
+    """Make the key expire now (unlike revocation, this reads as a planned end of life)."""
+    now = timezone.now()
+    if key.expires_at is None or key.expires_at > now:
+        key.expires_at = now
+        key.save(update_fields=["expires_at"])
