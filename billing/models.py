@@ -44,10 +44,14 @@ class UsageRecord(models.Model):
         CLIENT_DISCONNECT = "client_disconnect", "Client disconnected"
 
     request_id = models.CharField(max_length=64, unique=True)
-    tenant = models.ForeignKey("tenants.Tenant", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    key = models.ForeignKey("tenants.ClientKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # Usage is billing history: a tenant or key with records cannot be deleted (deactivate or
+    # revoke it instead), and nothing cascades into this table, which holds millions of rows.
+    tenant = models.ForeignKey("tenants.Tenant", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    key = models.ForeignKey("tenants.ClientKey", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    # Deployments come and go with the config file; records keep the id and the name, unconstrained.
     deployment = models.ForeignKey(
-        "gateway.Deployment", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+        "gateway.Deployment", null=True, blank=True, on_delete=models.DO_NOTHING, db_constraint=False,
+        related_name="+",
     )
     # Names are kept as text too, so history stays readable after a deployment is pruned.
     deployment_name = models.CharField(max_length=300, blank=True)
@@ -121,7 +125,10 @@ class Rollup(models.Model):
                 name="rollup_unique_bucket",
             ),
         ]
-        indexes = [models.Index(fields=["tenant", "granularity", "period_start"], name="rollup_tenant_period")]
+        indexes = [
+            models.Index(fields=["tenant", "granularity", "period_start"], name="rollup_tenant_period"),
+            models.Index(fields=["granularity", "period_start"], name="rollup_period"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.tenant_id} {self.granularity} {self.period_start:%Y-%m-%d %H:00}"

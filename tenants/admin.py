@@ -8,6 +8,7 @@ session or a cookie; a redirect would need it stored somewhere in between), and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.contrib import admin, messages
@@ -242,23 +243,27 @@ class ClientKeyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected keys", permissions=["change"])
     def revoke_keys(self, request: HttpRequest, queryset: QuerySet[ClientKey]) -> None:
-        self._apply(request, queryset.filter(revoked_at__isnull=True), key_revoke, "Revoked", "revoked")
+        self._apply(request, queryset.filter(revoked_at__isnull=True), key_revoke, "Revoked")
 
     @admin.action(description="Expire selected keys now", permissions=["change"])
     def expire_keys(self, request: HttpRequest, queryset: QuerySet[ClientKey]) -> None:
         now = timezone.now()
         pending = queryset.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
-        self._apply(request, pending, key_expire, "Expired", "expired")
+        self._apply(request, pending, key_expire, "Expired")
 
-    def _apply(self, request: HttpRequest, queryset: QuerySet[ClientKey], service, verb: str, done: str) -> None:
-        """Run ``service`` on each key, with a history entry each; keys already done are skipped."""
+    def _apply(
+        self, request: HttpRequest, keys: QuerySet[ClientKey], service: Callable[[ClientKey], None], verb: str
+    ) -> None:
+        """Run ``service`` on each key (those it would not change are filtered out), logging each."""
         with transaction.atomic():
-            keys = list(queryset)
-            for key in keys:
+            changed = list(keys)
+            for key in changed:
                 service(key)
                 self.log_change(request, key, f"{verb} from the key list.")
-        self.message_user(request, f"{verb} {len(keys)} key(s)." if keys else f"The selected keys were already {done}.",
-                          messages.SUCCESS if keys else messages.INFO)
+        if changed:
+            self.message_user(request, f"{verb} {len(changed)} key(s).", messages.SUCCESS)
+        else:
+            self.message_user(request, f"Nothing to do: the selected keys were {verb.lower()} already.", messages.INFO)
 
 
 # --- quotas, policies, memberships -------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""The usage sink: one record per request, buffered in memory and written in batches.
+
+``record_usage`` only appends to a deque, so the request path never waits on the database. A
+flusher task writes batches in a worker thread with ``bulk_create(ignore_conflicts=True)`` on the
+unique request id, so a batch written twice (a retry after an error that happened after the
+commit) adds nothing. If the database is down the records stay in the buffer and the flusher
+retries with backoff; at process exit whatever is left is written synchronously.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import threading
+from collections import deque
+from datetime import datetime
+from typing import Any
+
+from asgiref.sync import sync_to_async
+
+log = logging.getLogger(__name__)
+
+# A ceiling on the buffer, so a database outage that lasts for hours cannot exhaust memory.
+# At a few hundred bytes a record this is a few hundred MB; past it the oldest records are
+# dropped with an error in the log, which is the only case in which a record can be lost.
+MAX_BUFFERED = 1_000_000
+
+
+class UsageSink:
+    """Buffer of usage records (plain dicts with UsageRecord field names) and its flusher."""
+
+    def __init__(self, batch_size: int = 500, flush_seconds: float = 1.0) -> None:
+        self.batch_size = batch_size
+        self.flush_seconds = flush_seconds
+        self._buffer: deque[dict[str, Any]] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._lock = threading.Lock()  # one writer at a time: the flusher or the exit hook
+        self.written = 0
+        self.dropped = 0
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Queue one record. Never blocks and never raises."""
+        if len(self._buffer) >= MAX_BUFFERED:
+            self._buffer.popleft()
+            self.dropped += 1
+            if self.dropped % 10_000 == 1:
+                log.error("usage buffer full (%d records): dropping the oldest", MAX_BUFFERED)
+        self._buffer.append(record)
+        if self._wakeup is not None and len(self._buffer) >= self.batch_size:
+            self._wakeup.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="usage-flusher")
+
+    async def stop(self) -> None:
+        """Stop the flusher and write everything still buffered."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write everything buffered now (in a worker thread)."""
+        while self._buffer:
+            written = await sync_to_async(self.flush_sync, thread_sensitive=False)()
+            if not written:
+                break
+
+    def flush_sync(self) -> int:
+        """Write one batch; on failure put it back at the front. Returns how many were written."""
+        with self._lock:
+            batch = []
+            while self._buffer and len(batch) < self.batch_size:
+                batch.append(self._buffer.popleft())
+            if not batch:
+                return 0
+            try:
+                write_batch(batch)
+            except Exception:
+                self._buffer.extendleft(reversed(batch))
+                raise
+            self.written += len(batch)
+            return len(batch)
+
+    async def _run(self) -> None:
+        backoff = self.flush_seconds
+        while True:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=backoff)
+            except asyncio.TimeoutError:
+                pass
+            self._wakeup.clear()
+            try:
+                await self.flush()
+                backoff = self.flush_seconds
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                backoff = min(backoff * 2, 30.0)
+                log.exception("could not write %d usage records; retrying in %.1fs", self.pending, backoff)
+
+    def flush_at_exit(self) -> None:
+        """Last chance at interpreter exit (servers without an ASGI lifespan, such as daphne)."""
+        try:
+            while self.flush_sync():
+                pass
+        except Exception:
+            log.exception("lost %d usage records at exit: the database did not answer", self.pending)
+
+
+def write_batch(batch: list[dict[str, Any]]) -> None:
+    """Insert records, skipping request ids already stored, and note when each key was last used."""
+    from django.db import close_old_connections, transaction
+
+    from billing.models import UsageRecord
+    from tenants.models import ClientKey
+
+    close_old_connections()
+    rows = [UsageRecord(**record) for record in batch]
+    last_used: dict[int, datetime] = {}
+    for record in batch:
+        key_id = record.get("key_id")
+        if key_id is not None:
+            started = record["started_at"]
+            if key_id not in last_used or last_used[key_id] < started:
+                last_used[key_id] = started
+    with transaction.atomic():
+        UsageRecord.objects.bulk_create(rows, ignore_conflicts=True)
+        # One UPDATE per key per batch (not per request); `last_used_at` is for humans, so a
+        # concurrent flush from another process moving it slightly back is acceptable.
+        for key_id, when in last_used.items():
+            ClientKey.objects.filter(pk=key_id).update(last_used_at=when)
+
+
+_sink: UsageSink | None = None
+
+
+def get_sink() -> UsageSink:
+    """The process's sink, created on first use with the settings' batch size and interval."""
+    global _sink
+    if _sink is None:
+        from django.conf import settings
+
+        g = settings.GATEWAY
+        _sink = UsageSink(g["USAGE_BATCH_SIZE"], g["USAGE_FLUSH_SECONDS"])
+        atexit.register(_sink.flush_at_exit)
+    return _sink
+
+
+def record_usage(record: dict[str, Any]) -> None:
+    """Hand one usage record to the process's sink (non-blocking)."""
+    get_sink().record(record)
