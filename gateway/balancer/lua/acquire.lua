@@ -1,0 +1,50 @@
+-- try_acquire / try_acquire_queued: choose the fitting candidate with the most headroom and
+-- reserve 1 request + demand tokens on it, atomically (and, queued, only for the head).
+-- KEYS: [5 queue keys if ARGV[5] == 'queue'] then 4 keys per candidate.
+-- ARGV: now, demand, reservation id, random [0,1), mode ('raw'|'queue'), ticket ('' = none),
+--       wake channel, queue name, 7 config values, n candidates, per candidate (read_candidates).
+-- Returns {'G', candidate index, reservation id, time, headroom, probe} or {'D', wait, reason}.
+
+local now, demand, rid = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local rand, mode, ticket = tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local cfg, i = read_config(ARGV, 9)
+local q, k = nil, 1
+if mode == 'queue' then
+  q, k = qkeys(KEYS, 1, ARGV[7], ARGV[8]), 6
+end
+local cands = read_candidates(ARGV, i, KEYS, k)
+
+if q then
+  local before = q_head(q)
+  q_prune(q, now)
+  q_announce(q, before)
+  q_expire(q, cfg)  -- a queue lives as long as somebody polls it
+  local ahead
+  if ticket ~= '' then
+    local info = redis.call('HGET', q.t, ticket)
+    if not info then return {'D', '0', 'not_queued'} end
+    local _, lease = q_parse(info)
+    redis.call('ZADD', q.l, fmt(now + lease), ticket)  -- each poll renews the lease
+    ahead = q_head(q) ~= ticket
+  else
+    ahead = redis.call('ZCARD', q.z) > 0  -- a new arrival never jumps the waiters
+  end
+  if ahead then
+    local _, _, wait = choose(cands, now, demand, cfg, rand)
+    if wait == INF then return {'D', 'inf', 'never'} end
+    return {'D', fmt(wait), 'queued'}
+  end
+end
+
+local idx, head, wait = choose(cands, now, demand, cfg, rand)
+if not idx then
+  if wait == INF then return {'D', 'inf', 'never'} end
+  return {'D', fmt(wait), 'capacity'}
+end
+local c = cands[idx]
+local t, probe = reserve(c, c.d, rid, now, demand, cfg)
+if q and ticket ~= '' then
+  q_remove(q, ticket, true)
+  q_announce(q, ticket)
+end
+return {'G', tostring(idx), rid, fmt(t), fmt(head), tostring(probe)}

@@ -1,0 +1,332 @@
+"""The Redis backend: the same state shared by every gateway process.
+
+Each operation is one Lua script call (``lua/*.lua``, with ``lua/lib.lua`` prepended), so it is
+atomic across processes and costs one round trip: ``try_acquire`` reads, decides and reserves
+in one step, ``settle`` corrects in one step. Every key it writes carries an expiry, so a
+deployment or queue that is no longer used leaves nothing behind.
+
+Time is the caller's ``time.time()``: gateway hosts must keep their clocks in sync (NTP keeps
+them within a few ms, which the window guard absorbs). Keys are passed in ``KEYS``; for Redis
+Cluster give a hash-tagged prefix (``"{gw}"``) so they share a slot.
+
+Waking waiters: whenever a queue's head changes because tickets left (served, gave up,
+lease lapsed), the script PUBLISHes ``"<queue>\n<ticket>"`` on ``<prefix>:bal:wake``; one
+listener task per process (started by the first enqueue) sets that ticket's event if
+it waits here. So a waiter behind the head sleeps until its turn instead of polling, and a
+queue drains at the speed of capacity, not of polling. Freed capacity is not announced: the
+head polls at least every ``poll_max``. A lost message (listener reconnecting) only costs a
+wait of up to a third of the lease, after which the waiter polls anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from gateway.balancer.breaker import CLOSED, HALF_OPEN, OPEN
+from gateway.balancer.state import (
+    BalancerState,
+    Capacity,
+    Denied,
+    Grant,
+    Reason,
+    StateConfig,
+    build_status,
+    check_ticket,
+    new_id,
+    window_status,
+)
+from gateway.snapshot_types import SKU_PROVISIONED, SKU_STANDARD
+
+_LUA = Path(__file__).with_name("lua")
+log = logging.getLogger(__name__)
+
+
+@cache
+def _source(name: str) -> str:
+    return (_LUA / "lib.lua").read_text() + "\n" + (_LUA / f"{name}.lua").read_text()
+
+
+def _s(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now
+
+
+class RedisState(BalancerState):
+    """``BalancerState`` in Redis. Build with ``from_url`` or around an existing client."""
+
+    wakes_on_turn = True
+    wakes_on_capacity = False
+
+    def __init__(
+        self,
+        redis: Redis,
+        config: StateConfig | None = None,
+        *,
+        prefix: str = "gw",
+        owns_client: bool = False,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(config or StateConfig())
+        self._redis = redis
+        self._owns_client = owns_client
+        self._prefix = f"{prefix}:bal"
+        self._rng = rng or random.Random()
+        self._scripts = {name: redis.register_script(_source(name)) for name in
+                         ("acquire", "settle", "signal", "queue", "status")}
+        cfg = self.config
+        self._config_args = [
+            repr(cfg.retention), repr(cfg.upstream_age), str(cfg.breaker_failures),
+            repr(cfg.probe_seconds), repr(cfg.inflight_ttl), repr(cfg.key_ttl),
+            repr(cfg.breaker_open_seconds),
+        ]
+        self._candidate_args: dict[tuple[int, int, int], list[str]] = {}
+        self._dep_keys_cache: dict[int, list[str]] = {}
+        self._channel = f"{self._prefix}:wake"
+        self._waiters: dict[str, asyncio.Event] = {}  # ticket -> event, for tickets waiting here
+        self._listener: asyncio.Task | None = None
+        self._subscribed = asyncio.Event()
+
+    @classmethod
+    def from_url(cls, url: str, config: StateConfig | None = None, *, prefix: str = "gw") -> RedisState:
+        return cls(Redis.from_url(url, decode_responses=True), config, prefix=prefix, owns_client=True)
+
+    # -- keys and arguments --------------------------------------------------------------
+
+    def _dep_keys(self, deployment_id: int) -> list[str]:
+        keys = self._dep_keys_cache.get(deployment_id)
+        if keys is None:
+            base = f"{self._prefix}:d:{int(deployment_id)}"
+            keys = self._dep_keys_cache[deployment_id] = [f"{base}:log", f"{base}:tok", f"{base}:s", f"{base}:infl"]
+        return keys
+
+    def _queue_keys(self, queue: str) -> list[str]:
+        base = f"{self._prefix}:q:{queue}"
+        return [f"{base}:z", f"{base}:t", f"{base}:l", f"{base}:m", f"{base}:r"]
+
+    def _cand_args(self, c: Capacity) -> list[str]:
+        key = (c.rpm, c.tpm, c.weight)
+        args = self._candidate_args.get(key)
+        if args is None:
+            plan = self.planner.plan(c.rpm, c.tpm)
+            args = [str(int(c.weight)), str(plan.request_ref), str(plan.token_ref), str(len(plan.windows))]
+            for w in plan.windows:
+                args += [w.unit, repr(w.span), str(w.limit)]
+            self._candidate_args[key] = args
+        return args
+
+    def _candidates(self, candidates: Sequence[Capacity]) -> tuple[list[str], list[str]]:
+        keys: list[str] = []
+        args = [str(len(candidates))]
+        for c in candidates:
+            keys += self._dep_keys(c.id)
+            args += self._cand_args(c)
+        return keys, args
+
+    # -- acquisition ---------------------------------------------------------------------
+
+    async def _acquire(self, queue, ticket_id, candidates, demand, now) -> Grant | Denied:
+        demand = int(demand)
+        rid = new_id()
+        ckeys, cargs = self._candidates(candidates)
+        keys = (self._queue_keys(queue) + ckeys) if queue is not None else ckeys
+        args = [repr(_now(now)), str(demand), rid, repr(self._rng.random()),
+                "queue" if queue is not None else "raw", ticket_id or "", self._channel, queue or "",
+                *self._config_args, *cargs]
+        res = await self._scripts["acquire"](keys=keys, args=args)
+        if ticket_id is not None and (_s(res[0]) == "G" or _s(res[2]) == Reason.NOT_QUEUED):
+            self._waiters.pop(ticket_id, None)
+        if _s(res[0]) == "G":
+            c = candidates[int(res[1]) - 1]
+            return Grant(c.id, rid, demand, float(res[3]), getattr(c, "sku", SKU_STANDARD),
+                         float(res[4]), _s(res[5]) == "1")
+        return Denied(float(res[1]), Reason(_s(res[2])))
+
+    async def try_acquire(self, candidates, demand_tokens, now=None):
+        return await self._acquire(None, None, candidates, demand_tokens, now)
+
+    async def try_acquire_queued(self, queue, ticket_id, candidates, demand_tokens, now=None):
+        if ticket_id is not None:
+            check_ticket(ticket_id)
+        return await self._acquire(queue, ticket_id, candidates, demand_tokens, now)
+
+    async def _finish(self, mode: str, grant: Grant, actual: int, sku: str | None, now) -> bool:
+        provisioned = (sku or grant.sku) == SKU_PROVISIONED
+        args = [mode, grant.reservation_id, str(int(actual)), "1" if provisioned else "0",
+                repr(_now(now)), repr(self.config.retention), repr(self.config.key_ttl)]
+        return bool(await self._scripts["settle"](keys=self._dep_keys(grant.deployment_id), args=args))
+
+    async def settle(self, grant, actual_tokens, sku=None, now=None):
+        return await self._finish("settle", grant, actual_tokens, sku, now)
+
+    async def release(self, grant, now=None):
+        return await self._finish("release", grant, 0, None, now)
+
+    # -- upstream signals ----------------------------------------------------------------
+
+    async def _signal(self, op: str, deployment_id: int, now, a: str = "", b: str = "") -> str:
+        cfg = self.config
+        args = [op, repr(_now(now)), a, b, str(cfg.breaker_failures), repr(cfg.breaker_open_seconds),
+                repr(cfg.key_ttl)]
+        return _s(await self._scripts["signal"](keys=[self._dep_keys(deployment_id)[2]], args=args))
+
+    async def observe(self, deployment_id, remaining_requests, remaining_tokens, now=None):
+        def arg(v):
+            return "" if v is None else str(max(0, int(v)))
+
+        await self._signal("observe", deployment_id, now, arg(remaining_requests), arg(remaining_tokens))
+
+    async def cool(self, deployment_id, until, now=None):
+        await self._signal("cool", deployment_id, now, repr(float(until)))
+
+    async def record_failure(self, deployment_id, now=None):
+        return OPEN if await self._signal("fail", deployment_id, now) == "open" else CLOSED
+
+    async def record_success(self, deployment_id):
+        await self._signal("ok", deployment_id, None)
+
+    # -- queue ---------------------------------------------------------------------------
+
+    async def _queue_op(self, op: str, queue: str, ticket: str = "", now=None, priority: int = 0,
+                        tenant: str = "", lease: float = 0.0):
+        cfg = self.config
+        args = [op, repr(_now(now)), ticket, str(int(priority)), tenant, repr(float(lease)),
+                str(cfg.queue_max_depth), repr(cfg.key_ttl), self._channel, queue]
+        return await self._scripts["queue"](keys=self._queue_keys(queue), args=args)
+
+    async def enqueue(self, queue, ticket_id, priority, tenant, now=None, lease_seconds=None):
+        check_ticket(ticket_id)
+        lease = lease_seconds or self.config.lease_seconds
+        # Listen before joining: the turn may be announced before this waiter first sleeps.
+        self._ensure_listener()
+        self._waiters.setdefault(ticket_id, asyncio.Event())
+        if not self._subscribed.is_set():  # only while the listener (re)starts: one round trip
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.poll_max):
+                    await self._subscribed.wait()
+        added = bool(await self._queue_op("enqueue", queue, ticket_id, now, priority, tenant, lease))
+        if not added:
+            self._waiters.pop(ticket_id, None)
+        return added
+
+    async def touch(self, queue, ticket_id, now=None):
+        return bool(await self._queue_op("touch", queue, ticket_id, now))
+
+    async def leave(self, queue, ticket_id):
+        self._waiters.pop(ticket_id, None)
+        return bool(await self._queue_op("leave", queue, ticket_id))
+
+    async def depth(self, queue, now=None):
+        flat = await self._queue_op("depth", queue, "", now)
+        pairs = {int(_s(flat[i])): int(_s(flat[i + 1])) for i in range(0, len(flat), 2)}
+        return dict(sorted(pairs.items()))
+
+    async def wait_change(self, queue, ticket_id, timeout):
+        """Sleep up to ``timeout``; return early when ``ticket_id`` is announced as the head.
+
+        The event stays registered between polls (until the ticket is served or leaves), so an
+        announcement that lands while the waiter is polling is not lost.
+        """
+        self._ensure_listener()
+        event = self._waiters.setdefault(ticket_id, asyncio.Event())
+        if not event.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(timeout, 0.0)):
+                    await event.wait()
+        event.clear()
+
+    def _ensure_listener(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._subscribed.clear()
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def _listen(self) -> None:
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self._channel)
+            self._subscribed.set()
+            async for message in pubsub.listen():
+                _, _, ticket = _s(message["data"]).partition("\n")
+                event = self._waiters.get(ticket)
+                if event is not None:
+                    event.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the next wait_change restarts us; until then waiters poll
+            log.warning("balancer wake-up listener stopped", exc_info=True)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    # -- status --------------------------------------------------------------------------
+
+    async def status(self, deployments, now=None):
+        now = _now(now)
+        cfg = self.config
+        if not deployments:
+            return {}
+        keys, cargs = self._candidates(deployments)
+        rows = await self._scripts["status"](keys=keys, args=[repr(now), *self._config_args, *cargs])
+        out: dict[int, dict] = {}
+        for c, row in zip(deployments, rows, strict=True):
+            row = [_s(x) for x in row]
+            plan = self.planner.plan(c.rpm, c.tpm)
+            fails, open_until = int(float(row[4])), float(row[5])
+            if fails < cfg.breaker_failures:
+                state, open_for = CLOSED, 0.0
+            else:
+                state = OPEN if now < open_until else HALF_OPEN
+                open_for = max(0.0, open_until - now)
+            out[c.id] = build_status(
+                windows=[window_status(w.unit, w.seconds, w.limit, int(float(used)))
+                         for w, used in zip(plan.windows, row[9:], strict=True)],
+                headroom=float(row[1]),
+                wait=float(row[0]),
+                in_flight=int(row[2]),
+                cool_down=max(0.0, float(row[3]) - now),
+                breaker_state=state,
+                failures=fails,
+                open_for=open_for,
+                probe=row[6] == "1",
+                upstream_requests=int(float(row[7])) if row[7] else None,
+                upstream_tokens=int(float(row[8])) if row[8] else None,
+            )
+        return out
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def reset(self):
+        """Delete every key under this state's prefix (tests; never on a shared production prefix)."""
+        pattern = _glob_escape(self._prefix) + ":*"
+        batch: list[str] = []
+        async for key in self._redis.scan_iter(match=pattern, count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                await self._redis.delete(*batch)
+                batch.clear()
+        if batch:
+            await self._redis.delete(*batch)
+
+    async def aclose(self):
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listener
+            self._listener = None
+        if self._owns_client:
+            await self._redis.aclose()
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
