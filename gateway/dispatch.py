@@ -1,0 +1,96 @@
+"""The seam between the request path and the balancer.
+
+The consumer asks a ``Dispatcher`` for a ``Lease`` on a deployment that can take a request's
+demand, then reports how the attempt ended. ``RoundRobinDispatcher`` is the simplest correct
+implementation (any enabled deployment of the model, in turn); the capacity-aware balancer in
+``gateway.balancer`` implements the same protocol.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gateway.snapshot_types import DeploymentView
+
+
+@dataclass(slots=True)
+class Demand:
+    """What one request needs from a deployment."""
+
+    model: str
+    prompt_tokens: int
+    allowance: int  # completion tokens reserved (max_tokens * n, or a default)
+    context_tokens: int  # prompt + the completion tokens the client explicitly asked for
+    priority: int
+    tenant: str
+    timeout: float  # the longest the request may wait for capacity, in seconds
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.allowance
+
+
+@dataclass(slots=True)
+class Lease:
+    """The right to send one attempt to ``deployment``; ``grant`` is the balancer's reservation."""
+
+    deployment: DeploymentView
+    grant: object = None
+    queue_wait: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class NoCapacity(Exception):
+    """No deployment can take the request in time; answer 429 with ``retry_after``."""
+
+    def __init__(self, message: str, retry_after: float, *, code: str = "rate_limit_exceeded") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.code = code
+
+
+class Dispatcher(Protocol):
+    async def acquire(self, candidates: tuple[DeploymentView, ...], demand: Demand, exclude: frozenset[int]) -> Lease:
+        """A lease on one of ``candidates`` (never one in ``exclude``), waiting if need be.
+
+        Raises ``NoCapacity`` when none can take the request within ``demand.timeout``.
+        """
+
+    async def succeeded(self, lease: Lease, prompt_tokens: int, completion_tokens: int, headers) -> None:
+        """The attempt completed (any status the upstream chose to answer, except 429 and 5xx)."""
+
+    async def rate_limited(self, lease: Lease, retry_after: float | None, headers) -> None:
+        """The upstream answered 429: cool the deployment; the request will try elsewhere."""
+
+    async def failed(self, lease: Lease, *, reached_upstream: bool) -> None:
+        """A 5xx, a connect error or a timeout: counts towards the deployment's circuit breaker."""
+
+    async def abandoned(self, lease: Lease, prompt_tokens: int, completion_tokens: int) -> None:
+        """The client went away mid-request: settle what was used, no verdict on the deployment."""
+
+
+class RoundRobinDispatcher:
+    """Any enabled deployment of the model, in turn. Knows no capacity; never waits."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    async def acquire(self, candidates, demand, exclude):
+        usable = [d for d in candidates if d.id not in exclude]
+        if not usable:
+            raise NoCapacity("No deployment of this model is available; try again shortly.", 1.0)
+        return Lease(usable[next(self._counter) % len(usable)])
+
+    async def succeeded(self, lease, prompt_tokens, completion_tokens, headers):
+        pass
+
+    async def rate_limited(self, lease, retry_after, headers):
+        pass
+
+    async def failed(self, lease, *, reached_upstream):
+        pass
+
+    async def abandoned(self, lease, prompt_tokens, completion_tokens):
+        pass

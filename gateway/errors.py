@@ -1,0 +1,99 @@
+"""OpenAI-shaped errors: the body the SDKs parse, with the status that picks their exception class.
+
+The SDK chooses its exception by status alone (400 BadRequestError, 401 AuthenticationError, 404
+NotFoundError, 429 RateLimitError, >=500 InternalServerError) and reads ``retry-after-ms``,
+``retry-after`` and ``x-should-retry`` to decide whether and when to retry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+
+class GatewayError(Exception):
+    """An error answered to the client before any response byte was sent.
+
+    ``outcome`` is the usage record's outcome for it; ``headers`` are extra response headers
+    (for example ``retry-after-ms`` on a 429).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        outcome: str = "client_error",
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.outcome = outcome
+        self.headers = headers or []
+
+    def body(self) -> bytes:
+        return error_body(self.message, type=self.type, code=self.code, param=self.param)
+
+
+def error_body(message: str, *, type: str | None, code: str | None = None, param: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type, "param": param, "code": code}}).encode()
+
+
+def retry_headers(seconds: float, *, should_retry: bool = True) -> list[tuple[bytes, bytes]]:
+    """Headers telling the SDK when to retry: ms precision for new SDKs, whole seconds for old ones."""
+    seconds = max(seconds, 0.001)
+    headers = [
+        (b"retry-after-ms", str(int(math.ceil(seconds * 1000))).encode()),
+        (b"retry-after", str(int(math.ceil(seconds))).encode()),
+    ]
+    if not should_retry:
+        headers.append((b"x-should-retry", b"false"))
+    return headers
+
+
+def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> GatewayError:
+    return GatewayError(400, message, param=param, code=code)
+
+
+def unauthorized(message: str) -> GatewayError:
+    return GatewayError(401, message, type="invalid_request_error", code="invalid_api_key", outcome="auth_error")
+
+
+def forbidden(message: str, *, code: str = "permission_denied") -> GatewayError:
+    return GatewayError(403, message, type="invalid_request_error", code=code, outcome="forbidden")
+
+
+def not_found(message: str, *, code: str = "not_found") -> GatewayError:
+    return GatewayError(404, message, code=code)
+
+
+def method_not_allowed(method: str, allowed: tuple[str, ...]) -> GatewayError:
+    err = GatewayError(405, f"Method {method} is not allowed here; use {', '.join(allowed)}.", code="method_not_allowed")
+    err.headers = [(b"allow", ", ".join(allowed).encode())]
+    return err
+
+
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"Request body is larger than the limit of {limit} bytes.", code="request_too_large")
+
+
+def rate_limited(message: str, retry_after: float, *, code: str = "rate_limit_exceeded", should_retry: bool = True) -> GatewayError:
+    return GatewayError(
+        429, message, type="rate_limit_error", code=code, outcome="rate_limited",
+        headers=retry_headers(retry_after, should_retry=should_retry),
+    )
+
+
+def bad_gateway(message: str, *, code: str = "upstream_error") -> GatewayError:
+    return GatewayError(502, message, type="api_error", code=code, outcome="upstream_error")
+
+
+def gateway_timeout(message: str) -> GatewayError:
+    return GatewayError(504, message, type="api_error", code="upstream_timeout", outcome="upstream_timeout")

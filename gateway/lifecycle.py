@@ -1,0 +1,92 @@
+"""What a gateway process runs beside the requests: the snapshot refresher, the usage flusher,
+the dispatcher and the upstream client. Started on the first request (or the ASGI lifespan
+startup, where the server has one) and stopped on shutdown, flushing the usage buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from billing.usage_sink import get_sink
+from gateway import snapshot
+from gateway.config_version import REDIS_KEY, config_version_read
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """The per-process services of the request path. One instance: ``runtime``."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self._lock: asyncio.Lock | None = None
+        self.refresher: snapshot.SnapshotRefresher | None = None
+        self.dispatcher = None
+        self.redis = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def ensure_started(self) -> None:
+        """Start everything once per event loop; later calls return at once."""
+        if self.started and self.loop is asyncio.get_running_loop():
+            return
+        if self._lock is None or self.loop is not asyncio.get_running_loop():
+            # A new loop (tests start several): forget state bound to the old one.
+            self._lock = asyncio.Lock()
+            self.loop = asyncio.get_running_loop()
+            self.started = False
+        async with self._lock:
+            if self.started:
+                return
+            await self._start()
+            self.started = True
+
+    async def _start(self) -> None:
+        g = settings.GATEWAY
+        if settings.REDIS_URL:
+            import redis.asyncio as aioredis
+
+            self.redis = aioredis.Redis.from_url(settings.REDIS_URL)
+        self.refresher = snapshot.SnapshotRefresher(g["SNAPSHOT_POLL_SECONDS"], self._read_version)
+        await self.refresher.load_now()
+        self.refresher.start()
+        get_sink().start()
+        from gateway.dispatchers import make_dispatcher
+
+        self.dispatcher = make_dispatcher(self.redis)
+        log.info("gateway runtime started (config v%s, redis=%s)", snapshot.current().version, bool(self.redis))
+
+    async def _read_version(self) -> int:
+        if self.redis is not None:
+            try:
+                value = await self.redis.get(REDIS_KEY)
+                if value is not None:
+                    return int(value)
+            except Exception:
+                log.warning("could not read the config version from Redis; asking the database", exc_info=True)
+        return await sync_to_async(config_version_read, thread_sensitive=False)()
+
+    async def shutdown(self) -> None:
+        """Stop background work and write out buffered usage. Safe to call more than once."""
+        if not self.started:
+            await get_sink().flush()
+            return
+        self.started = False
+        if self.refresher is not None:
+            await self.refresher.stop()
+        await get_sink().stop()
+        from gateway import upstream
+
+        await upstream.aclose_client()
+        if self.dispatcher is not None and hasattr(self.dispatcher, "aclose"):
+            await self.dispatcher.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
+            self.redis = None
+        log.info("gateway runtime stopped")
+
+
+runtime = Runtime()

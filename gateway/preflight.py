@@ -1,0 +1,157 @@
+"""Checks a proxied request must pass before it may take capacity, and the plan to forward it.
+
+Model known and allowed, client address allowed, required fields present, ``max_tokens`` within
+the tenant's cap, the prompt within a deployment's context window. Then the demand to reserve
+(prompt tokens + completion allowance) and the body to send upstream.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from gateway import errors, tokens
+from gateway.dispatch import Demand
+from gateway.request_context import RequestContext
+from gateway.routes import CHAT, COMPLETIONS, EMBEDDINGS, Route
+from gateway.snapshot_types import DeploymentView
+
+REQUIRED_FIELD = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}
+MAX_PRIORITY = 255
+
+
+@dataclass(slots=True)
+class ForwardPlan:
+    route: Route
+    model: str
+    payload: dict
+    body: bytes  # what goes upstream (model rewritten later per OpenAI-compatible endpoint)
+    candidates: tuple[DeploymentView, ...]  # deployments whose context window fits, tier order
+    demand: Demand
+    stream: bool
+    client_wants_usage: bool
+
+
+class RequestChecks:
+    def __init__(self, route: Route, key, payload: dict, ctx: RequestContext, headers=()) -> None:
+        self.route, self.key, self.payload, self.ctx = route, key, payload, ctx
+        self.headers = headers  # the client's (name, value) pairs, names lower-case
+        self.priority_taken = False
+
+    def run(self, snap, raw_body: bytes) -> ForwardPlan:
+        """The forward plan, or a GatewayError (400/403/404) naming what is wrong."""
+        route, payload, ctx = self.route, self.payload, self.ctx
+        model = route.model or payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise errors.bad_request("You must provide a model parameter.", param="model", code="missing_model")
+        ctx.model = model
+        deployments = snap.deployments_by_model.get(model)
+        if not deployments or not self.model_allowed(model):
+            raise errors.not_found(f"The model '{model}' does not exist or you do not have access to it.",
+                                   code="model_not_found")
+        self.check_client_address()
+        field = REQUIRED_FIELD[route.operation]
+        if field not in payload:
+            raise errors.bad_request(f"Missing required parameter: '{field}'.", param=field, code="missing_required_parameter")
+        if route.operation == CHAT and not isinstance(payload["messages"], list):
+            raise errors.bad_request("'messages' must be an array of message objects.", param="messages", code="invalid_type")
+
+        ctx.priority = self.take_priority()
+        stream = payload.get("stream") is True and route.operation != EMBEDDINGS
+        ctx.streamed = stream
+        changed = self.priority_taken
+        changed |= self.apply_token_cap()
+        client_wants_usage = bool((payload.get("stream_options") or {}).get("include_usage")) if stream else True
+        if stream and not client_wants_usage:
+            # Always learn the usage from the upstream; the extra chunk is removed on the way back.
+            options = payload.get("stream_options")
+            payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            changed = True
+
+        first = deployments[0]
+        try:
+            prompt = tokens.count_prompt_tokens(route.operation, payload, model, mode=first.token_estimate,
+                                                family_hint=first.upstream_model)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise errors.bad_request(f"Could not read the request's {field}: {exc}.", param=field) from None
+        explicit = self.explicit_completion_tokens()
+        default_allowance = min(first.max_output_tokens, settings.GATEWAY["DEFAULT_COMPLETION_ALLOWANCE"])
+        allowance = tokens.completion_allowance(route.operation, payload, default_allowance)
+        needed = prompt + explicit
+        fits = tuple(d for d in deployments if needed <= d.context_window)
+        if not fits:
+            largest = max(d.context_window for d in deployments)
+            raise errors.bad_request(
+                f"This model's maximum context length is {largest} tokens. However, you requested {needed} tokens "
+                f"({prompt} in the prompt, {explicit} for the completion). Please reduce the length of the prompt "
+                "or the completion.", param=field, code="context_length_exceeded")
+        ctx.prompt_tokens = prompt
+        ctx.tokens_estimated = True  # until the upstream reports usage
+        demand = Demand(model=model, prompt_tokens=prompt, allowance=allowance, context_tokens=needed,
+                        priority=ctx.priority, tenant=self.key.tenant.slug, timeout=self.queue_timeout())
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() if changed else raw_body
+        return ForwardPlan(route, model, payload, body, fits, demand, stream, client_wants_usage)
+
+    def model_allowed(self, model: str) -> bool:
+        tenant_models, key_models = self.key.tenant.allowed_models, self.key.allowed_models
+        return (not tenant_models or model in tenant_models) and (not key_models or model in key_models)
+
+    def check_client_address(self) -> None:
+        tenant = self.key.tenant
+        if not (tenant.ip_allow or tenant.ip_deny) or not self.ctx.client_ip:
+            return
+        try:
+            address = ipaddress.ip_address(self.ctx.client_ip)
+        except ValueError:
+            return
+        if any(address in net for net in tenant.ip_deny) or (
+            tenant.ip_allow and not any(address in net for net in tenant.ip_allow)
+        ):
+            raise errors.forbidden(f"Requests from {address} are not allowed for this team.", code="ip_not_allowed")
+
+    def take_priority(self) -> int:
+        """The queue priority: the body's ``priority`` (removed before forwarding) or the key's default."""
+        self.priority_taken = "priority" in self.payload
+        if not self.priority_taken:
+            return self.key.default_priority
+        value = self.payload.pop("priority")
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_PRIORITY:
+            raise errors.bad_request(f"'priority' must be an integer from 0 (first) to {MAX_PRIORITY}.", param="priority")
+        return value
+
+    def explicit_completion_tokens(self) -> int:
+        """Completion tokens the client asked for explicitly (for the context-window check)."""
+        if self.route.operation == EMBEDDINGS:
+            return 0
+        value = self.payload.get("max_completion_tokens") or self.payload.get("max_tokens") or 0
+        return value if isinstance(value, int) and value > 0 else 0
+
+    def apply_token_cap(self) -> bool:
+        """Hold max_tokens within the tenant's cap: refuse a larger ask, set the cap when none is given."""
+        cap = self.key.tenant.max_tokens_cap
+        if not cap or self.route.operation == EMBEDDINGS:
+            return False
+        for field in ("max_completion_tokens", "max_tokens"):
+            value = self.payload.get(field)
+            if value is not None:
+                if isinstance(value, int) and value > cap:
+                    raise errors.bad_request(f"'{field}' is {value}, above this team's cap of {cap}.", param=field,
+                                             code="max_tokens_above_cap")
+                return False
+        self.payload["max_completion_tokens" if self.route.operation == CHAT else "max_tokens"] = cap
+        return True
+
+    def queue_timeout(self) -> float:
+        """How long the request may wait for capacity: the configured limit, and never longer than
+        the client's own read timeout (the SDK announces it in X-Stainless-Read-Timeout)."""
+        timeout = settings.GATEWAY["QUEUE_TIMEOUT_SECONDS"]
+        for name, value in self.headers:
+            if name == b"x-stainless-read-timeout":
+                try:
+                    timeout = min(timeout, max(float(value) - 1.0, 0.0))
+                except ValueError:
+                    pass
+        return timeout

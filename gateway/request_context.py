@@ -1,0 +1,75 @@
+"""Everything the gateway learns about one request, turned into its usage record at the end."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from billing.prices import cost_of, price_for
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    started_at: datetime
+    t0: float  # monotonic start
+    client_ip: str | None
+    route: str = ""
+    model: str = ""
+    tenant_id: int | None = None
+    key_id: int | None = None
+    deployment_id: int | None = None
+    deployment_name: str = ""
+    status: int = 0
+    outcome: str = "ok"
+    error_code: str = ""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    tokens_estimated: bool = False
+    ttft: float | None = None
+    streamed: bool = False
+    priority: int = 5
+    queue_wait: float = 0.0
+    retries: int = 0
+
+    @classmethod
+    def begin(cls, scope) -> RequestContext:
+        client = scope.get("client")
+        return cls(
+            request_id="req_" + uuid.uuid4().hex,
+            started_at=datetime.now(timezone.utc),
+            t0=time.monotonic(),
+            client_ip=client[0] if client else None,
+        )
+
+    def usage_record(self, prices_by_model) -> dict:
+        """The fields of this request's UsageRecord, with its cost at the prices then in effect."""
+        price = price_for(prices_by_model.get(self.model, ()), self.started_at)
+        return {
+            "request_id": self.request_id,
+            "tenant_id": self.tenant_id,
+            "key_id": self.key_id,
+            "deployment_id": self.deployment_id,
+            "deployment_name": self.deployment_name,
+            "model": self.model[:200],
+            "route": self.route,
+            "status": self.status,
+            "outcome": self.outcome,
+            "error_code": (self.error_code or "")[:100],
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "completion_tokens": self.completion_tokens,
+            "tokens_estimated": self.tokens_estimated,
+            "cost": cost_of(price, self.prompt_tokens, self.cached_tokens, self.completion_tokens),
+            "latency_ms": (time.monotonic() - self.t0) * 1000.0,
+            "ttft_ms": self.ttft * 1000.0 if self.ttft is not None else None,
+            "streamed": self.streamed,
+            "priority": self.priority,
+            "queue_wait_ms": self.queue_wait * 1000.0,
+            "retries": self.retries,
+            "client_ip": self.client_ip,
+            "started_at": self.started_at,
+        }

@@ -1,0 +1,51 @@
+"""Where each HTTP request goes: the proxy consumer, a health probe, or ordinary Django views."""
+
+from __future__ import annotations
+
+import logging
+
+from channels.routing import ProtocolTypeRouter
+
+from gateway import probes
+from gateway.consumers import ProxyConsumer
+from gateway.lifecycle import runtime
+
+log = logging.getLogger(__name__)
+
+PROXY_PREFIXES = ("/v1/", "/openai/")
+
+
+def build_application(django_app):
+    """The ASGI application: Channels' protocol router with the proxy before Django."""
+    proxy = ProxyConsumer.as_asgi()
+
+    async def http(scope, receive, send):
+        path = scope["path"]
+        if path.startswith(PROXY_PREFIXES):
+            return await proxy(scope, receive, send)
+        if path == "/healthz":
+            return await probes.healthz(scope, receive, send)
+        if path == "/readyz":
+            return await probes.readyz(scope, receive, send)
+        return await django_app(scope, receive, send)
+
+    return ProtocolTypeRouter({"http": http, "lifespan": lifespan})
+
+
+async def lifespan(scope, receive, send):
+    """ASGI lifespan (uvicorn has it; daphne does not, where the first request starts the runtime
+    and an exit hook flushes the usage buffer)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            try:
+                await runtime.ensure_started()
+            except Exception as exc:  # report, so the server refuses to start half-configured
+                log.exception("gateway startup failed")
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await runtime.shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,117 @@
+"""Server-sent events passing through the gateway: split into events, watch for usage, forward.
+
+The relay never holds more than one incomplete event: every complete event is forwarded as soon
+as it arrives. It removes the final ``"choices": []`` usage chunk when the gateway asked the
+upstream for usage but the client did not (client code often indexes ``choices[0]``), and keeps
+the ``data:`` payloads so that, if the upstream never sends usage, completion tokens can be
+counted at the end without slowing the stream down.
+"""
+
+from __future__ import annotations
+
+import json
+
+_DONE = b"[DONE]"
+
+
+class SseRelay:
+    """Feed it upstream bytes; it returns the bytes to send on, and learns the usage on the way."""
+
+    __slots__ = ("client_wants_usage", "usage", "done", "payloads", "events", "_pending")
+
+    def __init__(self, client_wants_usage: bool) -> None:
+        self.client_wants_usage = client_wants_usage
+        self.usage: dict | None = None
+        self.done = False
+        self.payloads: list[bytes] = []  # data payloads, for counting tokens when no usage comes
+        self.events = 0
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take upstream bytes; return the complete events among them that the client should get."""
+        buf = self._pending + chunk if self._pending else chunk
+        if b"\r" in buf:
+            # Some servers (sse-starlette) end lines with CRLF; both are valid SSE, pass on LF.
+            buf = buf.replace(b"\r\n", b"\n")
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self._pending = buf
+            return b""
+        complete, self._pending = buf[: end + 2], buf[end + 2 :]
+        out = []
+        keep_all = True
+        for event in complete.split(b"\n\n")[:-1]:
+            if self._inspect(event):
+                out.append(event)
+            else:
+                keep_all = False
+        if keep_all:
+            return complete
+        return b"".join(e + b"\n\n" for e in out)
+
+    def finish(self) -> bytes:
+        """The upstream closed: whatever incomplete event remains (normally nothing)."""
+        rest, self._pending = self._pending, b""
+        if rest.strip() and self._inspect(rest.rstrip(b"\r\n")):
+            return rest
+        return b""
+
+    def _inspect(self, event: bytes) -> bool:
+        """Look at one event; return whether to forward it."""
+        self.events += 1
+        data = _data_of(event)
+        if data is None:
+            return True  # comments (keep-alives) and other fields pass through
+        if data.startswith(_DONE):
+            self.done = True
+            return True
+        self.payloads.append(data)
+        if b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data:
+            try:
+                parsed = json.loads(data)
+            except ValueError:
+                return True
+            usage = parsed.get("usage") if isinstance(parsed, dict) else None
+            if isinstance(usage, dict):
+                self.usage = usage
+                if not self.client_wants_usage and not parsed.get("choices"):
+                    return False
+        return True
+
+    def parsed_payloads(self):
+        """The JSON chunks seen so far (parsed lazily, only when usage has to be counted)."""
+        for data in self.payloads:
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                continue
+            if isinstance(chunk, dict):
+                yield chunk
+
+
+def _data_of(event: bytes) -> bytes | None:
+    """The joined ``data:`` lines of one event, or None if it has none."""
+    event = event.replace(b"\r\n", b"\n")
+    if event.startswith(b"data:") and b"\ndata:" not in event:
+        return event[5:].strip()
+    lines = [line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+def usage_from_json_body(body: bytes) -> dict | None:
+    """The ``usage`` object of a non-streamed JSON response, found without parsing the whole body.
+
+    Embedding responses can be megabytes of base64; ``usage`` sits near the end, so look for the
+    last ``"usage"`` and decode just the object after it.
+    """
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = body.find(b"{", at)
+    if start < 0:
+        return None
+    try:
+        usage, _ = json.JSONDecoder().raw_decode(body[start:].decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return usage if isinstance(usage, dict) else None
