@@ -139,7 +139,8 @@ class Forwarder:
             finished = True
             raise UpstreamFailed(errors.gateway_timeout(f"The upstream deployment did not answer in time ({exc})."),
                                  reached_upstream=True) from None
-        except (upstream.UpstreamConnectError, upstream.UpstreamAuthError) as exc:
+        except (upstream.UpstreamConnectError, upstream.UpstreamAuthError, upstream.UpstreamProtocolError) as exc:
+            # A protocol error before any response (a stale keep-alive connection) is safe to retry.
             await self.dispatcher.failed(lease, reached_upstream=False)
             finished = True
             raise UpstreamFailed(errors.bad_gateway(f"Could not reach the upstream deployment: {exc}."),

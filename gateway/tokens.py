@@ -33,9 +33,11 @@ from typing import Any
 import tiktoken
 
 from gateway import encodings
+from gateway.snapshot_types import ESTIMATE_FAST, ESTIMATE_TIKTOKEN
 
-MODE_TIKTOKEN = "tiktoken"
-MODE_FAST = "fast"
+# The values of DeploymentView.token_estimate.
+MODE_TIKTOKEN = ESTIMATE_TIKTOKEN
+MODE_FAST = ESTIMATE_FAST
 
 ROUTE_CHAT = "chat"
 ROUTE_COMPLETIONS = "completions"
@@ -164,6 +166,10 @@ def count_prompt_tokens(route: str, body: dict[str, Any], model: str, mode: str 
     """
     if mode not in (MODE_TIKTOKEN, MODE_FAST):
         raise ValueError(f"unknown token estimate mode {mode!r}")
+    if route not in (ROUTE_CHAT, ROUTE_COMPLETIONS, ROUTE_EMBEDDINGS):
+        raise ValueError(f"unknown route {route!r}")
+    if not isinstance(body, dict):
+        return 0
     tally = _tally(encoding_name_for(model, family_hint), mode)
     if route == ROUTE_CHAT:
         return _count_chat(body, tally)
@@ -171,9 +177,7 @@ def count_prompt_tokens(route: str, body: dict[str, Any], model: str, mode: str 
         n = _count_prompt_forms(body.get("prompt"), tally)
         suffix = body.get("suffix")
         return n + (tally.count(suffix) if isinstance(suffix, str) else 0)
-    if route == ROUTE_EMBEDDINGS:
-        return _count_prompt_forms(body.get("input"), tally)
-    raise ValueError(f"unknown route {route!r}")
+    return _count_prompt_forms(body.get("input"), tally)
 
 
 def _count_prompt_forms(prompt: Any, tally: _Tally) -> int:

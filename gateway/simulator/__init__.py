@@ -18,7 +18,9 @@ Modules, one job each:
 * :mod:`.responses`  JSON bodies and SSE events
 * :mod:`.ids`        cheap UUID-shaped request and response ids
 * :mod:`.state`      deployments and their runtime state
-* :mod:`.server`     HTTP dispatch (aiohttp low-level server)
+* :mod:`.server`     HTTP dispatch and model calls (aiohttp low-level server)
+* :mod:`.control`    the ``/_sim/`` control API
+* :mod:`.httputil`   JSON response/request helpers
 * :mod:`.runner`     bind / start / stop
 * :mod:`.cli`        ``python -m gateway.simulator`` and ``manage.py simulate_upstream``
 

@@ -7,9 +7,11 @@ Routes (see the package docstring for behaviour):
 * OpenAI-compatible: ``POST /v1/chat/completions|completions|embeddings`` (``body.model`` is
   the deployment), ``GET /v1/models``; the same under ``/openai/v1/`` (Azure's v1 API).
 * Entra ID: ``POST /{tenant}/oauth2/v2.0/token``.
-* Control (no auth): ``GET /_sim/stats``, ``GET /_sim/config``, ``POST /_sim/reset``,
-  ``PUT /_sim/deployments/{name}``, ``POST|DELETE /_sim/deployments/{name}/faults``;
-  ``GET /healthz``.
+* Control (no auth): ``/_sim/...``, delegated to :mod:`.control`; ``GET /healthz``.
+
+Order of checks on a model call: route -> api-version (Azure) -> auth -> JSON body ->
+deployment (404) -> body shape (400) -> refusing faults -> prompt estimate -> admission
+(429) -> timeout/drop faults -> latency and generation -> response.
 
 The low-level :class:`aiohttp.web.Server` with one dispatch function is used rather than an
 ``Application``: no router, middleware or signal machinery on the hot path (measured faster).
@@ -23,14 +25,13 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import web
 
 from . import estimate, ids, responses
-from .estimate import CHAT, COMPLETIONS, EMBEDDINGS
 from .control import handle_control
+from .estimate import CHAT, COMPLETIONS, EMBEDDINGS
 from .faults import DROP, RATE_LIMIT, REFUSING, TIMEOUT
 from .httputil import BadRequest, json_response, not_found, read_json
 from .limiter import RETRY_SLACK_S

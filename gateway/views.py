@@ -1,0 +1,40 @@
+"""Staff views of the gateway's live state: the JSON status API and the admin status page."""
+
+from __future__ import annotations
+
+import math
+
+from django.contrib.admin.views.decorators import staff_member_required
+from django.http import HttpRequest, JsonResponse
+from django.shortcuts import render
+
+from gateway.status import deployment_status
+
+
+def _finite(value):
+    """JSON has no infinity: an unreachable wait is reported as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+async def status_api(request: HttpRequest) -> JsonResponse:
+    """``GET /api/status/deployments``: staff only (session login), everything live."""
+    user = await request.auser()
+    if not (user.is_active and user.is_staff):
+        status = 401 if not user.is_authenticated else 403
+        return JsonResponse({"error": {"message": "Staff login required.", "type": "permission_error"}}, status=status)
+    return JsonResponse(_finite(await deployment_status()))
+
+
+@staff_member_required
+def status_page(request: HttpRequest):
+    """The admin console's live status page; it polls the JSON API every two seconds."""
+    from django.contrib import admin
+
+    context = {**admin.site.each_context(request), "title": "Live deployment status"}
+    return render(request, "admin/gateway/status.html", context)
