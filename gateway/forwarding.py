@@ -87,7 +87,9 @@ class Forwarder:
             except NoCapacity as exc:
                 if last_error is not None and failures:
                     raise last_error from None
-                raise errors.rate_limited(str(exc), exc.retry_after, code=exc.code) from None
+                # A request larger than any deployment's minute will never fit: tell the SDK not to retry.
+                raise errors.rate_limited(str(exc), exc.retry_after, code=exc.code,
+                                          should_retry=exc.code != "request_too_large") from None
             ctx.queue_wait += lease.queue_wait
             ctx.deployment_id, ctx.deployment_name = lease.deployment.id, lease.deployment.name
             try:
@@ -145,6 +147,11 @@ class Forwarder:
             finished = True
             raise UpstreamFailed(errors.bad_gateway(f"Could not reach the upstream deployment: {exc}."),
                                  reached_upstream=False) from None
+        except UpstreamFailed:
+            if not finished:  # the body broke while being read: a failure of this deployment
+                await self.dispatcher.failed(lease, reached_upstream=True)
+                finished = True
+            raise
         finally:
             if not finished:
                 # Cancelled (client gone) or broken mid-relay: settle what was used, no verdict.
