@@ -49,7 +49,15 @@ class ProxyConsumer(AsyncHttpConsumer):
         self.body_size = 0
         self.refused = False
         self.headers_sent = False
+        self.response_done = False
         await super().__call__(scope, receive, send)
+
+    async def send_body(self, body, *, more_body=False):
+        await super().send_body(body, more_body=more_body)
+        if not more_body:
+            # Servers report http.disconnect once the response is complete; that is not the
+            # client leaving, and the settling that follows must not be cancelled for it.
+            self.response_done = True
 
     async def http_request(self, message):
         """Collect the body, refusing it with 413 as soon as it passes the configured limit."""

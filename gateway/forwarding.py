@@ -63,9 +63,9 @@ class Forwarder:
             work.cancel()
             watch.cancel()
             raise
-        if work.done():
+        if work.done() or self.consumer.response_done:
             watch.cancel()
-            return work.result()
+            return await work
         # The client left: stop waiting or streaming; the attempt's cleanup settles usage.
         work.cancel()
         try:
