@@ -12,7 +12,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from billing.usage_sink import get_sink
-from gateway import encodings, snapshot
+from gateway import snapshot
 from gateway.config_version import REDIS_KEY, config_version_read
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,7 @@ class Runtime:
 
             self.redis = aioredis.Redis.from_url(settings.REDIS_URL)
         self.refresher = snapshot.SnapshotRefresher(g["SNAPSHOT_POLL_SECONDS"], self._read_version)
-        await self.refresher.load_now()
-        # Load tiktoken's encodings now, off the loop: the first count would otherwise block it.
-        await sync_to_async(encodings.warm, thread_sensitive=False)()
+        await self.refresher.load_now()  # also loads the tiktoken encodings its deployments use
         self.refresher.start()
         get_sink().start()
         from gateway.dispatchers import make_dispatcher

@@ -31,8 +31,9 @@ VAR_DIR = Path(env.str("GATEWAY_VAR_DIR", default=str(BASE_DIR / "var")))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 (VAR_DIR / "static").mkdir(exist_ok=True)
 
+# "daphne" is deliberately not an app: its app config imports Twisted (+27 MB in every process)
+# only to take over `runserver`. `daphne gateway.asgi:application` works without it.
 INSTALLED_APPS = [
-    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",

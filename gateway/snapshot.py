@@ -115,6 +115,7 @@ def snapshot_build() -> Snapshot:
             PriceView(p.input_per_million, p.cached_input_per_million, p.output_per_million, p.effective_from)
         )
 
+    _warm_encodings(deployments)
     return Snapshot(
         version=version,
         keys_by_hash=keys,
@@ -122,6 +123,18 @@ def snapshot_build() -> Snapshot:
         all_deployments=tuple(deployments),
         prices_by_model={m: tuple(ps) for m, ps in prices.items()},
     )
+
+
+def _warm_encodings(deployments: list[DeploymentView]) -> None:
+    """Load the tiktoken encodings the deployments need, here in the builder's thread, so that no
+    request loads one on the event loop (a few hundred ms). Encodings nothing uses stay unloaded:
+    each costs tens of MB per process."""
+    from gateway import tokens
+    from gateway.snapshot_types import ESTIMATE_TIKTOKEN
+
+    for d in deployments:
+        if d.enabled and d.token_estimate == ESTIMATE_TIKTOKEN:
+            tokens.encoding_for(d.model, d.upstream_model)
 
 
 def _limits_view(quota) -> LimitsView:
