@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import logging
 import threading
 from collections import deque
@@ -121,14 +122,21 @@ class UsageSink:
 
 
 def write_batch(batch: list[dict[str, Any]]) -> None:
-    """Insert records, skipping request ids already stored, and note when each key was last used."""
-    from django.db import close_old_connections, transaction
+    """Insert records, skipping request ids already stored, and note when each key was last used.
 
-    from billing.models import UsageRecord
+    One ``INSERT ... ON CONFLICT (request_id) DO NOTHING`` run with ``executemany`` (PostgreSQL
+    and SQLite both speak it) rather than ``bulk_create``: building model instances cost about
+    four times as much CPU, and this runs in a thread beside the event loop, under the same GIL.
+    """
+    from django.db import DEFAULT_DB_ALIAS, close_old_connections, connections, transaction
+
     from tenants.models import ClientKey
 
     close_old_connections()
-    rows = [UsageRecord(**record) for record in batch]
+    connection = connections[DEFAULT_DB_ALIAS]  # the real object, not the per-access proxy
+    sql, columns = _insert_statement(connection)
+    rows = [[convert(record.get(name)) if convert else record.get(name) for name, convert in columns]
+            for record in batch]
     last_used: dict[int, datetime] = {}
     for record in batch:
         key_id = record.get("key_id")
@@ -137,11 +145,54 @@ def write_batch(batch: list[dict[str, Any]]) -> None:
             if key_id not in last_used or last_used[key_id] < started:
                 last_used[key_id] = started
     with transaction.atomic():
-        UsageRecord.objects.bulk_create(rows, ignore_conflicts=True)
+        with connection.cursor() as cursor:
+            cursor.executemany(sql, rows)
         # One UPDATE per key per batch (not per request); `last_used_at` is for humans, so a
         # concurrent flush from another process moving it slightly back is acceptable.
         for key_id, when in last_used.items():
             ClientKey.objects.filter(pk=key_id).update(last_used_at=when)
+
+
+_statements: dict[str, tuple[str, list]] = {}
+
+
+def _insert_statement(connection) -> tuple[str, list]:
+    """The INSERT for every UsageRecord column but the id, and per column (record key, adapter).
+
+    Records hold plain Python values of the right types already; only decimals, datetimes and
+    IP addresses need the backend's adaptation. Doing just that, instead of each field's full
+    ``get_db_prep_save``, is what makes a batch cheap.
+    """
+    cached = _statements.get(connection.vendor)
+    if cached is None:
+        from django.db import models
+
+        from billing.models import UsageRecord
+
+        ops = connection.ops
+        meta = UsageRecord._meta
+        fields = [f for f in meta.concrete_fields if not f.primary_key]
+        columns = []
+        for f in fields:
+            convert = None
+            if isinstance(f, models.DecimalField):
+                convert = functools.partial(_decimal, ops.adapt_decimalfield_value, f.max_digits, f.decimal_places)
+            elif isinstance(f, models.DateTimeField):
+                convert = ops.adapt_datetimefield_value
+            elif isinstance(f, models.GenericIPAddressField):
+                convert = ops.adapt_ipaddressfield_value
+            columns.append((f.attname, convert))
+        quote = ops.quote_name
+        names = ", ".join(quote(f.column) for f in fields)
+        placeholders = ", ".join(["%s"] * len(fields))
+        sql = (f"INSERT INTO {quote(meta.db_table)} ({names}) VALUES ({placeholders}) "
+               f"ON CONFLICT ({quote(meta.get_field('request_id').column)}) DO NOTHING")
+        cached = _statements[connection.vendor] = (sql, columns)
+    return cached
+
+
+def _decimal(adapt, max_digits, decimal_places, value):
+    return adapt(value, max_digits, decimal_places)
 
 
 _sink: UsageSink | None = None

@@ -12,6 +12,7 @@ import json
 import logging
 from datetime import datetime, timezone
 
+from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
 from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
@@ -51,6 +52,19 @@ class ProxyConsumer(AsyncHttpConsumer):
         self.headers_sent = False
         self.response_done = False
         await super().__call__(scope, receive, send)
+
+    async def dispatch(self, message):
+        """Channels' dispatch without its ``aclose_old_connections()``: that closes stale database
+        connections around every message, two hops to a worker thread and back per request
+        (measured at ~12% of the gateway's CPU), and the proxy uses no database connection."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+    async def http_disconnect(self, message):
+        await self.disconnect()
+        raise StopConsumer()
 
     async def send_body(self, body, *, more_body=False):
         await super().send_body(body, more_body=more_body)

@@ -6,6 +6,7 @@ startup, where the server has one) and stopped on shutdown, flushing the usage b
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 
 from asgiref.sync import sync_to_async
@@ -43,6 +44,11 @@ class Runtime:
                 return
             await self._start()
             self.started = True
+            # Everything loaded so far (Django, the snapshot, encodings) lives as long as the
+            # process. Freezing it keeps full collections from scanning it again and again:
+            # under load they ran every ~0.7 s for 40-65 ms each, freeing nothing.
+            gc.collect()
+            gc.freeze()
 
     async def _start(self) -> None:
         g = settings.GATEWAY
