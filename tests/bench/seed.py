@@ -1,0 +1,64 @@
+"""Put the benchmark's configuration into its database: ``python -m tests.bench.seed < spec.json``.
+
+Runs as a child process with the bench's ``DATABASE_URL`` and ``GATEWAY_VAR_DIR``, so the
+benchmark process itself never imports Django or touches a database. The spec (JSON on stdin)::
+
+    {"endpoints": [{"name": "sim", "base_url": "http://127.0.0.1:9100", "api_key": "k",
+                    "deployments": [{"name": "d", "model": "m", "rpm": 0, "tpm": 0, ...}]}],
+     "tenants": [{"slug": "bench-a", "keys": ["app"]}]}
+
+Deployment entries take any ``gateway.models.Deployment`` field. Prints
+``{"keys": {"bench-a/app": "<secret>", ...}}`` on stdout. Idempotent for endpoints, deployments
+and tenants; a key is issued on every run (secrets are shown once, so an old one cannot be read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def seed(spec: dict) -> dict[str, str]:
+    """Create or update what ``spec`` names; returns ``{"tenant/key": secret}``."""
+    from django.db import transaction
+
+    from gateway.models import Deployment, Endpoint
+    from tenants.models import AccessPolicy, Quota, Tenant
+    from tenants.services import key_issue
+
+    secrets: dict[str, str] = {}
+    with transaction.atomic():
+        for endpoint_spec in spec.get("endpoints", []):
+            endpoint, _ = Endpoint.objects.update_or_create(
+                name=endpoint_spec["name"],
+                defaults={"kind": Endpoint.Kind.AZURE, "base_url": endpoint_spec["base_url"],
+                          "api_key": endpoint_spec["api_key"], "api_version": "2024-10-21"},
+            )
+            for deployment in endpoint_spec.get("deployments", []):
+                fields = dict(deployment)
+                name = fields.pop("name")
+                Deployment.objects.update_or_create(endpoint=endpoint, name=name, defaults=fields)
+        for tenant_spec in spec.get("tenants", []):
+            tenant, _ = Tenant.objects.get_or_create(slug=tenant_spec["slug"], defaults={"name": tenant_spec["slug"]})
+            # Unlimited quota and an open policy: the bench measures the gateway, not a tenant's limits.
+            Quota.objects.get_or_create(tenant=tenant, key=None)
+            AccessPolicy.objects.get_or_create(tenant=tenant)
+            for key_name in tenant_spec.get("keys", []):
+                tenant.keys.filter(name=key_name).delete()
+                secrets[f"{tenant.slug}/{key_name}"] = key_issue(tenant, name=key_name).secret
+    return secrets
+
+
+def main() -> int:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway.settings")
+    import django
+
+    django.setup()
+    spec = json.load(sys.stdin)
+    print(json.dumps({"keys": seed(spec)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
