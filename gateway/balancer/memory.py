@@ -193,10 +193,16 @@ class _Queue:
     alternate. The virtual clock ``v`` stops a tenant that keeps one ticket waiting at a
     time from starving another tenant's second ticket; the ``waiting + 1`` cap stops tickets
     that left unserved (timeouts) from pushing their tenant back. ``lua/lib.lua`` mirrors this.
+
+    A full queue admits a newcomer of a better priority than its last ticket (the one that
+    would be served last) by evicting that ticket: ``tail`` finds it, and ``evicted`` keeps a
+    tombstone (ticket -> expiry) so its waiter learns why it is gone.
     """
 
     def __init__(self) -> None:
         self.heap: list[tuple[int, int, int, str]] = []  # lazy: stale entries skipped
+        self.tail: list[tuple[int, int, int, str]] = []  # the same, negated: the last ticket first
+        self.evicted: OrderedDict[str, float] = OrderedDict()  # tombstones: ticket -> expiry
         self.leases: list[tuple[float, int, str]] = []  # lazy: refreshed leases re-pushed
         self.tickets: dict[str, _Ticket] = {}
         self.depth: Counter[int] = Counter()
@@ -215,6 +221,7 @@ class _Queue:
         self.waiting[priority, tenant] += 1
         self.depth[priority] += 1
         heapq.heappush(self.heap, (priority, rnd, t.seq, ticket_id))
+        heapq.heappush(self.tail, (-priority, -rnd, -t.seq, ticket_id))
         heapq.heappush(self.leases, (t.lease_until, t.seq, ticket_id))
 
     def remove(self, ticket_id: str, served: bool) -> _Ticket | None:
@@ -233,11 +240,33 @@ class _Queue:
         if len(self.heap) > 2 * len(self.tickets) + 64:
             self.heap = [(x.priority, x.round, x.seq, x.id) for x in self.tickets.values()]
             heapq.heapify(self.heap)
+        if len(self.tail) > 2 * len(self.tickets) + 64:
+            self.tail = [(-x.priority, -x.round, -x.seq, x.id) for x in self.tickets.values()]
+            heapq.heapify(self.tail)
         t.event.set()  # a waiter on a removed ticket must not sleep on
         return t
 
+    def evict(self, t: _Ticket, now: float) -> None:
+        """Push ``t`` out (a better newcomer needs its place); its tombstone lasts its lease."""
+        self.remove(t.id, served=False)  # wakes its waiter, which then learns it was evicted
+        self.evicted[t.id] = now + t.lease_seconds
+
+    def take_tombstone(self, ticket_id: str, now: float) -> bool:
+        """True, once, if ``ticket_id`` was evicted no longer than its lease ago."""
+        until = self.evicted.pop(ticket_id, None)
+        return until is not None and until > now
+
     def prune(self, now: float) -> bool:
-        """Drop tickets whose lease expired (their process died). True if any went."""
+        """Drop tickets whose lease expired (their process died) and stale tombstones.
+
+        True if any ticket went.
+        """
+        evicted = self.evicted
+        while evicted:  # roughly in expiry order (leases may differ): lookups check it anyway
+            tid, until = next(iter(evicted.items()))
+            if until > now:
+                break
+            del evicted[tid]
         leases, gone = self.leases, False
         while leases and leases[0][0] <= now:
             _, seq, tid = heapq.heappop(leases)
@@ -259,6 +288,17 @@ class _Queue:
             if t is not None and t.seq == heap[0][2]:
                 return t
             heapq.heappop(heap)
+        return None
+
+    def tail_ticket(self) -> _Ticket | None:
+        """The ticket that would be served last: worst priority, then latest round, then arrival."""
+        tail = self.tail
+        while tail:
+            tid = tail[0][3]
+            t = self.tickets.get(tid)
+            if t is not None and t.seq == -tail[0][2]:
+                return t
+            heapq.heappop(tail)
         return None
 
     def wake_head(self) -> None:
@@ -390,6 +430,8 @@ class MemoryState(BalancerState):
             check_ticket(ticket_id)
             t = q.tickets.get(ticket_id) if q is not None else None
             if t is None:
+                if q is not None and q.take_tombstone(ticket_id, now):
+                    return Denied(0.0, Reason.EVICTED)
                 return Denied(0.0, Reason.NOT_QUEUED)
             t.lease_until = now + t.lease_seconds
             for c in candidates:
@@ -490,9 +532,15 @@ class MemoryState(BalancerState):
         if t is not None:
             t.lease_until = now + t.lease_seconds
             return True
+        priority = int(priority)
         if len(q.tickets) >= self.config.queue_max_depth:
-            return False
-        q.add(ticket_id, int(priority), tenant, now, lease)
+            # Full: only a strictly better priority than the last ticket's gets in, in its place.
+            victim = q.tail_ticket()
+            if victim is None or priority >= victim.priority:
+                return False
+            q.evict(victim, now)
+        q.evicted.pop(ticket_id, None)  # back in the queue: no longer evicted
+        q.add(ticket_id, priority, tenant, now, lease)
         return True
 
     async def touch(self, queue, ticket_id, now=None):
@@ -505,6 +553,8 @@ class MemoryState(BalancerState):
 
     async def leave(self, queue, ticket_id):
         q = self._queues.get(queue)
+        if q is not None:
+            q.evicted.pop(ticket_id, None)  # its waiter is done with it
         if q is None or q.remove(ticket_id, served=False) is None:
             return False
         q.wake_head()

@@ -13,9 +13,11 @@ Waking waiters: whenever a queue's head changes because tickets left (served, ga
 lease lapsed), the script PUBLISHes ``"<queue>\n<ticket>"`` on ``<prefix>:bal:wake``; one
 listener task per process (started by the first enqueue) sets that ticket's event if
 it waits here. So a waiter behind the head sleeps until its turn instead of polling, and a
-queue drains at the speed of capacity, not of polling. Freed capacity is not announced: the
-head polls at least every ``poll_max``. A lost message (listener reconnecting) only costs a
-wait of up to a third of the lease, after which the waiter polls anyway.
+queue drains at the speed of capacity, not of polling. A ticket evicted from a full queue by
+a better-priority arrival is announced the same way, so its waiter learns it at once. Freed
+capacity is not announced: the head polls at least every ``poll_max``. A lost message
+(listener reconnecting) only costs a wait of up to a third of the lease, after which the
+waiter polls anyway.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ class RedisState(BalancerState):
 
     def _queue_keys(self, queue: str) -> list[str]:
         base = f"{self._prefix}:q:{queue}"
-        return [f"{base}:z", f"{base}:t", f"{base}:l", f"{base}:m", f"{base}:r"]
+        return [f"{base}:z", f"{base}:t", f"{base}:l", f"{base}:m", f"{base}:r", f"{base}:e"]
 
     def _cand_args(self, c: Capacity) -> list[str]:
         key = (c.rpm, c.tpm, c.weight)
@@ -145,8 +147,12 @@ class RedisState(BalancerState):
                 "queue" if queue is not None else "raw", ticket_id or "", self._channel, queue or "",
                 *self._config_args, *cargs]
         res = await self._scripts["acquire"](keys=keys, args=args)
-        if ticket_id is not None and (_s(res[0]) == "G" or _s(res[2]) == Reason.NOT_QUEUED):
-            self._waiters.pop(ticket_id, None)
+        if ticket_id is not None:
+            if _s(res[0]) == "G" or _s(res[2]) == Reason.NOT_QUEUED:
+                self._waiters.pop(ticket_id, None)  # served or gone: nothing more to wake
+            elif _s(res[2]) == Reason.EVICTED:
+                # Gone too; until its waiter leaves, a wait_change returns at once (as in memory).
+                self._waiters.setdefault(ticket_id, asyncio.Event()).set()
         if _s(res[0]) == "G":
             c = candidates[int(res[1]) - 1]
             return Grant(c.id, rid, demand, float(res[3]), getattr(c, "sku", SKU_STANDARD),

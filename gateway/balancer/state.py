@@ -77,6 +77,7 @@ class Reason(StrEnum):
     NEVER = "never"  # the demand exceeds a whole window limit of every candidate
     QUEUED = "queued"  # other tickets are ahead in the queue
     NOT_QUEUED = "not_queued"  # the ticket is unknown (left, or its lease expired)
+    EVICTED = "evicted"  # a better-priority arrival pushed the ticket out of the full queue
     QUEUE_FULL = "queue_full"  # the queue is at its maximum depth
     TIMEOUT = "timeout"  # the wait would exceed (or has exceeded) the caller's deadline
 
@@ -309,7 +310,8 @@ class BalancerState(abc.ABC):
         With ``ticket_id`` None (a new arrival) it proceeds only if nobody waits; with a ticket,
         only if that ticket is at the head, whose lease it refreshes. On a grant the ticket
         leaves the queue in the same atomic step. Denials say QUEUED (others ahead, with the
-        capacity wait as a lower bound), NOT_QUEUED (ticket gone), CAPACITY or NEVER.
+        capacity wait as a lower bound), NOT_QUEUED (ticket gone), EVICTED (see ``enqueue``),
+        CAPACITY or NEVER.
         """
 
     @abc.abstractmethod
@@ -360,8 +362,21 @@ class BalancerState(abc.ABC):
     ) -> bool:
         """Add a waiting ticket (idempotent: an existing ticket only has its lease refreshed).
 
-        Returns False if the queue holds ``queue_max_depth`` live tickets. Ranking: priority
-        (lower first), then the tenant's round, then arrival; see ``memory._Queue``.
+        Ranking: priority (lower first), then the tenant's round, then arrival; see
+        ``memory._Queue``. When the queue holds ``queue_max_depth`` live tickets, a newcomer
+        whose priority is strictly better (lower) than that of the *last* ticket in this order
+        (the one that would be served last) evicts that ticket and takes its place, in one
+        atomic step; otherwise it is refused and this returns False. So an arrival at the
+        priority of the last ticket, or worse, never evicts: a full queue at one priority
+        refuses as before, and the depth never exceeds the maximum.
+
+        The evicted ticket leaves the queue at once (its waiter is woken) and leaves a
+        tombstone: the next ``try_acquire_queued`` for it says ``Denied(0, EVICTED)``, once
+        (later polls say NOT_QUEUED, as for any unknown ticket), so its waiter can answer
+        "queue full" instead of rejoining at the back. The tombstone goes when reported, when
+        the ticket ``leave``s or is enqueued again, or after the ticket's lease seconds (a
+        waiter that has not polled for a lease would have lost its place anyway). ``touch``
+        of an evicted ticket returns False, as for any ticket that is gone.
         """
 
     @abc.abstractmethod
@@ -474,6 +489,9 @@ async def wait_for_turn(
                 return result
             if result.reason == Reason.NEVER:
                 return result
+            if result.reason == Reason.EVICTED:
+                # A request of better priority took our place in a full queue.
+                return Denied(result.wait_seconds, Reason.QUEUE_FULL)
             if result.reason == Reason.NOT_QUEUED:
                 # Our lease lapsed (the loop was starved for a lease length): rejoin at the back.
                 if not await state.enqueue(queue, ticket, priority, tenant, now):

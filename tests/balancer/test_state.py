@@ -402,15 +402,114 @@ async def test_expired_leases_are_skipped_and_polls_renew_them(make_state):
 async def test_queue_has_a_maximum_depth(make_state):
     state = await make_state(queue_max_depth=3)
     for i in range(3):
-        assert await state.enqueue("m", f"t{i}", 1 + i % 2, "A", T0)
-    assert not await state.enqueue("m", "t3", 1, "B", T0)
+        assert await state.enqueue("m", f"t{i}", 1 + i % 2, "A", T0)  # priorities 1, 2, 1
+    assert not await state.enqueue("m", "t3", 2, "B", T0)  # no better than the last ticket (t1)
+    assert not await state.enqueue("m", "t3", 7, "B", T0)
     assert await state.enqueue("m", "t0", 1, "A", T0)  # already there: lease renewed, still 3
     assert await state.depth("m", T0) == {1: 2, 2: 1}
     assert await state.leave("m", "t1")
     assert await state.enqueue("m", "t3", 1, "B", T0)
+    assert not await state.enqueue("m", "t4", 1, "B", T0)  # full at one priority: refused
+    assert await state.depth("m", T0) == {1: 3}
     assert await state.enqueue("other", "t4", 1, "B", T0)  # depth is per queue
     with pytest.raises(ValueError):
         await state.enqueue("m", "bad|id", 1, "A", T0)
+
+
+async def test_a_better_priority_evicts_the_last_ticket_of_a_full_queue(make_state):
+    state = await make_state(queue_max_depth=3)
+    for i in range(3):
+        assert await state.enqueue("m", f"low{i}", 9, f"T{i}", T0 + i * 0.01)
+    assert await state.enqueue("m", "vip", 0, "V", T0 + 0.1)
+    assert await state.depth("m", T0 + 0.1) == {0: 1, 9: 2}
+    # The ticket that would have been served last learns why it is gone, once.
+    assert await state.try_acquire_queued("m", "low2", UNLIMITED, 1, T0 + 0.2) == Denied(0.0, Reason.EVICTED)
+    assert await state.try_acquire_queued("m", "low2", UNLIMITED, 1, T0 + 0.3) == Denied(0.0, Reason.NOT_QUEUED)
+    assert not await state.touch("m", "low2", T0 + 0.3)
+    assert await serve_order(state, "m", ["low0", "low1", "vip"], T0 + 0.4) == ["vip", "low0", "low1"]
+
+
+async def test_an_equal_priority_arrival_into_a_full_queue_is_refused(make_state):
+    state = await make_state(queue_max_depth=3)
+    for i in range(3):
+        assert await state.enqueue("m", f"low{i}", 9, f"T{i}", T0)
+    assert not await state.enqueue("m", "late", 9, "T9", T0 + 0.1)  # a new tenant: round 0 too
+    assert not await state.enqueue("m", "worse", 10, "T9", T0 + 0.1)
+    assert await state.depth("m", T0 + 0.1) == {9: 3}
+    for ticket in ("low1", "low2"):  # nobody was evicted
+        assert await state.try_acquire_queued("m", ticket, UNLIMITED, 1, T0 + 0.2) == Denied(0.0, Reason.QUEUED)
+    assert await state.try_acquire_queued("m", "late", UNLIMITED, 1, T0 + 0.2) == Denied(0.0, Reason.NOT_QUEUED)
+    assert await serve_order(state, "m", ["low0", "low1", "low2"], T0 + 0.3) == ["low0", "low1", "low2"]
+
+
+async def test_eviction_takes_the_ticket_that_would_be_served_last(make_state):
+    """The worst priority, then the latest round (not arrival), then the latest arrival."""
+    state = await make_state(queue_max_depth=4)
+    for ticket, priority, tenant in [("a1", 9, "A"), ("a2", 9, "A"), ("b1", 9, "B"), ("x", 5, "C")]:
+        assert await state.enqueue("m", ticket, priority, tenant, T0)
+    # Order: x (5), a1 (9, round 0), b1 (9, round 0, later), a2 (9, round 1): a2 goes first.
+    evictions = [("n0", 0, "a2"), ("n3", 3, "b1"), ("n9", 9, None), ("n5", 5, "a1"), ("m5", 5, None)]
+    for i, (ticket, priority, victim) in enumerate(evictions):
+        now = T0 + 0.1 * (i + 1)
+        assert await state.enqueue("m", ticket, priority, "N", now) == (victim is not None)
+        assert sum((await state.depth("m", now)).values()) == 4
+        if victim is not None:
+            assert await state.try_acquire_queued("m", victim, UNLIMITED, 1, now) == Denied(0.0, Reason.EVICTED)
+    assert await state.depth("m", T0 + 1) == {0: 1, 3: 1, 5: 2}
+    assert await serve_order(state, "m", ["x", "n5", "n3", "n0"], T0 + 1) == ["n0", "n3", "x", "n5"]
+
+
+async def test_an_eviction_is_forgotten_after_the_lease_or_when_the_ticket_leaves(make_state):
+    state = await make_state(queue_max_depth=1)
+    assert await state.enqueue("m", "old", 9, "A", T0, lease_seconds=1.0)
+    assert await state.enqueue("m", "new", 0, "B", T0 + 0.5)
+    # Not asked within its lease (its process died?): the tombstone lapses with it.
+    assert await state.try_acquire_queued("m", "old", UNLIMITED, 1, T0 + 1.6) == Denied(0.0, Reason.NOT_QUEUED)
+
+    assert await state.enqueue("q", "a", 9, "A", T0)
+    assert await state.enqueue("q", "b", 1, "B", T0)
+    assert not await state.leave("q", "a")  # it was not there any more, but its waiter is done
+    assert await state.try_acquire_queued("q", "a", UNLIMITED, 1, T0) == Denied(0.0, Reason.NOT_QUEUED)
+
+    assert await state.enqueue("r", "c", 9, "A", T0)
+    assert await state.enqueue("r", "d", 0, "B", T0)
+    assert not await state.enqueue("r", "c", 9, "A", T0)  # rejoining a full queue: refused
+    assert await state.leave("r", "d")
+    assert await state.enqueue("r", "c", 9, "A", T0)  # rejoined: no longer evicted
+    assert isinstance(await state.try_acquire_queued("r", "c", UNLIMITED, 1, T0), Grant)
+
+
+async def test_evictions_follow_the_queue_order_and_never_overfill_it(make_state):
+    """Random arrivals and departures against a model: one tenant per ticket, so every round
+    is 0 and the order is (priority, arrival)."""
+    state = await make_state(queue_max_depth=5)
+    rng = random.Random(11)
+    model: list[tuple[int, int, str]] = []  # (priority, arrival, ticket)
+    evicted: list[str] = []
+    now = T0
+    for n in range(250):
+        now += 0.001
+        if model and rng.random() < 0.25:
+            _, _, ticket = model.pop(rng.randrange(len(model)))
+            assert await state.leave("m", ticket)
+        else:
+            ticket, priority = f"t{n}", rng.randint(0, 9)
+            admit = len(model) < 5 or priority < max(model)[0]
+            if admit and len(model) == 5:
+                evicted.append(max(model)[2])
+                model.remove(max(model))
+            if admit:
+                model.append((priority, n, ticket))
+            assert await state.enqueue("m", ticket, priority, f"T{n}", now) == admit
+        want: dict[int, int] = {}
+        for priority, _, _ in model:
+            want[priority] = want.get(priority, 0) + 1
+        assert await state.depth("m", now) == dict(sorted(want.items()))
+    assert len(evicted) > 20
+    for ticket in evicted:
+        assert await state.try_acquire_queued("m", ticket, UNLIMITED, 1, now) == Denied(0.0, Reason.EVICTED)
+    order = [ticket for _, _, ticket in sorted(model)]
+    assert await serve_order(state, "m", order, now) == order
 
 
 # -- waiting helper (real clock) ----------------------------------------------------------------
@@ -490,6 +589,48 @@ async def test_waiter_gives_up_at_once_when_the_wait_exceeds_its_timeout(make_st
     assert await state.depth("m") == {}
 
 
+async def test_an_evicted_waiter_is_woken_at_once(make_state):
+    state = await make_state(queue_max_depth=1)
+    c = Candidate(1, tpm=1000)
+    await state.try_acquire([c], 1000)
+    assert await state.enqueue("m", "low", 9, "A")
+    sleeper = asyncio.create_task(state.wait_change("m", "low", 5.0))
+    await asyncio.sleep(0.05)
+    assert not sleeper.done()
+    started = time.monotonic()
+    assert await state.enqueue("m", "high", 0, "B")
+    await asyncio.wait_for(sleeper, 1.0)
+    assert time.monotonic() - started < 0.25  # not a third of the lease
+    assert await state.try_acquire_queued("m", "low", [c], 10) == Denied(0.0, Reason.EVICTED)
+    assert await state.depth("m") == {0: 1}
+    await state.leave("m", "high")
+
+
+async def test_an_evicted_waiter_answers_queue_full_at_once(make_state):
+    state = await make_state(queue_max_depth=1)
+    c = Candidate(1, tpm=1000)
+    await state.try_acquire([c], 1000)
+
+    def wait(priority, tenant):
+        return asyncio.create_task(
+            wait_for_turn(state, "m", [c], 10, priority=priority, tenant=tenant, timeout=10.0)
+        )
+
+    low = wait(9, "A")
+    await asyncio.sleep(0.05)
+    assert await state.depth("m") == {9: 1}
+    started = time.monotonic()
+    high = wait(0, "B")
+    result = await asyncio.wait_for(low, 2.0)
+    assert result.reason == Reason.QUEUE_FULL  # not back in the queue, not waiting it out
+    assert time.monotonic() - started < 0.25
+    await asyncio.sleep(0.02)
+    assert not high.done() and await state.depth("m") == {0: 1}
+    high.cancel()
+    await asyncio.gather(high, return_exceptions=True)
+    assert await state.depth("m") == {}
+
+
 async def test_cancelled_waiter_leaves_the_queue(make_state):
     state = await make_state()
     c = Candidate(1, tpm=1000)
@@ -520,7 +661,7 @@ async def test_every_redis_key_expires(redis_url):
     import redis.asyncio as aioredis
 
     prefix = f"test-balancer-ttl-{random.getrandbits(40):x}"
-    state = build_state(redis_url, minute=6.0, prefix=prefix, breaker_failures=1)
+    state = build_state(redis_url, minute=6.0, prefix=prefix, breaker_failures=1, queue_max_depth=2)
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
         c = Candidate(1, rpm=600, tpm=1000)
@@ -533,15 +674,37 @@ async def test_every_redis_key_expires(redis_url):
         await state.enqueue("m", "t1", 1, "A")
         await state.try_acquire_queued("m", "t1", [c], 10)
         await state.enqueue("m", "t2", 1, "A")
+        await state.enqueue("m", "t3", 9, "B")
+        assert await state.enqueue("m", "t4", 0, "C")  # full: evicts t3, leaving a tombstone
         keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
         assert len(keys) >= 10
         ttls = {k: await client.ttl(k) for k in keys}
         assert all(ttl > 0 for ttl in ttls.values()), ttls
+        assert ttls[f"{prefix}:bal:q:m:e"] > 0
         assert ttls[f"{prefix}:bal:d:2:s"] > 3600
     finally:
         await state.reset()
         await state.aclose()
         await client.aclose()
+
+
+async def test_an_overfull_redis_queue_evicts_nobody(redis_url):
+    """Another process configured a larger depth: past this one's maximum, nothing gets in."""
+    prefix = f"test-balancer-depth-{random.getrandbits(40):x}"
+    roomy = build_state(redis_url, minute=6.0, prefix=prefix, queue_max_depth=3)
+    tight = build_state(redis_url, minute=6.0, prefix=prefix, queue_max_depth=2)
+    try:
+        for i in range(3):
+            assert await roomy.enqueue("m", f"low{i}", 9, f"T{i}", T0)
+        assert not await tight.enqueue("m", "vip", 0, "V", T0)
+        assert await tight.depth("m", T0) == {9: 3}
+        assert await roomy.leave("m", "low0")
+        assert await tight.enqueue("m", "vip", 0, "V", T0)  # exactly full: one for one
+        assert await tight.depth("m", T0) == {0: 1, 9: 1}
+    finally:
+        await roomy.reset()
+        await roomy.aclose()
+        await tight.aclose()
 
 
 _HAMMER = r"""

@@ -1,6 +1,6 @@
 -- try_acquire / try_acquire_queued: choose the fitting candidate with the most headroom and
 -- reserve 1 request + demand tokens on it, atomically (and, queued, only for the head).
--- KEYS: [5 queue keys if ARGV[5] == 'queue'] then 4 keys per candidate.
+-- KEYS: [6 queue keys if ARGV[5] == 'queue'] then 4 keys per candidate.
 -- ARGV: now, demand, reservation id, random [0,1), mode ('raw'|'queue'), ticket ('' = none),
 --       wake channel, queue name, 7 config values, n candidates, per candidate (read_candidates).
 -- Returns {'G', candidate index, reservation id, time, headroom, probe} or {'D', wait, reason}.
@@ -10,7 +10,7 @@ local rand, mode, ticket = tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local cfg, i = read_config(ARGV, 9)
 local q, k = nil, 1
 if mode == 'queue' then
-  q, k = qkeys(KEYS, 1, ARGV[7], ARGV[8]), 6
+  q, k = qkeys(KEYS, 1, ARGV[7], ARGV[8]), 7
 end
 local cands = read_candidates(ARGV, i, KEYS, k)
 
@@ -22,7 +22,11 @@ if q then
   local ahead
   if ticket ~= '' then
     local info = redis.call('HGET', q.t, ticket)
-    if not info then return {'D', '0', 'not_queued'} end
+    if not info then
+      -- Evicted by a better arrival (a tombstone, reported once; q_prune dropped stale ones)?
+      if redis.call('ZREM', q.e, ticket) == 1 then return {'D', '0', 'evicted'} end
+      return {'D', '0', 'not_queued'}
+    end
     local _, lease = q_parse(info)
     redis.call('ZADD', q.l, fmt(now + lease), ticket)  -- each poll renews the lease
     ahead = q_head(q) ~= ticket

@@ -8,12 +8,14 @@
 --   s     HASH tsum (tokens over the log), last_t, cool, fails, open_until, probe,
 --              probe_until, ur/ur_at/ur_used, ut/ut_at/ut_used (the upstream's word)
 --   infl  ZSET reservation id -> time it is forgotten if never settled (in flight)
--- Per queue (5 keys; a change of head is PUBLISHed as "<queue>\n<ticket>"):
+-- Per queue (6 keys; a change of head is PUBLISHed as "<queue>\n<ticket>", and so is an
+-- evicted ticket, to wake its waiter):
 --   z ZSET score priority, member "<round:15>:<seq:15>:<ticket>" (equal scores sort by member)
 --   t HASH ticket -> "priority|lease seconds|member|tenant"
 --   l ZSET ticket -> lease deadline
 --   m HASH seq, n:<priority> (depth), v:<priority> (round served last)
 --   r HASH l|<priority>|<tenant> (tenant's last round), w|<priority>|<tenant> (waiting)
+--   e ZSET ticket -> tombstone expiry: tickets a better arrival evicted from the full queue
 
 local INF = math.huge
 local MIN_WAIT = 1e-6
@@ -231,7 +233,7 @@ end
 -- `channel` and `name`: where to announce a new head (redis_state.py wakes its waiter).
 local function qkeys(keys, k, channel, name)
   return {z = keys[k], t = keys[k + 1], l = keys[k + 2], m = keys[k + 3], r = keys[k + 4],
-          channel = channel, name = name}
+          e = keys[k + 5], channel = channel, name = name}
 end
 
 local function q_parse(info)
@@ -258,8 +260,10 @@ local function q_remove(q, ticket, served)
   return true
 end
 
--- Drop tickets whose lease ran out (their process died), so the queue never jams.
+-- Drop tickets whose lease ran out (their process died), so the queue never jams; and
+-- tombstones of evicted tickets past their expiry.
 local function q_prune(q, now)
+  redis.call('ZREMRANGEBYSCORE', q.e, '-inf', fmt(now))
   while true do
     local gone = redis.call('ZRANGE', q.l, '-inf', fmt(now), 'BYSCORE', 'LIMIT', 0, 100)
     for _, ticket in ipairs(gone) do q_remove(q, ticket, false) end
@@ -267,10 +271,14 @@ local function q_prune(q, now)
   end
 end
 
+local function q_ticket(member)
+  return string.match(member, '^[^:]*:[^:]*:(.*)$')
+end
+
 local function q_head(q)
   local first = redis.call('ZRANGE', q.z, 0, 0)[1]
   if not first then return nil end
-  return string.match(first, '^[^:]*:[^:]*:(.*)$')
+  return q_ticket(first)
 end
 
 -- Tell the new head's process, if the head changed, so its waiter need not poll to learn it.
@@ -283,5 +291,5 @@ end
 
 local function q_expire(q, cfg)
   local ms = math.ceil(cfg.key_ttl * 1000)
-  for _, key in ipairs({q.z, q.t, q.l, q.m, q.r}) do redis.call('PEXPIRE', key, ms) end
+  for _, key in ipairs({q.z, q.t, q.l, q.m, q.r, q.e}) do redis.call('PEXPIRE', key, ms) end
 end
