@@ -57,19 +57,18 @@ class UsageSink:
         return len(self._buffer)
 
     def start(self) -> None:
-        if self._task is None:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="usage-flusher")
 
     async def stop(self) -> None:
         """Stop the flusher and write everything still buffered."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None and task.get_loop() is asyncio.get_running_loop():
+            while not task.done():  # re-cancel: a cancellation can be swallowed mid-await
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
         await self.flush()
 
     async def flush(self) -> None:

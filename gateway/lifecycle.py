@@ -52,6 +52,8 @@ class Runtime:
 
     async def _start(self) -> None:
         g = settings.GATEWAY
+        # A runtime from an earlier event loop (tests start several) must leave nothing behind.
+        self.redis = None
         if settings.REDIS_URL:
             import redis.asyncio as aioredis
 

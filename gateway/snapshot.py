@@ -180,6 +180,7 @@ class SnapshotRefresher:
         self.poll_seconds = poll_seconds
         self.version_source = version_source
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     async def load_now(self) -> Snapshot:
         """Build and install a snapshot (in a worker thread; the ORM is sync)."""
@@ -189,19 +190,23 @@ class SnapshotRefresher:
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run(), name="snapshot-refresher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        """Stop polling. Cancels until the task has really ended: redis-py's asyncio client can
+        swallow a cancellation that lands while it sends a command, and a bare cancel-and-await
+        would then wait forever (seen as a hung shutdown)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.poll_seconds)
             try:
                 version = await self.version_source()

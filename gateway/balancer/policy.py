@@ -11,8 +11,14 @@
 * Waiters stand in one queue per model, served by priority, then the tenant's round (fairness),
   then arrival; a new arrival never jumps ahead of waiters. The head of the queue decides for
   itself which tier to take, so priority order holds across tiers.
+* A request that comes back for another lease (after a 429 or a failure) keeps the time it has
+  waited: a tier's ``max_wait`` and the queue timeout bound its waiting over all its attempts,
+  so a deployment that keeps answering 429 with a short ``retry-after`` cannot hold a request
+  on its tier past that tier's allowance.
 * An upstream 429 releases the reservation (the upstream did not count it) and cools the
   deployment until its ``retry-after``; 5xx, connect errors and timeouts feed the breaker.
+  ``x-ratelimit-remaining-*`` is passed to the state only for a limit the deployment does not
+  configure (see ``_observe``).
 """
 
 from __future__ import annotations
@@ -28,65 +34,161 @@ from gateway.snapshot_types import DeploymentView
 
 # Cool-down after a 429 that names no retry-after: short, since the SDKs' own first backoff is ~0.5 s.
 DEFAULT_COOL_SECONDS = 1.0
+# Forgetting requests that ended without telling us (see ``BalancedDispatcher._prune``): an
+# entry is touched by each acquire, and no attempt outlasts the upstream's total timeout.
+PRUNE_EVERY_SECONDS = 10.0
+FORGET_AFTER_SECONDS = 900.0
+# How many times a late grant is renewed before it is used anyway (see ``_renewed``).
+RENEW_ATTEMPTS = 3
+
+
+class _Waits:
+    """What the dispatcher remembers of a request between its attempts."""
+
+    __slots__ = ("demand", "waited", "touched")
+
+    def __init__(self, demand: Demand, now: float) -> None:
+        self.demand = demand  # held so that id(demand) cannot be reused while the entry lives
+        self.waited = 0.0  # seconds spent in acquire by the attempts before this one
+        self.touched = now
 
 
 class BalancedDispatcher:
     def __init__(self, state: BalancerState, *, clock=time.time) -> None:
         self.state = state
         self.clock = clock
+        # Requests between their first acquire and their end, by id(demand). A 429 or a failure
+        # sends a request back to ``acquire``; a tier's max wait and the queue timeout are the
+        # request's, so the time its earlier attempts waited counts (see ``acquire``).
+        self._requests: dict[int, _Waits] = {}
+        self._pruned_at = 0.0
+        # A grant that reaches us later than this after its reservation was recorded is renewed
+        # (see ``_renewed``): half the guard of the shortest window, the other half being left
+        # for sending the request.
+        config = state.config
+        self._late_after = config.guard(config.minute / 60.0) / 2.0
 
     # -- acquiring ------------------------------------------------------------------------------
 
     async def acquire(self, candidates: tuple[DeploymentView, ...], demand: Demand, exclude: frozenset[int]) -> Lease:
-        """A lease on the best deployment with room, waiting in the model's queue if need be."""
+        """A lease on the best deployment with room, waiting in the model's queue if need be.
+
+        ``demand.timeout`` and the tiers' ``max_wait`` bound the time the request spends here
+        over all its attempts: an attempt after a 429 or a failure starts with what the earlier
+        ones waited. (Otherwise a PTU answering 429 with a short retry-after again and again
+        would hold the request on its tier for good: each wait fits the allowance.)
+        """
+        start = self.clock()
+        entry = self._entry(demand, start)
+        began = start
+        try:
+            while True:
+                lease = await self._acquire(candidates, demand, exclude, start, entry.waited + start - began)
+                lease = await self._renewed(lease, demand)
+                if _cancel_pending():  # (see _cancel_pending)
+                    if lease is not None:
+                        await asyncio.shield(self.state.release(lease.grant))
+                    raise asyncio.CancelledError()
+                if lease is not None:
+                    break
+                start = self.clock()  # the deployment filled up meanwhile: wait again
+        except BaseException:
+            self._requests.pop(id(demand), None)  # no capacity, or the client left: the request ends
+            raise
+        now = self.clock()
+        if lease.queue_wait or start != began:  # it waited (a fast-path grant reports 0)
+            lease.queue_wait = now - began
+        entry.waited += now - began
+        entry.touched = now
+        return lease
+
+    async def _renewed(self, lease: Lease, demand: Demand) -> Lease | None:
+        """The lease with a grant recorded no more than ``_late_after`` ago, or None.
+
+        A reservation counts in our windows from the time it was recorded, the upstream counts the
+        request when it arrives; the windows' guard absorbs the few milliseconds in between. A
+        grant can reach us much later than it was recorded: the Redis call that made it waited
+        for a connection (a burst opens one per concurrent call) or for a busy event loop. Sent
+        then, the request stays in the upstream's window that much longer than in ours, and the
+        slot we free for the next request is still taken upstream: a 429 (measured: 70-120 ms
+        late grants at the start of a 60-request burst drew 1-2 upstream 429s every time). So
+        such a grant is released and taken again on the same deployment, now; None if it has no
+        room any more.
+        """
+        for _ in range(RENEW_ATTEMPTS):
+            grant = lease.grant
+            if self.clock() - grant.reserved_at <= self._late_after:
+                break
+            await asyncio.shield(self.state.release(grant))
+            fresh = await self.state.try_acquire((lease.deployment,), demand.tokens)
+            if not isinstance(fresh, Grant):
+                return None
+            lease.grant = fresh
+        return lease
+
+    async def _acquire(self, candidates, demand: Demand, exclude: frozenset[int], start: float,
+                       waited: float) -> Lease:
+        """One attempt's lease. ``waited``: what the request had waited before ``start``."""
         tiers = _tiers(d for d in candidates if d.id not in exclude)
         if not tiers:
             raise NoCapacity("No deployment of this model is available; try again shortly.", 1.0)
-        start = self.clock()
-        result = await self._try_tiers(demand.model, None, tiers, demand, 0.0)
+        origin = start - waited  # waited(now) = now - origin
+        deadline = origin + demand.timeout
+        result = await self._try_tiers(demand.model, None, tiers, demand, waited)
         if isinstance(result, Grant):
-            return self._lease(result, candidates, 0.0)
+            return self._lease(result, candidates, demand, 0.0)
         self._raise_if_hopeless(result, demand)
+        self._raise_if_late(result, demand, deadline - start)
+        _raise_if_cancel_pending()
         ticket = new_id()
-        if not await self.state.enqueue(demand.model, ticket, demand.priority, demand.tenant, start):
-            raise NoCapacity("Too many requests are waiting for this model; retry shortly.",
-                             max(result.wait_seconds, 1.0), code="queue_full")
+        await self._enqueue(demand, ticket, result, start)
         granted = False
         try:
             for attempt in itertools.count():
+                _raise_if_cancel_pending()
                 now = self.clock()
-                result = await self._try_tiers(demand.model, ticket, tiers, demand, now - start)
+                result = await self._try_tiers(demand.model, ticket, tiers, demand, now - origin)
                 if isinstance(result, Grant):
                     granted = True
-                    return self._lease(result, candidates, self.clock() - start)
+                    return self._lease(result, candidates, demand, self.clock() - start)
                 self._raise_if_hopeless(result, demand)
+                if result.reason == Reason.EVICTED:
+                    # A request of better priority took our place in the full queue.
+                    raise NoCapacity("Too many requests are waiting for this model; retry shortly.", 1.0, code="queue_full")
                 if result.reason == Reason.NOT_QUEUED:
                     # Our lease lapsed (the loop was starved): rejoin rather than give up.
-                    await self.state.enqueue(demand.model, ticket, demand.priority, demand.tenant, now)
+                    await self._enqueue(demand, ticket, result, now)
                     continue
-                remaining = start + demand.timeout - now
-                if remaining <= 0 or (result.reason == Reason.CAPACITY and result.wait_seconds > remaining):
-                    raise NoCapacity(
-                        f"No capacity for model '{demand.model}' within {demand.timeout:.0f}s; retry shortly.",
-                        max(result.wait_seconds if result.wait_seconds != float("inf") else 1.0, 0.1),
-                    )
+                remaining = deadline - now
+                self._raise_if_late(result, demand, remaining)
                 await self.state.wait_change(demand.model, ticket, poll_pause(self.state, result, attempt, remaining))
         finally:
             if not granted:
                 await asyncio.shield(self.state.leave(demand.model, ticket))
 
+    async def _enqueue(self, demand: Demand, ticket: str, result: Denied, now: float) -> None:
+        if not await self.state.enqueue(demand.model, ticket, demand.priority, demand.tenant, now):
+            raise NoCapacity("Too many requests are waiting for this model; retry shortly.",
+                             max(_retry_hint(result.wait_seconds, 1.0), 1.0), code="queue_full")
+
     async def _try_tiers(self, queue: str, ticket: str | None, tiers, demand: Demand, waited: float) -> Grant | Denied:
-        """One attempt across the tiers, spilling over past a tier whose wait exceeds its allowance."""
+        """One attempt across the tiers, spilling over past a tier whose wait exceeds its allowance.
+
+        ``waited``: how long the request has waited so far (all its attempts). A denial's wait is
+        the soonest at which any tier the request would still take could fit.
+        """
         result: Denied | None = None
         for index, (max_wait, deployments) in enumerate(tiers):
             outcome = await self.state.try_acquire_queued(queue, ticket, deployments, demand.tokens)
-            if isinstance(outcome, Grant) or outcome.reason in (Reason.QUEUED, Reason.NOT_QUEUED):
+            if isinstance(outcome, Grant) or outcome.reason in (Reason.QUEUED, Reason.NOT_QUEUED, Reason.EVICTED):
                 return outcome
             last = index == len(tiers) - 1
             if not last and (outcome.reason == Reason.NEVER or outcome.wait_seconds > max_wait - waited):
                 result = _sooner(result, outcome)
                 continue  # spill over to the next tier now
-            return _sooner(result, outcome) if outcome.reason == Reason.NEVER else outcome
+            # Wait for this tier; but a tier passed over above may free first, and the waiter
+            # tries every tier in order on each attempt, so it would take that one then.
+            return _sooner(result, outcome)
         return result
 
     def _raise_if_hopeless(self, result: Denied, demand: Demand) -> None:
@@ -95,13 +197,44 @@ class BalancedDispatcher:
                 f"Request too large for model '{demand.model}': it needs {demand.tokens} tokens, more than any "
                 "deployment's per-minute limit. Reduce the prompt or max_tokens.", 60.0, code="request_too_large")
 
-    def _lease(self, grant: Grant, candidates, waited: float) -> Lease:
+    def _raise_if_late(self, result: Denied, demand: Demand, remaining: float) -> None:
+        """Give up when the queue timeout is spent or capacity cannot come within it."""
+        if remaining <= 0 or (result.reason == Reason.CAPACITY and result.wait_seconds > remaining):
+            raise NoCapacity(
+                f"No capacity for model '{demand.model}' within {demand.timeout:.0f}s; retry shortly.",
+                _retry_hint(result.wait_seconds, 1.0))
+
+    def _lease(self, grant: Grant, candidates, demand: Demand, waited: float) -> Lease:
         deployment = next(d for d in candidates if d.id == grant.deployment_id)
-        return Lease(deployment, grant, queue_wait=waited)
+        return Lease(deployment, grant, queue_wait=waited, extra={"request": id(demand)})
+
+    # -- per-request bookkeeping -----------------------------------------------------------------
+
+    def _entry(self, demand: Demand, now: float) -> _Waits:
+        entry = self._requests.get(id(demand))
+        if entry is None or entry.demand is not demand:
+            if now - self._pruned_at > PRUNE_EVERY_SECONDS:
+                self._prune(now)
+            entry = self._requests[id(demand)] = _Waits(demand, now)
+        return entry
+
+    def _prune(self, now: float) -> None:
+        """Forget requests that ended on a failure or a 429 without asking again (the forwarder
+        gave up): nothing tells us, so entries go once long untouched."""
+        self._pruned_at = now
+        stale = [k for k, e in self._requests.items() if now - e.touched > FORGET_AFTER_SECONDS]
+        for key in stale:
+            del self._requests[key]
+
+    def _done(self, lease: Lease) -> None:
+        key = lease.extra.get("request") if lease.extra else None
+        if key is not None:
+            self._requests.pop(key, None)
 
     # -- outcomes -------------------------------------------------------------------------------
 
     async def succeeded(self, lease: Lease, prompt_tokens: int, completion_tokens: int, headers) -> None:
+        self._done(lease)
         grant = lease.grant
         await self.state.settle(grant, prompt_tokens + completion_tokens)
         await self._observe(lease, headers)
@@ -124,20 +257,60 @@ class BalancedDispatcher:
         await self.state.record_failure(grant.deployment_id)
 
     async def abandoned(self, lease: Lease, prompt_tokens: int, completion_tokens: int) -> None:
+        self._done(lease)
         await self.state.settle(lease.grant, prompt_tokens + completion_tokens)
 
     async def _observe(self, lease: Lease, headers) -> None:
+        """Pass the upstream's ``x-ratelimit-remaining-*`` to the state, for the units whose limit
+        the gateway does not know.
+
+        Where the deployment has a configured RPM (TPM), the gateway's own windows are the
+        upstream's windows (``gateway.limits`` on both sides), counted from our reservations and
+        kept a guard longer, so they already hold the upstream within that limit. The upstream's
+        word adds nothing there but staleness: it is the remainder of its *tightest* window (for
+        requests, the 1/60-minute one, which a burst of RPM/60 requests empties) as of the moment
+        it counted this request, and the state holds it for a sixth of a minute. Taken as is, a
+        burst that momentarily fills the one-second window stops the deployment for ten seconds;
+        and at saturation every answer says the token window is (nearly) full, which stops the
+        deployment for ten seconds past the moment our window frees. Measured with a 3 s minute
+        (tests/e2e/test_balancing.py): a 60-request burst within capacity took 7 s instead of
+        1.5 s, and saturation used 31-64 % of the capacity instead of 100 %. A deployment whose
+        real quota is below its configured one (or shared outside the gateway) still answers
+        429, which cools it and retries elsewhere.
+        """
         requests = tokens = None
         for name, value in headers:
             if name == b"x-ratelimit-remaining-requests":
                 requests = _int_or_none(value)
             elif name == b"x-ratelimit-remaining-tokens":
                 tokens = _int_or_none(value)
+        deployment = lease.deployment
+        if deployment.rpm > 0:
+            requests = None
+        if deployment.tpm > 0:
+            tokens = None
         if requests is not None or tokens is not None:
             await self.state.observe(lease.grant.deployment_id, requests, tokens)
 
     async def aclose(self) -> None:
         await self.state.aclose()
+
+
+def _cancel_pending() -> bool:
+    """Whether this task was cancelled although the await it was in returned normally.
+
+    redis-py's asyncio client (8.1) can lose a cancellation that lands while it sends a command:
+    the call returns as if nothing happened and the task runs on, still "cancelling" (reproduced:
+    15 of 300 cancels landing in ``Redis.get``). A request whose client left would then keep
+    waiting in the queue and be sent upstream with nobody to answer; so the waiting loop checks.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _raise_if_cancel_pending() -> None:
+    if _cancel_pending():
+        raise asyncio.CancelledError()
 
 
 def _tiers(deployments) -> list[tuple[float, tuple[DeploymentView, ...]]]:
@@ -156,6 +329,11 @@ def _sooner(a: Denied | None, b: Denied) -> Denied:
     if b.reason == Reason.NEVER:
         return a
     return a if a.wait_seconds <= b.wait_seconds else b
+
+
+def _retry_hint(wait: float, default: float) -> float:
+    """A Retry-After from a wait hint: the hint when finite, else ``default``; never below 0.1 s."""
+    return max(wait if wait != float("inf") else default, 0.1)
 
 
 def _int_or_none(value: bytes) -> int | None:
