@@ -67,11 +67,11 @@ class Forwarder:
             watch.cancel()
             return await work
         # The client left: stop waiting or streaming; the attempt's cleanup settles usage.
-        work.cancel()
-        try:
-            await work
-        except (asyncio.CancelledError, Exception):
-            pass
+        while not work.done():  # re-cancel: redis-py can swallow a cancellation mid-command
+            work.cancel()
+            await asyncio.wait({work}, timeout=0.1)
+        if not work.cancelled():
+            work.exception()  # retrieved, so asyncio does not log it as never retrieved
         raise ClientDisconnected()
 
     async def forward(self) -> None:
