@@ -1,14 +1,12 @@
 """The seam between the request path and the balancer.
 
 The consumer asks a ``Dispatcher`` for a ``Lease`` on a deployment that can take a request's
-demand, then reports how the attempt ended. ``RoundRobinDispatcher`` is the simplest correct
-implementation (any enabled deployment of the model, in turn); the capacity-aware balancer in
-``gateway.balancer`` implements the same protocol.
+demand, then reports how the attempt ended. ``gateway.balancer.policy.BalancedDispatcher`` is
+the implementation; tests may pass any object with the same methods.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -69,28 +67,3 @@ class Dispatcher(Protocol):
 
     async def abandoned(self, lease: Lease, prompt_tokens: int, completion_tokens: int) -> None:
         """The client went away mid-request: settle what was used, no verdict on the deployment."""
-
-
-class RoundRobinDispatcher:
-    """Any enabled deployment of the model, in turn. Knows no capacity; never waits."""
-
-    def __init__(self) -> None:
-        self._counter = itertools.count()
-
-    async def acquire(self, candidates, demand, exclude):
-        usable = [d for d in candidates if d.id not in exclude]
-        if not usable:
-            raise NoCapacity("No deployment of this model is available; try again shortly.", 1.0)
-        return Lease(usable[next(self._counter) % len(usable)])
-
-    async def succeeded(self, lease, prompt_tokens, completion_tokens, headers):
-        pass
-
-    async def rate_limited(self, lease, retry_after, headers):
-        pass
-
-    async def failed(self, lease, *, reached_upstream):
-        pass
-
-    async def abandoned(self, lease, prompt_tokens, completion_tokens):
-        pass

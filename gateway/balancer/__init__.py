@@ -1,7 +1,8 @@
 """Capacity-aware balancing: the shared state layer (windows, signals, breaker, queue).
 
-``make_state`` builds the backend; ``wait_for_turn`` is the waiting loop the policy (tiers,
-spill-over) calls. See ``state`` for the definitions both backends implement.
+``make_state`` builds the backend. ``wait_for_turn`` waits in a queue for one set of candidates;
+the request path's policy (``policy.BalancedDispatcher``) runs its own loop over tiers with
+spill-over on the same primitives. See ``state`` for the definitions both backends implement.
 """
 
 from gateway.balancer.state import (

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Sequence
 
 from gateway.balancer.state import BalancerState, Denied, Grant, Reason, poll_pause, new_id
 from gateway.dispatch import Demand, Lease, NoCapacity
@@ -342,7 +341,3 @@ def _int_or_none(value: bytes) -> int | None:
     except ValueError:
         return None
     return number if number >= 0 else None
-
-
-def deployments_of(snapshot) -> Sequence[DeploymentView]:
-    return snapshot.all_deployments

@@ -124,13 +124,7 @@ class SimulatorApp:
     async def _azure_call(self, request: web.BaseRequest, kind: str, deployment: str) -> web.StreamResponse:
         api_version = request.query.get("api-version", "")
         if not api_version:
-            return json_response(
-                400,
-                responses.azure_error(
-                    "MissingApiVersionParameter",
-                    "The api-version query parameter (?api-version=) is required for all requests.",
-                ),
-            )
+            return _missing_api_version()
         denied = self._unauthorized(request)
         if denied is not None:
             return denied
@@ -388,13 +382,7 @@ class SimulatorApp:
         if method != "GET":
             return self._method_not_allowed()
         if azure and not request.query.get("api-version"):
-            return json_response(
-                400,
-                responses.azure_error(
-                    "MissingApiVersionParameter",
-                    "The api-version query parameter (?api-version=) is required for all requests.",
-                ),
-            )
+            return _missing_api_version()
         denied = self._unauthorized(request)
         if denied is not None:
             return denied
@@ -453,3 +441,14 @@ def _response_id(kind: str) -> str:
 def build_server(state: SimulatorState) -> web.Server:
     app = SimulatorApp(state)
     return web.Server(app.handle, handler_cancellation=True, access_log=None)
+
+
+def _missing_api_version() -> web.Response:
+    """Azure's answer to a call without ``?api-version=``."""
+    return json_response(
+        400,
+        responses.azure_error(
+            "MissingApiVersionParameter",
+            "The api-version query parameter (?api-version=) is required for all requests.",
+        ),
+    )
