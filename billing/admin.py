@@ -21,7 +21,11 @@ from billing.paginator import EstimatedCountPaginator
 @admin.register(Price)
 class PriceAdmin(admin.ModelAdmin):
     list_display = (
-        "model", "input_per_million", "cached_input_per_million", "output_per_million", "effective_from",
+        "model",
+        "input_per_million",
+        "cached_input_per_million",
+        "output_per_million",
+        "effective_from",
     )
     list_filter = ("model",)  # a DISTINCT over a table of a few hundred rows at most
     search_fields = ("model",)
@@ -68,8 +72,12 @@ class StatusFilter(admin.SimpleListFilter):
     CLASSES = {"2xx": (200, 300), "4xx": (400, 500), "5xx": (500, 600)}
 
     def lookups(self, request, model_admin):
-        return [("2xx", "2xx success"), ("4xx", "4xx client errors"), ("429", "429 too many requests"),
-                ("5xx", "5xx server errors")]
+        return [
+            ("2xx", "2xx success"),
+            ("4xx", "4xx client errors"),
+            ("429", "429 too many requests"),
+            ("5xx", "5xx server errors"),
+        ]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
         value = self.value()
@@ -84,7 +92,7 @@ class StatusFilter(admin.SimpleListFilter):
 class RouteFilter(admin.SimpleListFilter):
     """The operations the gateway proxies, as fixed choices (no DISTINCT over the table).
 
-    They mirror ``gateway.routes``, kept as text here because billing does not import the request
+    They mirror ``gateway.proxy.routes``, kept as text here because billing does not import the request
     path. Any other value still filters from the URL: ``?route=...``.
     """
 
@@ -101,8 +109,20 @@ class RouteFilter(admin.SimpleListFilter):
 @admin.register(UsageRecord)
 class UsageRecordAdmin(LargeTableAdmin):
     list_display = (
-        "started_at", "request_id", "tenant", "key_prefix", "model", "deployment_name", "route", "status",
-        "outcome", "tokens", "cost", "latency_ms", "streamed", "retries",
+        "started_at",
+        "request_id",
+        "tenant",
+        "key_prefix",
+        "model",
+        "deployment_name",
+        "route",
+        "status",
+        "outcome",
+        "tokens",
+        "cost",
+        "latency_ms",
+        "streamed",
+        "retries",
     )
     list_display_links = ("started_at", "request_id")
     list_filter = ("outcome", StatusFilter, RouteFilter, "streamed", "tenant")
@@ -126,8 +146,19 @@ class UsageRecordAdmin(LargeTableAdmin):
 @admin.register(Rollup)
 class RollupAdmin(LargeTableAdmin):
     list_display = (
-        "period_start", "granularity", "tenant", "key_prefix", "model", "deployment_name", "requests", "errors",
-        "prompt_tokens", "cached_tokens", "completion_tokens", "cost", "mean_latency_ms",
+        "period_start",
+        "granularity",
+        "tenant",
+        "key_prefix",
+        "model",
+        "deployment_name",
+        "requests",
+        "errors",
+        "prompt_tokens",
+        "cached_tokens",
+        "completion_tokens",
+        "cost",
+        "mean_latency_ms",
     )
     list_filter = ("granularity", "tenant")
     list_select_related = ("tenant",)

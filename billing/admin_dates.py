@@ -52,8 +52,7 @@ class LargeTableChangeList(ChangeList):
                     "show": True,
                     "back": None,
                     "choices": [
-                        {"link": link({year_field: y}), "title": str(y)}
-                        for y in range(first.year, last.year + 1)
+                        {"link": link({year_field: y}), "title": str(y)} for y in range(first.year, last.year + 1)
                     ],
                 }
         if month is None:

@@ -21,7 +21,9 @@ class Price(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["model", "effective_from"], name="price_unique_per_model_and_start"),
             models.CheckConstraint(
-                condition=Q(input_per_million__gte=0) & Q(cached_input_per_million__gte=0) & Q(output_per_million__gte=0),
+                condition=Q(input_per_million__gte=0)
+                & Q(cached_input_per_million__gte=0)
+                & Q(output_per_million__gte=0),
                 name="price_not_negative",
             ),
         ]
@@ -50,7 +52,11 @@ class UsageRecord(models.Model):
     key = models.ForeignKey("tenants.ClientKey", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     # Deployments come and go with the config file; records keep the id and the name, unconstrained.
     deployment = models.ForeignKey(
-        "gateway.Deployment", null=True, blank=True, on_delete=models.DO_NOTHING, db_constraint=False,
+        "gateway.Deployment",
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
         related_name="+",
     )
     # Names are kept as text too, so history stays readable after a deployment is pruned.

@@ -99,7 +99,7 @@ class UsageSink:
         while True:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=backoff)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wakeup.clear()
             try:
@@ -134,8 +134,9 @@ def write_batch(batch: list[dict[str, Any]]) -> None:
     close_old_connections()
     connection = connections[DEFAULT_DB_ALIAS]  # the real object, not the per-access proxy
     sql, columns = _insert_statement(connection)
-    rows = [[convert(record.get(name)) if convert else record.get(name) for name, convert in columns]
-            for record in batch]
+    rows = [
+        [convert(record.get(name)) if convert else record.get(name) for name, convert in columns] for record in batch
+    ]
     last_used: dict[int, datetime] = {}
     for record in batch:
         key_id = record.get("key_id")
@@ -184,8 +185,10 @@ def _insert_statement(connection) -> tuple[str, list]:
         quote = ops.quote_name
         names = ", ".join(quote(f.column) for f in fields)
         placeholders = ", ".join(["%s"] * len(fields))
-        sql = (f"INSERT INTO {quote(meta.db_table)} ({names}) VALUES ({placeholders}) "
-               f"ON CONFLICT ({quote(meta.get_field('request_id').column)}) DO NOTHING")
+        sql = (
+            f"INSERT INTO {quote(meta.db_table)} ({names}) VALUES ({placeholders}) "
+            f"ON CONFLICT ({quote(meta.get_field('request_id').column)}) DO NOTHING"
+        )
         cached = _statements[connection.vendor] = (sql, columns)
     return cached
 

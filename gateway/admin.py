@@ -1,6 +1,6 @@
 """Admin for upstream endpoints and their deployments, and the console's own title.
 
-Every save here bumps the configuration version (``gateway.config_version``'s signals), so the
+Every save here bumps the configuration version (``gateway.snapshot.version``'s signals), so the
 gateway processes pick changes up without a restart. Endpoint secrets are write-only, see
 ``gateway.admin_forms``; they are in no list, no page and no log message.
 """
@@ -26,8 +26,17 @@ class DeploymentInline(admin.TabularInline):
     model = Deployment
     extra = 0
     fields = (
-        "name", "model", "sku", "tier", "rpm", "tpm", "max_wait_seconds", "weight", "context_window",
-        "max_output_tokens", "enabled",
+        "name",
+        "model",
+        "sku",
+        "tier",
+        "rpm",
+        "tpm",
+        "max_wait_seconds",
+        "weight",
+        "context_window",
+        "max_output_tokens",
+        "enabled",
     )
     # Token counting settings and the rest are on the deployment's own page.
     show_change_link = True
@@ -46,18 +55,21 @@ class EndpointAdmin(admin.ModelAdmin):
     readonly_fields = ("api_key_status", "ad_client_secret_status", "created_at", "updated_at")
     fieldsets = (
         (None, {"fields": ("name", "kind", "base_url", "api_version", "enabled")}),
-        ("Authentication", {
-            "fields": (
-                "auth",
-                ("api_key", "api_key_status"),
-                "clear_api_key",
-                "ad_tenant_id",
-                "ad_client_id",
-                ("ad_client_secret", "ad_client_secret_status"),
-                "clear_ad_client_secret",
-                "ad_authority",
-            ),
-        }),
+        (
+            "Authentication",
+            {
+                "fields": (
+                    "auth",
+                    ("api_key", "api_key_status"),
+                    "clear_api_key",
+                    "ad_tenant_id",
+                    "ad_client_id",
+                    ("ad_client_secret", "ad_client_secret_status"),
+                    "clear_ad_client_secret",
+                    "ad_authority",
+                ),
+            },
+        ),
         ("Timeouts (seconds)", {"fields": ("connect_timeout", "first_byte_timeout", "total_timeout")}),
         ("History", {"fields": ("created_at", "updated_at"), "classes": ("collapse",)}),
     )
@@ -90,7 +102,16 @@ def _set_or_not(secret: str) -> str:
 @admin.register(Deployment)
 class DeploymentAdmin(admin.ModelAdmin):
     list_display = (
-        "endpoint", "name", "model", "sku", "tier", "rpm", "tpm", "max_wait_seconds", "weight", "enabled",
+        "endpoint",
+        "name",
+        "model",
+        "sku",
+        "tier",
+        "rpm",
+        "tpm",
+        "max_wait_seconds",
+        "weight",
+        "enabled",
     )
     list_display_links = ("name",)
     list_editable = ("enabled",)

@@ -6,7 +6,7 @@ class GatewayConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from gateway import checks  # noqa: F401  (registers system checks)
-        from gateway.config_version import connect_config_signals
+        from gateway import system_checks  # noqa: F401  (registers system checks)
+        from gateway.snapshot.version import connect_config_signals
 
         connect_config_signals()

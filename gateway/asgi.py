@@ -8,6 +8,6 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway.settings")
 # Django must be set up before anything imports models (the consumer does, indirectly).
 django_application = get_asgi_application()
 
-from gateway.routing import build_application  # noqa: E402
+from gateway.proxy.application import build_application  # noqa: E402
 
 application = build_application(django_application)

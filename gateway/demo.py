@@ -46,14 +46,29 @@ def main() -> int:
     args = parser.parse_args()
 
     python = sys.executable
-    sim = subprocess.Popen([python, "-m", "gateway.simulator", "--host", "127.0.0.1", "--port", str(args.sim_port),
-                            "--config", str(SIM_CONFIG)], cwd=ROOT)
+    sim = subprocess.Popen(
+        [
+            python,
+            "-m",
+            "gateway.simulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(args.sim_port),
+            "--config",
+            str(SIM_CONFIG),
+        ],
+        cwd=ROOT,
+    )
     time.sleep(0.5)
     key_file = ROOT / "var" / "demo-key"
     key = key_file.read_text().strip() if key_file.exists() else "(see `manage.py issue_key demo --name NAME`)"
     print(SNIPPET.format(host=args.host, port=args.port, sim_port=args.sim_port, key=key), flush=True)
-    gateway = subprocess.Popen([python, "-m", "daphne", "-b", args.host, "-p", str(args.port), "gateway.asgi:application"],
-                               cwd=ROOT, env={**os.environ, "DJANGO_SETTINGS_MODULE": "gateway.settings"})
+    gateway = subprocess.Popen(
+        [python, "-m", "daphne", "-b", args.host, "-p", str(args.port), "gateway.asgi:application"],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "gateway.settings"},
+    )
     try:
         return gateway.wait()
     except KeyboardInterrupt:

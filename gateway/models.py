@@ -6,7 +6,7 @@ from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
 
-from gateway import snapshot_types as t
+from gateway.snapshot import types as t
 
 
 class Endpoint(models.Model):
@@ -32,9 +32,7 @@ class Endpoint(models.Model):
     ad_tenant_id = models.CharField("Azure AD tenant id", max_length=100, blank=True)
     ad_client_id = models.CharField("Azure AD client id", max_length=100, blank=True)
     ad_client_secret = models.CharField("Azure AD client secret", max_length=500, blank=True)
-    ad_authority = models.URLField(
-        "Azure AD authority", max_length=300, default="https://login.microsoftonline.com"
-    )
+    ad_authority = models.URLField("Azure AD authority", max_length=300, default="https://login.microsoftonline.com")
     api_version = models.CharField(
         max_length=40, default="2024-10-21", help_text="api-version sent to Azure endpoints."
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from gateway import snapshot
-from gateway.lifecycle import runtime
+from gateway.proxy.runtime import runtime
 
 
 async def deployment_status() -> dict:
@@ -21,11 +21,21 @@ async def deployment_status() -> dict:
     per_id = await state.status(deployments) if deployments else {}
     rows = []
     for d in deployments:
-        rows.append({
-            "id": d.id, "endpoint": d.endpoint.name, "name": d.name, "model": d.model, "sku": d.sku,
-            "tier": d.tier, "rpm": d.rpm, "tpm": d.tpm, "weight": d.weight, "enabled": d.enabled,
-            **per_id.get(d.id, {}),
-        })
+        rows.append(
+            {
+                "id": d.id,
+                "endpoint": d.endpoint.name,
+                "name": d.name,
+                "model": d.model,
+                "sku": d.sku,
+                "tier": d.tier,
+                "rpm": d.rpm,
+                "tpm": d.tpm,
+                "weight": d.weight,
+                "enabled": d.enabled,
+                **per_id.get(d.id, {}),
+            }
+        )
     queues = {}
     for model in sorted({d.model for d in deployments}):
         depths = await state.depth(model)

@@ -1,7 +1,7 @@
 """Ordinary Django views: the admin console, the status API and (later) dashboards and the REST API.
 
 The OpenAI-compatible API (``/v1/...``, ``/openai/...``) and the health probes are not here:
-``gateway.routing`` sends them to the proxy consumer and the probes before Django is involved.
+``gateway.proxy.application`` sends them to the proxy consumer and the probes before Django is involved.
 """
 
 from django.contrib import admin

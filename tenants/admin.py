@@ -149,7 +149,14 @@ ISSUED_TEMPLATE = "admin/tenants/clientkey/issued.html"
 class ClientKeyAdmin(admin.ModelAdmin):
     form = ClientKeyForm
     list_display = (
-        "tenant", "name", "prefix", "created_at", "expires_at", "status", "last_used_at", "default_priority",
+        "tenant",
+        "name",
+        "prefix",
+        "created_at",
+        "expires_at",
+        "status",
+        "last_used_at",
+        "default_priority",
     )
     list_display_links = ("name",)
     list_filter = ("tenant", RevokedFilter, ExpiredFilter)
@@ -221,16 +228,20 @@ class ClientKeyAdmin(admin.ModelAdmin):
         # Rendered, not redirected, and for popups too (the secret must reach a person), and
         # never cached: this response is the only copy of the secret there will ever be.
         opts = self.opts
-        response = TemplateResponse(request, ISSUED_TEMPLATE, {
-            **self.admin_site.each_context(request),
-            "title": "Key issued",
-            "opts": opts,
-            "key": obj,
-            "secret": issued.secret,
-            "change_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk]),
-            "changelist_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist"),
-            "add_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_add"),
-        })
+        response = TemplateResponse(
+            request,
+            ISSUED_TEMPLATE,
+            {
+                **self.admin_site.each_context(request),
+                "title": "Key issued",
+                "opts": opts,
+                "key": obj,
+                "secret": issued.secret,
+                "change_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk]),
+                "changelist_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist"),
+                "add_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_add"),
+            },
+        )
         add_never_cache_headers(response)
         return response
 

@@ -100,7 +100,9 @@ class ClientKeyIssueForm(ClientKeyForm):
 
 class QuotaForm(forms.ModelForm):
     alert_thresholds = ListField(
-        coerce=_threshold, item_name="percentage", help_text="Percentages of a budget that raise an alert, e.g. 50, 80, 100."
+        coerce=_threshold,
+        item_name="percentage",
+        help_text="Percentages of a budget that raise an alert, e.g. 50, 80, 100.",
     )
 
     class Meta:

@@ -77,12 +77,13 @@ class Quota(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(
-                fields=["tenant"], condition=Q(key__isnull=True), name="quota_one_per_tenant"
-            ),
+            models.UniqueConstraint(fields=["tenant"], condition=Q(key__isnull=True), name="quota_one_per_tenant"),
             models.CheckConstraint(
-                condition=Q(rpm__gte=0) & Q(tpm__gte=0) & Q(daily_tokens__gte=0)
-                & Q(monthly_tokens__gte=0) & Q(monthly_cost__gte=0),
+                condition=Q(rpm__gte=0)
+                & Q(tpm__gte=0)
+                & Q(daily_tokens__gte=0)
+                & Q(monthly_tokens__gte=0)
+                & Q(monthly_cost__gte=0),
                 name="quota_limits_not_negative",
             ),
         ]

@@ -22,16 +22,27 @@ def endpoint(db):
 @pytest.fixture
 def ptu_deployment(endpoint):
     return Deployment.objects.create(
-        endpoint=endpoint, name="gpt4o-ptu", model="gpt-4o", sku=Deployment.Sku.PROVISIONED,
-        tier=1, max_wait_seconds=1.0, rpm=600, tpm=100_000,
+        endpoint=endpoint,
+        name="gpt4o-ptu",
+        model="gpt-4o",
+        sku=Deployment.Sku.PROVISIONED,
+        tier=1,
+        max_wait_seconds=1.0,
+        rpm=600,
+        tpm=100_000,
     )
 
 
 @pytest.fixture
 def standard_deployment(endpoint):
     return Deployment.objects.create(
-        endpoint=endpoint, name="gpt4o-paygo", model="gpt-4o", sku=Deployment.Sku.STANDARD,
-        tier=2, rpm=600, tpm=100_000,
+        endpoint=endpoint,
+        name="gpt4o-paygo",
+        model="gpt-4o",
+        sku=Deployment.Sku.STANDARD,
+        tier=2,
+        rpm=600,
+        tpm=100_000,
     )
 
 

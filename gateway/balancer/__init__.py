@@ -5,7 +5,7 @@ the request path's policy (``policy.BalancedDispatcher``) runs its own loop over
 spill-over on the same primitives. See ``state`` for the definitions both backends implement.
 """
 
-from gateway.balancer.state import (
+from gateway.balancer.contract import (
     BalancerState,
     Candidate,
     Capacity,

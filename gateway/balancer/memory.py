@@ -31,7 +31,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
 from gateway.balancer.breaker import Breaker
-from gateway.balancer.state import (
+from gateway.balancer.contract import (
     INF,
     MIN_WAIT,
     REQUESTS,
@@ -40,20 +40,20 @@ from gateway.balancer.state import (
     Capacity,
     Denied,
     Grant,
-    Plan,
     Reason,
     StateConfig,
+    WindowPlan,
     build_status,
     check_ticket,
     score,
     settled_tokens,
     window_status,
 )
-from gateway.snapshot_types import SKU_STANDARD
+from gateway.snapshot.types import SKU_STANDARD
 
 
 class _Entry:
-    __slots__ = ("t", "requests", "tokens", "seq")
+    __slots__ = ("requests", "seq", "t", "tokens")
 
     def __init__(self, t: float, tokens: int, seq: int) -> None:
         self.t = t
@@ -65,7 +65,7 @@ class _Entry:
 class _Cursor:
     """Entries with ``seq >= self.seq`` are inside the window; their sums."""
 
-    __slots__ = ("span", "seq", "requests", "tokens")
+    __slots__ = ("requests", "seq", "span", "tokens")
 
     def __init__(self, span: float, seq: int) -> None:
         self.span = span
@@ -77,7 +77,7 @@ class _Cursor:
 class _Log:
     """One deployment's reservations in time order, with a cursor per window span."""
 
-    __slots__ = ("items", "base", "cursors", "last_t", "keep")
+    __slots__ = ("base", "cursors", "items", "keep", "last_t")
 
     def __init__(self, retention: float) -> None:
         self.items: list[_Entry] = []
@@ -154,7 +154,7 @@ class _Log:
 
 
 class _Deployment:
-    __slots__ = ("log", "inflight", "cool", "breaker", "ur", "ur_at", "ur_used", "ut", "ut_at", "ut_used")
+    __slots__ = ("breaker", "cool", "inflight", "log", "ur", "ur_at", "ur_used", "ut", "ut_at", "ut_used")
 
     def __init__(self, retention: float) -> None:
         self.log = _Log(retention)
@@ -170,7 +170,7 @@ class _Deployment:
 
 
 class _Ticket:
-    __slots__ = ("id", "priority", "round", "seq", "tenant", "lease_until", "lease_seconds", "event")
+    __slots__ = ("event", "id", "lease_seconds", "lease_until", "priority", "round", "seq", "tenant")
 
     def __init__(self, id, priority, round_, seq, tenant, lease_until, lease_seconds) -> None:
         self.id = id
@@ -337,7 +337,7 @@ class MemoryState(BalancerState):
             d = self._deployments[deployment_id] = _Deployment(self.config.retention)
         return d
 
-    def _evaluate(self, d: _Deployment, plan: Plan, demand: int, now: float) -> tuple[bool, float, float]:
+    def _evaluate(self, d: _Deployment, plan: WindowPlan, demand: int, now: float) -> tuple[bool, float, float]:
         """(fits now, wait, headroom) of a demand on a deployment (module docstring of state)."""
         cfg = self.config
         fits, wait, head = True, 0.0, 1.0
@@ -509,9 +509,7 @@ class MemoryState(BalancerState):
 
     async def record_failure(self, deployment_id, now=None):
         cfg = self.config
-        return self._dep(deployment_id).breaker.on_failure(
-            _now(now), cfg.breaker_failures, cfg.breaker_open_seconds
-        )
+        return self._dep(deployment_id).breaker.on_failure(_now(now), cfg.breaker_failures, cfg.breaker_open_seconds)
 
     async def record_success(self, deployment_id):
         self._dep(deployment_id).breaker.on_success()
@@ -622,4 +620,3 @@ class MemoryState(BalancerState):
 
     async def aclose(self):
         pass
-

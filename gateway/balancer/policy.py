@@ -1,6 +1,6 @@
 """The balancing policy: tiers, spill-over, the priority queue and upstream signals.
 
-``BalancedDispatcher`` implements ``gateway.dispatch.Dispatcher`` on a ``BalancerState``:
+``BalancedDispatcher`` implements ``gateway.balancer.dispatcher.Dispatcher`` on a ``BalancerState``:
 
 * Tiers are tried in order (1 first). Within a tier the state picks the deployment with the
   most headroom that fits the demand (weights respected).
@@ -27,9 +27,9 @@ import asyncio
 import itertools
 import time
 
-from gateway.balancer.state import BalancerState, Denied, Grant, Reason, poll_pause, new_id
-from gateway.dispatch import Demand, Lease, NoCapacity
-from gateway.snapshot_types import DeploymentView
+from gateway.balancer.contract import BalancerState, Denied, Grant, Reason, new_id, poll_pause
+from gateway.balancer.dispatcher import Demand, Lease, NoCapacity
+from gateway.snapshot.types import DeploymentView
 
 # Cool-down after a 429 that names no retry-after: short, since the SDKs' own first backoff is ~0.5 s.
 DEFAULT_COOL_SECONDS = 1.0
@@ -44,7 +44,7 @@ RENEW_ATTEMPTS = 3
 class _Waits:
     """What the dispatcher remembers of a request between its attempts."""
 
-    __slots__ = ("demand", "waited", "touched")
+    __slots__ = ("demand", "touched", "waited")
 
     def __init__(self, demand: Demand, now: float) -> None:
         self.demand = demand  # held so that id(demand) cannot be reused while the entry lives
@@ -125,8 +125,7 @@ class BalancedDispatcher:
             lease.grant = fresh
         return lease
 
-    async def _acquire(self, candidates, demand: Demand, exclude: frozenset[int], start: float,
-                       waited: float) -> Lease:
+    async def _acquire(self, candidates, demand: Demand, exclude: frozenset[int], start: float, waited: float) -> Lease:
         """One attempt's lease. ``waited``: what the request had waited before ``start``."""
         tiers = _tiers(d for d in candidates if d.id not in exclude)
         if not tiers:
@@ -153,7 +152,9 @@ class BalancedDispatcher:
                 self._raise_if_hopeless(result, demand)
                 if result.reason == Reason.EVICTED:
                     # A request of better priority took our place in the full queue.
-                    raise NoCapacity("Too many requests are waiting for this model; retry shortly.", 1.0, code="queue_full")
+                    raise NoCapacity(
+                        "Too many requests are waiting for this model; retry shortly.", 1.0, code="queue_full"
+                    )
                 if result.reason == Reason.NOT_QUEUED:
                     # Our lease lapsed (the loop was starved): rejoin rather than give up.
                     await self._enqueue(demand, ticket, result, now)
@@ -167,8 +168,11 @@ class BalancedDispatcher:
 
     async def _enqueue(self, demand: Demand, ticket: str, result: Denied, now: float) -> None:
         if not await self.state.enqueue(demand.model, ticket, demand.priority, demand.tenant, now):
-            raise NoCapacity("Too many requests are waiting for this model; retry shortly.",
-                             max(_retry_hint(result.wait_seconds, 1.0), 1.0), code="queue_full")
+            raise NoCapacity(
+                "Too many requests are waiting for this model; retry shortly.",
+                max(_retry_hint(result.wait_seconds, 1.0), 1.0),
+                code="queue_full",
+            )
 
     async def _try_tiers(self, queue: str, ticket: str | None, tiers, demand: Demand, waited: float) -> Grant | Denied:
         """One attempt across the tiers, spilling over past a tier whose wait exceeds its allowance.
@@ -194,14 +198,18 @@ class BalancedDispatcher:
         if result.reason == Reason.NEVER:
             raise NoCapacity(
                 f"Request too large for model '{demand.model}': it needs {demand.tokens} tokens, more than any "
-                "deployment's per-minute limit. Reduce the prompt or max_tokens.", 60.0, code="request_too_large")
+                "deployment's per-minute limit. Reduce the prompt or max_tokens.",
+                60.0,
+                code="request_too_large",
+            )
 
     def _raise_if_late(self, result: Denied, demand: Demand, remaining: float) -> None:
         """Give up when the queue timeout is spent or capacity cannot come within it."""
         if remaining <= 0 or (result.reason == Reason.CAPACITY and result.wait_seconds > remaining):
             raise NoCapacity(
                 f"No capacity for model '{demand.model}' within {demand.timeout:.0f}s; retry shortly.",
-                _retry_hint(result.wait_seconds, 1.0))
+                _retry_hint(result.wait_seconds, 1.0),
+            )
 
     def _lease(self, grant: Grant, candidates, demand: Demand, waited: float) -> Lease:
         deployment = next(d for d in candidates if d.id == grant.deployment_id)
@@ -243,7 +251,9 @@ class BalancedDispatcher:
         grant = lease.grant
         now = self.clock()
         await self.state.release(grant, now)
-        await self.state.cool(grant.deployment_id, now + (retry_after if retry_after is not None else DEFAULT_COOL_SECONDS), now)
+        await self.state.cool(
+            grant.deployment_id, now + (retry_after if retry_after is not None else DEFAULT_COOL_SECONDS), now
+        )
         await self._observe(lease, headers)
 
     async def failed(self, lease: Lease, *, reached_upstream: bool) -> None:
@@ -264,7 +274,7 @@ class BalancedDispatcher:
         the gateway does not know.
 
         Where the deployment has a configured RPM (TPM), the gateway's own windows are the
-        upstream's windows (``gateway.limits`` on both sides), counted from our reservations and
+        upstream's windows (``gateway.balancer.windows`` on both sides), counted from our reservations and
         kept a guard longer, so they already hold the upstream within that limit. The upstream's
         word adds nothing there but staleness: it is the remainder of its *tightest* window (for
         requests, the 1/60-minute one, which a burst of RPM/60 requests empties) as of the moment

@@ -34,7 +34,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from gateway.balancer.breaker import CLOSED, HALF_OPEN, OPEN
-from gateway.balancer.state import (
+from gateway.balancer.contract import (
     BalancerState,
     Capacity,
     Denied,
@@ -46,7 +46,7 @@ from gateway.balancer.state import (
     new_id,
     window_status,
 )
-from gateway.snapshot_types import SKU_PROVISIONED, SKU_STANDARD
+from gateway.snapshot.types import SKU_PROVISIONED, SKU_STANDARD
 
 _LUA = Path(__file__).with_name("lua")
 log = logging.getLogger(__name__)
@@ -85,12 +85,17 @@ class RedisState(BalancerState):
         self._owns_client = owns_client
         self._prefix = f"{prefix}:bal"
         self._rng = rng or random.Random()
-        self._scripts = {name: redis.register_script(_source(name)) for name in
-                         ("acquire", "settle", "signal", "queue", "status")}
+        self._scripts = {
+            name: redis.register_script(_source(name)) for name in ("acquire", "settle", "signal", "queue", "status")
+        }
         cfg = self.config
         self._config_args = [
-            repr(cfg.retention), repr(cfg.upstream_age), str(cfg.breaker_failures),
-            repr(cfg.probe_seconds), repr(cfg.inflight_ttl), repr(cfg.key_ttl),
+            repr(cfg.retention),
+            repr(cfg.upstream_age),
+            str(cfg.breaker_failures),
+            repr(cfg.probe_seconds),
+            repr(cfg.inflight_ttl),
+            repr(cfg.key_ttl),
             repr(cfg.breaker_open_seconds),
         ]
         self._candidate_args: dict[tuple[int, int, int], list[str]] = {}
@@ -143,9 +148,18 @@ class RedisState(BalancerState):
         rid = new_id()
         ckeys, cargs = self._candidates(candidates)
         keys = (self._queue_keys(queue) + ckeys) if queue is not None else ckeys
-        args = [repr(_now(now)), str(demand), rid, repr(self._rng.random()),
-                "queue" if queue is not None else "raw", ticket_id or "", self._channel, queue or "",
-                *self._config_args, *cargs]
+        args = [
+            repr(_now(now)),
+            str(demand),
+            rid,
+            repr(self._rng.random()),
+            "queue" if queue is not None else "raw",
+            ticket_id or "",
+            self._channel,
+            queue or "",
+            *self._config_args,
+            *cargs,
+        ]
         res = await self._scripts["acquire"](keys=keys, args=args)
         if ticket_id is not None:
             if _s(res[0]) == "G" or _s(res[2]) == Reason.NOT_QUEUED:
@@ -155,8 +169,9 @@ class RedisState(BalancerState):
                 self._waiters.setdefault(ticket_id, asyncio.Event()).set()
         if _s(res[0]) == "G":
             c = candidates[int(res[1]) - 1]
-            return Grant(c.id, rid, demand, float(res[3]), getattr(c, "sku", SKU_STANDARD),
-                         float(res[4]), _s(res[5]) == "1")
+            return Grant(
+                c.id, rid, demand, float(res[3]), getattr(c, "sku", SKU_STANDARD), float(res[4]), _s(res[5]) == "1"
+            )
         return Denied(float(res[1]), Reason(_s(res[2])))
 
     async def try_acquire(self, candidates, demand_tokens, now=None):
@@ -169,8 +184,15 @@ class RedisState(BalancerState):
 
     async def _finish(self, mode: str, grant: Grant, actual: int, sku: str | None, now) -> bool:
         provisioned = (sku or grant.sku) == SKU_PROVISIONED
-        args = [mode, grant.reservation_id, str(int(actual)), "1" if provisioned else "0",
-                repr(_now(now)), repr(self.config.retention), repr(self.config.key_ttl)]
+        args = [
+            mode,
+            grant.reservation_id,
+            str(int(actual)),
+            "1" if provisioned else "0",
+            repr(_now(now)),
+            repr(self.config.retention),
+            repr(self.config.key_ttl),
+        ]
         return bool(await self._scripts["settle"](keys=self._dep_keys(grant.deployment_id), args=args))
 
     async def settle(self, grant, actual_tokens, sku=None, now=None):
@@ -183,8 +205,7 @@ class RedisState(BalancerState):
 
     async def _signal(self, op: str, deployment_id: int, now, a: str = "", b: str = "") -> str:
         cfg = self.config
-        args = [op, repr(_now(now)), a, b, str(cfg.breaker_failures), repr(cfg.breaker_open_seconds),
-                repr(cfg.key_ttl)]
+        args = [op, repr(_now(now)), a, b, str(cfg.breaker_failures), repr(cfg.breaker_open_seconds), repr(cfg.key_ttl)]
         return _s(await self._scripts["signal"](keys=[self._dep_keys(deployment_id)[2]], args=args))
 
     async def observe(self, deployment_id, remaining_requests, remaining_tokens, now=None):
@@ -204,11 +225,22 @@ class RedisState(BalancerState):
 
     # -- queue ---------------------------------------------------------------------------
 
-    async def _queue_op(self, op: str, queue: str, ticket: str = "", now=None, priority: int = 0,
-                        tenant: str = "", lease: float = 0.0):
+    async def _queue_op(
+        self, op: str, queue: str, ticket: str = "", now=None, priority: int = 0, tenant: str = "", lease: float = 0.0
+    ):
         cfg = self.config
-        args = [op, repr(_now(now)), ticket, str(int(priority)), tenant, repr(float(lease)),
-                str(cfg.queue_max_depth), repr(cfg.key_ttl), self._channel, queue]
+        args = [
+            op,
+            repr(_now(now)),
+            ticket,
+            str(int(priority)),
+            tenant,
+            repr(float(lease)),
+            str(cfg.queue_max_depth),
+            repr(cfg.key_ttl),
+            self._channel,
+            queue,
+        ]
         return await self._scripts["queue"](keys=self._queue_keys(queue), args=args)
 
     async def enqueue(self, queue, ticket_id, priority, tenant, now=None, lease_seconds=None):
@@ -295,8 +327,10 @@ class RedisState(BalancerState):
                 state = OPEN if now < open_until else HALF_OPEN
                 open_for = max(0.0, open_until - now)
             out[c.id] = build_status(
-                windows=[window_status(w.unit, w.seconds, w.limit, int(float(used)))
-                         for w, used in zip(plan.windows, row[9:], strict=True)],
+                windows=[
+                    window_status(w.unit, w.seconds, w.limit, int(float(used)))
+                    for w, used in zip(plan.windows, row[9:], strict=True)
+                ],
                 headroom=float(row[1]),
                 wait=float(row[0]),
                 in_flight=int(row[2]),

@@ -1,6 +1,6 @@
 """Planning and applying a configuration file.
 
-``plan_build`` compares a parsed file with the database and returns a ``Plan``: one ``Change`` per
+``plan_build`` compares a parsed file with the database and returns an ``ApplyPlan``: one ``Change`` per
 row to create, update or remove, in the order they must be written. It only reads. ``plan_apply``
 writes a plan in one transaction; ``config_apply`` does both inside that transaction, so the plan
 cannot go stale between being computed and being written.
@@ -73,7 +73,7 @@ class Change:
 
 
 @dataclass
-class Plan:
+class ApplyPlan:
     """What an apply does. ``unchanged`` and ``untouched`` hold labels such as ``"endpoint east"``."""
 
     changes: list[Change] = field(default_factory=list)
@@ -98,7 +98,7 @@ class Plan:
         return text
 
 
-def config_apply(config: ConfigFile, *, prune: bool = False, dry_run: bool = False) -> Plan:
+def config_apply(config: ConfigFile, *, prune: bool = False, dry_run: bool = False) -> ApplyPlan:
     """Plan ``config`` against the database and, unless ``dry_run``, write the plan. Returns the plan.
 
     Planning and writing share one transaction. Two applies racing on PostgreSQL may both plan
@@ -113,13 +113,13 @@ def config_apply(config: ConfigFile, *, prune: bool = False, dry_run: bool = Fal
     return plan
 
 
-def plan_build(config: ConfigFile, *, prune: bool = False) -> Plan:
+def plan_build(config: ConfigFile, *, prune: bool = False) -> ApplyPlan:
     """Compare ``config`` with the database: what to create, update and (with ``prune``) remove.
 
     Only reads, with a fixed number of queries whatever the size of the configuration. The rows
     in the changes carry their new values in memory until ``plan_apply`` saves them.
     """
-    plan = Plan()
+    plan = ApplyPlan()
     _plan_endpoints(plan, config.endpoints, prune)
     _plan_tenants(plan, config.tenants, prune)
     _plan_prices(plan, config.prices, prune)
@@ -127,7 +127,7 @@ def plan_build(config: ConfigFile, *, prune: bool = False) -> Plan:
     return plan
 
 
-def plan_apply(plan: Plan) -> None:
+def plan_apply(plan: ApplyPlan) -> None:
     """Write ``plan`` in one transaction: every change lands, or on any error none does.
 
     Only changed rows are saved, and only their changed columns, so a plan without changes
@@ -147,7 +147,7 @@ def plan_apply(plan: Plan) -> None:
 # --- planning, per kind of row -----------------------------------------------------------------
 
 
-def _plan_endpoints(plan: Plan, specs: list[EndpointSpec], prune: bool) -> None:
+def _plan_endpoints(plan: ApplyPlan, specs: list[EndpointSpec], prune: bool) -> None:
     endpoints = {row.name: row for row in Endpoint.objects.all()}
     deployments: dict[int, dict[str, Deployment]] = defaultdict(dict)
     for row in Deployment.objects.all():
@@ -155,15 +155,25 @@ def _plan_endpoints(plan: Plan, specs: list[EndpointSpec], prune: bool) -> None:
     for spec in specs:
         current = endpoints.pop(spec.name, None)
         endpoint = _plan_row(
-            plan, "endpoint", spec.name, current, spec.model_values(),
-            create=Endpoint, identity={"name": spec.name},
-            names=EndpointSpec.FIELD_NAMES, note=f"{spec.kind}, {spec.base_url}",
+            plan,
+            "endpoint",
+            spec.name,
+            current,
+            spec.model_values(),
+            create=Endpoint,
+            identity={"name": spec.name},
+            names=EndpointSpec.FIELD_NAMES,
+            note=f"{spec.kind}, {spec.base_url}",
         )
         existing = deployments.pop(current.pk, {}) if current else {}
         for deployment in spec.deployments:
             _plan_row(
-                plan, "deployment", f"{spec.name}/{deployment.name}", existing.pop(deployment.name, None),
-                deployment.model_values(), create=Deployment,
+                plan,
+                "deployment",
+                f"{spec.name}/{deployment.name}",
+                existing.pop(deployment.name, None),
+                deployment.model_values(),
+                create=Deployment,
                 identity={"endpoint": endpoint, "name": deployment.name},
                 note=f"model {deployment.model}, tier {deployment.tier}",
             )
@@ -172,13 +182,17 @@ def _plan_endpoints(plan: Plan, specs: list[EndpointSpec], prune: bool) -> None:
     for name, row in sorted(endpoints.items()):
         for deployment_name, deployment_row in sorted(deployments.get(row.pk, {}).items()):
             _plan_leftover(
-                plan, "deployment", f"{name}/{deployment_name}", deployment_row, prune,
+                plan,
+                "deployment",
+                f"{name}/{deployment_name}",
+                deployment_row,
+                prune,
                 note=f"model {deployment_row.model}",
             )
         _plan_leftover(plan, "endpoint", name, row, prune)
 
 
-def _plan_tenants(plan: Plan, specs: list[TenantSpec], prune: bool) -> None:
+def _plan_tenants(plan: ApplyPlan, specs: list[TenantSpec], prune: bool) -> None:
     tenants = {row.slug: row for row in Tenant.objects.all()}
     # Only the tenant's own quota: per-key quotas are managed in the admin, never by the file.
     quotas = {row.tenant_id: row for row in Quota.objects.filter(key__isnull=True)}
@@ -186,8 +200,14 @@ def _plan_tenants(plan: Plan, specs: list[TenantSpec], prune: bool) -> None:
     for spec in specs:
         current = tenants.pop(spec.slug, None)
         tenant = _plan_row(
-            plan, "tenant", spec.slug, current, spec.model_values(),
-            create=Tenant, identity={"slug": spec.slug}, note=spec.name,
+            plan,
+            "tenant",
+            spec.slug,
+            current,
+            spec.model_values(),
+            create=Tenant,
+            identity={"slug": spec.slug},
+            note=spec.name,
         )
         pk = current.pk if current else None
         _plan_tenant_part(plan, "quota", spec.slug, quotas.get(pk), spec.quota, Quota, tenant, prune)
@@ -209,7 +229,7 @@ _LIFTED = {
 
 
 def _plan_tenant_part(
-    plan: Plan,
+    plan: ApplyPlan,
     kind: str,
     slug: str,
     row: models.Model | None,
@@ -225,13 +245,17 @@ def _plan_tenant_part(
         _plan_leftover(plan, kind, slug, row, prune, note=_LIFTED[kind])
 
 
-def _plan_prices(plan: Plan, specs: list[PriceSpec], prune: bool) -> None:
+def _plan_prices(plan: ApplyPlan, specs: list[PriceSpec], prune: bool) -> None:
     prices = {(row.model, row.effective_from): row for row in Price.objects.all()}
     for spec in specs:
         _plan_row(
-            plan, "price", f"{spec.model} from {effective_from_text(spec.effective_from)}",
-            prices.pop((spec.model, spec.effective_from), None), spec.model_values(),
-            create=Price, identity={"model": spec.model, "effective_from": spec.effective_from},
+            plan,
+            "price",
+            f"{spec.model} from {effective_from_text(spec.effective_from)}",
+            prices.pop((spec.model, spec.effective_from), None),
+            spec.model_values(),
+            create=Price,
+            identity={"model": spec.model, "effective_from": spec.effective_from},
             note=f"input {spec.input_per_million}, output {spec.output_per_million} per million tokens",
         )
     for (model, since), row in sorted(prices.items()):
@@ -239,7 +263,7 @@ def _plan_prices(plan: Plan, specs: list[PriceSpec], prune: bool) -> None:
 
 
 def _plan_row(
-    plan: Plan,
+    plan: ApplyPlan,
     kind: str,
     label: str,
     row: Any,
@@ -266,7 +290,7 @@ def _plan_row(
     return row
 
 
-def _plan_leftover(plan: Plan, kind: str, label: str, row: models.Model, prune: bool, note: str = "") -> None:
+def _plan_leftover(plan: ApplyPlan, kind: str, label: str, row: models.Model, prune: bool, note: str = "") -> None:
     """A row the file does not name: removed when pruning, otherwise left as it is."""
     if prune:
         plan.changes.append(Change(Action.REMOVE, kind, label, row, note=note))

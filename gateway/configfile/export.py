@@ -39,8 +39,9 @@ def config_export() -> Export:
         {"tenants": [_tenant(*row) for row in _tenant_rows()]},
         {"prices": [_price(row) for row in Price.objects.order_by("model", "effective_from")]},
     ]
-    body = "\n".join(yaml.dump(section, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
-                     for section in sections)
+    body = "\n".join(
+        yaml.dump(section, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100) for section in sections
+    )
     return Export(text=_header(secrets.used) + body, env_vars=secrets.used)
 
 
@@ -203,6 +204,8 @@ def _represent_flow(dumper: _Dumper, value: _Flow) -> yaml.MappingNode:
 
 
 _Dumper.add_representer(Decimal, _represent_decimal)
+
+
 def _represent_flow_list(dumper: _Dumper, value: _FlowList) -> yaml.SequenceNode:
     return dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True)
 

@@ -130,7 +130,7 @@ _Loader.add_constructor("tag:yaml.org,2002:seq", _construct_sequence)
 
 def _yaml_parse(text: str, source: str) -> Any:
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        return yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -175,8 +175,13 @@ def _expand_string(value: str, environ: Mapping[str, str], problems: list[Proble
             parts.append("${")
         elif not token.endswith("}") or not _VAR_NAME.fullmatch(name):
             # The token itself is not echoed: it may be a secret pasted between the braces.
-            problems.append(Problem(loc, "malformed environment variable reference: write ${NAME} "
-                                         "(letters, digits, _), or $${ for a literal ${"))
+            problems.append(
+                Problem(
+                    loc,
+                    "malformed environment variable reference: write ${NAME} "
+                    "(letters, digits, _), or $${ for a literal ${",
+                )
+            )
         elif name not in environ:
             problems.append(Problem(loc, f"environment variable {name} is not set"))
         else:

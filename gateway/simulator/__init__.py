@@ -2,7 +2,7 @@
 
 It behaves like the real services where a gateway can tell the difference: Azure and
 OpenAI routes, api-key / bearer / fake Entra ID auth, RPM/TPM rolling windows counted on
-arrival (the same windows as :mod:`gateway.limits`), the provisioned (PTU) utilisation
+arrival (the same windows as :mod:`gateway.balancer.windows`), the provisioned (PTU) utilisation
 model, SSE streams with optional usage chunks and Azure annotations, base64 embeddings, and
 injectable faults. A control API under ``/_sim/`` reports what it saw.
 

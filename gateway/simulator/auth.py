@@ -56,9 +56,7 @@ class Authenticator:
         return self.api_key is not None or self.azure_ad is not None
 
     def _is_key(self, value: str) -> bool:
-        return self.api_key is not None and hmac.compare_digest(
-            value.encode(), self.api_key.encode()
-        )
+        return self.api_key is not None and hmac.compare_digest(value.encode(), self.api_key.encode())
 
     def check(self, headers: Mapping[str, str]) -> str | None:
         """None if the caller is authenticated, else the reason (for the 401 message)."""
@@ -97,13 +95,9 @@ class Authenticator:
                     f"The request body must contain the following parameter: '{name}'.",
                 )
         if form["grant_type"] != "client_credentials":
-            return _aad_error(
-                400, "unsupported_grant_type", 70003, "The app requested an unsupported grant type."
-            )
+            return _aad_error(400, "unsupported_grant_type", 70003, "The app requested an unsupported grant type.")
         if form["client_id"] != aad.client_id:
-            return _aad_error(
-                401, "invalid_client", 700016, f"Application '{form['client_id']}' was not found."
-            )
+            return _aad_error(401, "invalid_client", 700016, f"Application '{form['client_id']}' was not found.")
         if not hmac.compare_digest(form["client_secret"].encode(), aad.client_secret.encode()):
             return _aad_error(401, "invalid_client", 7000215, "Invalid client secret provided.")
 

@@ -25,9 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=9100, help="port to bind; 0 = ephemeral (default 9100)")
     parser.add_argument("--config", help="YAML or JSON config file")
-    parser.add_argument(
-        "--minute-seconds", type=float, default=None, help="length of a rate-limit minute in seconds"
-    )
+    parser.add_argument("--minute-seconds", type=float, default=None, help="length of a rate-limit minute in seconds")
     parser.add_argument("--api-key", default=None, help="require this API key")
     parser.add_argument(
         "--auto-deployments",

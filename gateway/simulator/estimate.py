@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .config import ESTIMATE_FAST
 from .encodings import get_encoding

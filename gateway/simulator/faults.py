@@ -24,8 +24,9 @@ injection order, and only the fault that fires has its ``count`` consumed.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .config import ConfigError
 
@@ -104,9 +105,7 @@ def parse_fault(data: Any, where: str = "fault") -> Fault:
     allowed = required | optional | {"kind"}
     for key in data:
         if key not in allowed:
-            raise ConfigError(
-                f"unknown key {where}.{key} for a {kind!r} fault; allowed: {', '.join(sorted(allowed))}"
-            )
+            raise ConfigError(f"unknown key {where}.{key} for a {kind!r} fault; allowed: {', '.join(sorted(allowed))}")
     for key in required:
         if key not in data:
             raise ConfigError(f"{where}: a {kind!r} fault needs {key!r}")

@@ -3,7 +3,7 @@
 Standard deployments (Azure pay-as-you-go):
 
 * :class:`ArrivalLog` records every *admitted* request as (arrival time, counted tokens). The
-  windows come from :mod:`gateway.limits` (``request_windows``/``token_windows``), which the
+  windows come from :mod:`gateway.balancer.windows` (``request_windows``/``token_windows``), which the
   gateway's balancer uses too, so both sides enforce exactly the same windows.
 * Windows are exact sliding windows: an entry counts in a window of ``seconds`` while
   ``now - t < seconds``. Rejected requests are never recorded (they consume no capacity) and
@@ -29,7 +29,7 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gateway.limits import Window
+from gateway.balancer.windows import Window
 
 # Compact the arrays once this many expired entries sit at the front (and they are at least
 # half of the arrays), so deletion cost stays amortised O(1).
@@ -195,9 +195,7 @@ class StandardLimiter:
     def remaining(self) -> tuple[int | None, int | None]:
         """Smallest remaining requests / tokens over the windows (None = unlimited)."""
         log = self.log
-        req = min(
-            (w.limit - log.requests(w.seconds) for w in self.request_windows), default=None
-        )
+        req = min((w.limit - log.requests(w.seconds) for w in self.request_windows), default=None)
         tok = min((w.limit - log.tokens(w.seconds) for w in self.token_windows), default=None)
         return (None if req is None else max(req, 0), None if tok is None else max(tok, 0))
 

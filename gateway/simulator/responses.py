@@ -152,7 +152,7 @@ def completion_body(
         f'"model":{_dumps(model)},"system_fingerprint":"fp_simulated",'
         f'"choices":{_choices_json(kind, n, tokens, finish_reason, annotations)},'
         f'"usage":{_usage_json(prompt_tokens, tokens * n)}{extra}}}'
-    ).encode("utf-8")
+    ).encode()
 
 
 def _embedding_vector(item: Any, dims: int) -> array:
@@ -174,16 +174,12 @@ def _embedding_vector(item: Any, dims: int) -> array:
 
 def embedding_items(value: Any) -> list[Any]:
     """Split ``input`` into items: a string or one token list is a single item."""
-    if isinstance(value, list) and value and not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
+    if isinstance(value, list) and value and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return value
     return [value]
 
 
-def embeddings_body(
-    model: str, items: list[Any], dims: int, encoding_format: str | None, prompt_tokens: int
-) -> bytes:
+def embeddings_body(model: str, items: list[Any], dims: int, encoding_format: str | None, prompt_tokens: int) -> bytes:
     data = []
     for index, item in enumerate(items):
         vector = _embedding_vector(item, dims)
@@ -214,15 +210,13 @@ class StreamFormat:
     each carries ``"usage": null`` and :meth:`usage` builds the final ``"choices": []`` event.
     """
 
-    def __init__(
-        self, kind: str, response_id: str, created: int, model: str, include_usage: bool
-    ) -> None:
+    def __init__(self, kind: str, response_id: str, created: int, model: str, include_usage: bool) -> None:
         self.kind = kind
         obj = "chat.completion.chunk" if kind == CHAT else "text_completion"
         self._head = (
             f'data: {{"id":{_dumps(response_id)},"object":"{obj}","created":{created},'
             f'"model":{_dumps(model)},"system_fingerprint":"fp_simulated","choices":['
-        ).encode("utf-8")
+        ).encode()
         self._tail = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
 
     def _event(self, choice: dict[str, Any]) -> bytes:

@@ -217,14 +217,12 @@ class SimulatorApp:
                 dims = body.get("dimensions")  # text-embedding-3 lets callers shorten vectors
                 if not isinstance(dims, int) or isinstance(dims, bool) or dims < 1:
                     dims = cfg.embedding_dims
-                payload = responses.embeddings_body(
-                    cfg.model, items, dims, body.get("encoding_format"), prompt
-                )
+                payload = responses.embeddings_body(cfg.model, items, dims, body.get("encoding_format"), prompt)
                 stats.status(200)
                 return json_response(200, payload, headers)
 
             per_choice, capped = estimate.generated_tokens(body, cfg.completion_tokens)
-            plan = _Plan(
+            plan = _ReplyPlan(
                 kind=kind,
                 model=cfg.model,
                 prompt=prompt,
@@ -239,9 +237,7 @@ class SimulatorApp:
             if body.get("stream") is True:
                 options = body.get("stream_options")
                 include_usage = (
-                    isinstance(options, dict)
-                    and options.get("include_usage") is True
-                    and cfg.send_usage_in_stream
+                    isinstance(options, dict) and options.get("include_usage") is True and cfg.send_usage_in_stream
                 )
                 return await self._stream(request, plan, include_usage, headers, stats, progress)
             return await self._complete(request, plan, headers, stats, progress)
@@ -257,7 +253,7 @@ class SimulatorApp:
     async def _complete(
         self,
         request: web.BaseRequest,
-        plan: _Plan,
+        plan: _ReplyPlan,
         headers: dict[str, str],
         stats: DeploymentStats,
         progress: _Progress,
@@ -286,7 +282,7 @@ class SimulatorApp:
     async def _stream(
         self,
         request: web.BaseRequest,
-        plan: _Plan,
+        plan: _ReplyPlan,
         include_usage: bool,
         headers: dict[str, str],
         stats: DeploymentStats,
@@ -296,9 +292,7 @@ class SimulatorApp:
         if plan.delay > 0:
             await asyncio.sleep(plan.delay)
         response = web.StreamResponse(status=200, headers={**headers, **_STREAM_HEADERS})
-        fmt = responses.StreamFormat(
-            plan.kind, _response_id(plan.kind), int(time.time()), plan.model, include_usage
-        )
+        fmt = responses.StreamFormat(plan.kind, _response_id(plan.kind), int(time.time()), plan.model, include_usage)
         sent = 0
 
         async def emit(event: bytes, tokens: int = 0) -> None:
@@ -397,8 +391,9 @@ class SimulatorApp:
         status, body = self.state.auth.issue(tenant, form)
         return json_response(status, responses.dumps(body))
 
+
 @dataclass(slots=True)
-class _Plan:
+class _ReplyPlan:
     """What an admitted chat/completions request will produce, and how slowly."""
 
     kind: str

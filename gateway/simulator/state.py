@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gateway.limits import request_windows, token_windows
+from gateway.balancer.windows import request_windows, token_windows
 
 from .auth import Authenticator
 from .config import SKU_PROVISIONED, ConfigError, DeploymentConfig, SimConfig
@@ -36,7 +36,7 @@ class Deployment:
         self.faults = FaultQueue()
         for i, fault in enumerate(config.faults):
             self.faults.add(parse_fault(fault, where=f"{config.name}.faults[{i}]"))
-        # Which window lengths the stats report: the shapes gateway.limits gives any
+        # Which window lengths the stats report: the shapes gateway.balancer.windows gives any
         # non-zero limit (they depend on the minute only), so unlimited deployments still
         # report what they observed.
         self._request_durations = tuple(w.seconds for w in request_windows(60, minute))

@@ -29,18 +29,18 @@ def window_key(seconds: float) -> str:
 
 class DeploymentStats:
     __slots__ = (
-        "requests",
-        "served",
-        "rate_limited",
-        "errors",
-        "dropped",
-        "client_disconnects",
         "by_status",
-        "tokens_counted",
-        "prompt_tokens",
+        "client_disconnects",
         "completion_tokens",
+        "dropped",
+        "errors",
         "in_flight",
         "max_in_flight",
+        "prompt_tokens",
+        "rate_limited",
+        "requests",
+        "served",
+        "tokens_counted",
     )
 
     def __init__(self) -> None:
@@ -79,9 +79,7 @@ class DeploymentStats:
     def leave(self) -> None:
         self.in_flight -= 1
 
-    def snapshot(
-        self, peak_requests: dict[float, int], peak_tokens: dict[float, int]
-    ) -> dict[str, Any]:
+    def snapshot(self, peak_requests: dict[float, int], peak_tokens: dict[float, int]) -> dict[str, Any]:
         return {
             "requests": self.requests,
             "served": self.served,

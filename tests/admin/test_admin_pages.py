@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-from datetime import timezone as dt_timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -33,9 +32,19 @@ def url(model, view: str, *args) -> str:
 
 def usage_record(n: int, *, tenant=None, key=None, started_at=None, **fields) -> UsageRecord:
     defaults = dict(
-        request_id=f"req-{n}", tenant=tenant, key=key, model="gpt-4o", deployment_name="east/gpt4o-ptu",
-        route="chat", status=200, outcome=UsageRecord.Outcome.OK, prompt_tokens=10, completion_tokens=5,
-        cost=Decimal("0.0001"), latency_ms=120.0, started_at=started_at or timezone.now(),
+        request_id=f"req-{n}",
+        tenant=tenant,
+        key=key,
+        model="gpt-4o",
+        deployment_name="east/gpt4o-ptu",
+        route="chat",
+        status=200,
+        outcome=UsageRecord.Outcome.OK,
+        prompt_tokens=10,
+        completion_tokens=5,
+        cost=Decimal("0.0001"),
+        latency_ms=120.0,
+        started_at=started_at or timezone.now(),
     )
     return UsageRecord.objects.create(**{**defaults, **fields})
 
@@ -45,11 +54,22 @@ def one_of_each(db, admin_user, endpoint, ptu_deployment, standard_deployment, t
     """At least one row of every model the admin shows (add one here when registering a model)."""
     Quota.objects.create(tenant=tenant_a, key=key_a.key, rpm=10)
     Membership.objects.create(user=admin_user, tenant=tenant_a, role=Membership.Role.ADMIN)
-    Price.objects.create(model="gpt-4o", input_per_million=Decimal("2.5"), output_per_million=Decimal("10"),
-                         effective_from=timezone.now() - timedelta(days=1))
+    Price.objects.create(
+        model="gpt-4o",
+        input_per_million=Decimal("2.5"),
+        output_per_million=Decimal("10"),
+        effective_from=timezone.now() - timedelta(days=1),
+    )
     usage_record(1, tenant=tenant_a, key=key_a.key, deployment=ptu_deployment)
-    Rollup.objects.create(granularity=Rollup.Granularity.HOUR, period_start=timezone.now().replace(minute=0),
-                          tenant=tenant_a, key=key_a.key, key_prefix=key_a.key.prefix, model="gpt-4o", requests=1)
+    Rollup.objects.create(
+        granularity=Rollup.Granularity.HOUR,
+        period_start=timezone.now().replace(minute=0),
+        tenant=tenant_a,
+        key=key_a.key,
+        key_prefix=key_a.key.prefix,
+        model="gpt-4o",
+        requests=1,
+    )
     Group.objects.create(name="operators")
 
 
@@ -96,28 +116,58 @@ def test_every_autocomplete_field_answers(admin_client, one_of_each, model, mode
 def endpoint_data(endpoint: Endpoint | None = None, **overrides) -> dict[str, str]:
     """POST data for the endpoint add/change page, its deployments inline included unchanged."""
     data = {
-        "name": "west", "kind": "azure", "base_url": "https://west.example.com", "api_version": "2024-10-21",
-        "enabled": "on", "auth": "api_key", "api_key": "", "ad_tenant_id": "", "ad_client_id": "",
-        "ad_client_secret": "", "ad_authority": "https://login.microsoftonline.com",
-        "connect_timeout": "5", "first_byte_timeout": "60", "total_timeout": "600",
+        "name": "west",
+        "kind": "azure",
+        "base_url": "https://west.example.com",
+        "api_version": "2024-10-21",
+        "enabled": "on",
+        "auth": "api_key",
+        "api_key": "",
+        "ad_tenant_id": "",
+        "ad_client_id": "",
+        "ad_client_secret": "",
+        "ad_authority": "https://login.microsoftonline.com",
+        "connect_timeout": "5",
+        "first_byte_timeout": "60",
+        "total_timeout": "600",
     }
     deployments = list(endpoint.deployments.order_by("pk")) if endpoint else []
     if endpoint:
-        data.update(name=endpoint.name, kind=endpoint.kind, base_url=endpoint.base_url, auth=endpoint.auth,
-                    ad_tenant_id=endpoint.ad_tenant_id, ad_client_id=endpoint.ad_client_id)
-    data.update({
-        "deployments-TOTAL_FORMS": str(len(deployments)), "deployments-INITIAL_FORMS": str(len(deployments)),
-        "deployments-MIN_NUM_FORMS": "0", "deployments-MAX_NUM_FORMS": "1000",
-    })
+        data.update(
+            name=endpoint.name,
+            kind=endpoint.kind,
+            base_url=endpoint.base_url,
+            auth=endpoint.auth,
+            ad_tenant_id=endpoint.ad_tenant_id,
+            ad_client_id=endpoint.ad_client_id,
+        )
+    data.update(
+        {
+            "deployments-TOTAL_FORMS": str(len(deployments)),
+            "deployments-INITIAL_FORMS": str(len(deployments)),
+            "deployments-MIN_NUM_FORMS": "0",
+            "deployments-MAX_NUM_FORMS": "1000",
+        }
+    )
     for i, d in enumerate(deployments):
         prefix = f"deployments-{i}-"
-        data.update({
-            prefix + "id": str(d.pk), prefix + "endpoint": str(endpoint.pk), prefix + "name": d.name,
-            prefix + "model": d.model, prefix + "sku": d.sku, prefix + "tier": str(d.tier), prefix + "rpm": str(d.rpm),
-            prefix + "tpm": str(d.tpm), prefix + "max_wait_seconds": str(d.max_wait_seconds),
-            prefix + "weight": str(d.weight), prefix + "context_window": str(d.context_window),
-            prefix + "max_output_tokens": str(d.max_output_tokens), prefix + "enabled": "on",
-        })
+        data.update(
+            {
+                prefix + "id": str(d.pk),
+                prefix + "endpoint": str(endpoint.pk),
+                prefix + "name": d.name,
+                prefix + "model": d.model,
+                prefix + "sku": d.sku,
+                prefix + "tier": str(d.tier),
+                prefix + "rpm": str(d.rpm),
+                prefix + "tpm": str(d.tpm),
+                prefix + "max_wait_seconds": str(d.max_wait_seconds),
+                prefix + "weight": str(d.weight),
+                prefix + "context_window": str(d.context_window),
+                prefix + "max_output_tokens": str(d.max_output_tokens),
+                prefix + "enabled": "on",
+            }
+        )
     data.update(overrides)
     return data
 
@@ -126,10 +176,19 @@ def with_new_deployment(data: dict[str, str]) -> dict[str, str]:
     i = int(data["deployments-TOTAL_FORMS"])
     prefix = f"deployments-{i}-"
     return {
-        **data, "deployments-TOTAL_FORMS": str(i + 1), prefix + "name": "gpt4o-west", prefix + "model": "gpt-4o",
-        prefix + "sku": "standard", prefix + "tier": "1", prefix + "rpm": "60", prefix + "tpm": "1000",
-        prefix + "max_wait_seconds": "0", prefix + "weight": "1", prefix + "context_window": "128000",
-        prefix + "max_output_tokens": "4096", prefix + "enabled": "on",
+        **data,
+        "deployments-TOTAL_FORMS": str(i + 1),
+        prefix + "name": "gpt4o-west",
+        prefix + "model": "gpt-4o",
+        prefix + "sku": "standard",
+        prefix + "tier": "1",
+        prefix + "rpm": "60",
+        prefix + "tpm": "1000",
+        prefix + "max_wait_seconds": "0",
+        prefix + "weight": "1",
+        prefix + "context_window": "128000",
+        prefix + "max_output_tokens": "4096",
+        prefix + "enabled": "on",
     }
 
 
@@ -141,8 +200,12 @@ def test_endpoint_secret_is_saved_but_never_shown(admin_client):
     assert endpoint.api_key == UPSTREAM_SECRET
 
     pages = [
-        url(Endpoint, "changelist"), url(Endpoint, "change", endpoint.pk), url(Endpoint, "history", endpoint.pk),
-        url(Endpoint, "delete", endpoint.pk), url(Deployment, "changelist"), url(Deployment, "change", deployment.pk),
+        url(Endpoint, "changelist"),
+        url(Endpoint, "change", endpoint.pk),
+        url(Endpoint, "history", endpoint.pk),
+        url(Endpoint, "delete", endpoint.pk),
+        url(Deployment, "changelist"),
+        url(Deployment, "change", deployment.pk),
     ]
     for page in pages:
         response = admin_client.get(page)
@@ -156,7 +219,9 @@ def test_endpoint_secret_is_saved_but_never_shown(admin_client):
 
 def test_blank_secret_keeps_the_stored_one_and_a_typed_one_replaces_it(admin_client, endpoint, ptu_deployment):
     stored = endpoint.api_key
-    response = admin_client.post(url(Endpoint, "change", endpoint.pk), endpoint_data(endpoint, base_url="https://e.example.com"))
+    response = admin_client.post(
+        url(Endpoint, "change", endpoint.pk), endpoint_data(endpoint, base_url="https://e.example.com")
+    )
     assert response.status_code == 302, response.context and response.context["adminform"].form.errors
     endpoint.refresh_from_db()
     assert endpoint.api_key == stored and endpoint.base_url == "https://e.example.com"
@@ -169,8 +234,9 @@ def test_blank_secret_keeps_the_stored_one_and_a_typed_one_replaces_it(admin_cli
 
 
 def test_a_secret_can_be_removed_when_the_auth_no_longer_needs_it(admin_client, endpoint):
-    data = endpoint_data(endpoint, auth="azure_ad", ad_tenant_id="t", ad_client_id="c", ad_client_secret="s3cret",
-                         clear_api_key="on")
+    data = endpoint_data(
+        endpoint, auth="azure_ad", ad_tenant_id="t", ad_client_id="c", ad_client_secret="s3cret", clear_api_key="on"
+    )
     assert admin_client.post(url(Endpoint, "change", endpoint.pk), data).status_code == 302
     endpoint.refresh_from_db()
     assert (endpoint.api_key, endpoint.ad_client_secret) == ("", "s3cret")
@@ -200,16 +266,29 @@ def test_endpoint_form_never_renders_stored_secrets(endpoint):
 
 
 def test_a_quota_cannot_name_another_tenants_key(admin_client, tenant_b, key_a):
-    data = {"tenant": str(tenant_b.pk), "key": str(key_a.key.pk), "rpm": "1", "tpm": "1", "daily_tokens": "0",
-            "monthly_tokens": "0", "monthly_cost": "0", "alert_thresholds": "50, 80"}
+    data = {
+        "tenant": str(tenant_b.pk),
+        "key": str(key_a.key.pk),
+        "rpm": "1",
+        "tpm": "1",
+        "daily_tokens": "0",
+        "monthly_tokens": "0",
+        "monthly_cost": "0",
+        "alert_thresholds": "50, 80",
+    }
     response = admin_client.post(url(Quota, "add"), data)
     assert "key" in response.context["adminform"].form.errors
     assert not Quota.objects.filter(key=key_a.key).exists()
 
 
 def test_policy_networks_are_checked_and_normalised(admin_client, tenant_b):
-    data = {"tenant": str(tenant_b.pk), "allowed_models": "gpt-4o", "ip_allow": "10.0.0.0/8, 192.168.1.7",
-            "ip_deny": "not-a-network", "max_tokens_cap": "0"}
+    data = {
+        "tenant": str(tenant_b.pk),
+        "allowed_models": "gpt-4o",
+        "ip_allow": "10.0.0.0/8, 192.168.1.7",
+        "ip_deny": "not-a-network",
+        "max_tokens_cap": "0",
+    }
     response = admin_client.post(url(AccessPolicy, "add"), data)
     assert "ip_deny" in response.context["adminform"].form.errors
     response = admin_client.post(url(AccessPolicy, "add"), {**data, "ip_deny": ""})
@@ -270,13 +349,23 @@ def test_usage_records_are_read_only(admin_client, admin_user, tenant_a):
     assert record.status == 200
 
 
-@pytest.mark.parametrize("query", [
-    "", "?outcome=ok", "?status=5xx", "?route=chat", "?streamed__exact=1", "?q=req-3", "?_facets=1",
-    "?started_at__year=2024", "?started_at__year=2024&started_at__month=3",
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "",
+        "?outcome=ok",
+        "?status=5xx",
+        "?route=chat",
+        "?streamed__exact=1",
+        "?q=req-3",
+        "?_facets=1",
+        "?started_at__year=2024",
+        "?started_at__year=2024&started_at__month=3",
+    ],
+)
 def test_usage_changelist_never_counts_or_scans_the_table(admin_client, tenant_a, query):
     for i in range(5):
-        usage_record(i, tenant=tenant_a, started_at=datetime(2023 + i % 2, 3, 1 + i, tzinfo=dt_timezone.utc))
+        usage_record(i, tenant=tenant_a, started_at=datetime(2023 + i % 2, 3, 1 + i, tzinfo=UTC))
     with CaptureQueriesContext(connection) as ctx:
         assert admin_client.get(url(UsageRecord, "changelist") + query).status_code == 200
     usage_sql = [q["sql"] for q in ctx if UsageRecord._meta.db_table in q["sql"]]
@@ -295,8 +384,8 @@ def test_usage_search_is_exact(admin_client, tenant_a):
 
 
 def test_usage_date_links_span_the_table_without_scanning_it(admin_client, tenant_a):
-    usage_record(1, tenant=tenant_a, started_at=datetime(2023, 11, 5, tzinfo=dt_timezone.utc))
-    usage_record(2, tenant=tenant_a, started_at=datetime(2025, 2, 7, tzinfo=dt_timezone.utc))
+    usage_record(1, tenant=tenant_a, started_at=datetime(2023, 11, 5, tzinfo=UTC))
+    usage_record(2, tenant=tenant_a, started_at=datetime(2025, 2, 7, tzinfo=UTC))
     years = admin_client.get(url(UsageRecord, "changelist")).context["cl"].date_nav
     assert [c["title"] for c in years["choices"]] == ["2023", "2024", "2025"]
 

@@ -29,17 +29,27 @@ def change_url(key: ClientKey) -> str:
 
 def issue_data(tenant: Tenant, **overrides) -> dict[str, str]:
     return {
-        "tenant": str(tenant.pk), "name": "ci-bot", "expires_at_0": "", "expires_at_1": "",
-        "allowed_models": "gpt-4o, gpt-4o-mini", "default_priority": "3", **overrides,
+        "tenant": str(tenant.pk),
+        "name": "ci-bot",
+        "expires_at_0": "",
+        "expires_at_1": "",
+        "allowed_models": "gpt-4o, gpt-4o-mini",
+        "default_priority": "3",
+        **overrides,
     }
 
 
 def change_data(key: ClientKey, quota: dict[str, str] | None = None, **overrides) -> dict[str, str]:
     data = {
-        "name": key.name, "expires_at_0": "", "expires_at_1": "", "allowed_models": ", ".join(key.allowed_models),
+        "name": key.name,
+        "expires_at_0": "",
+        "expires_at_1": "",
+        "allowed_models": ", ".join(key.allowed_models),
         "default_priority": str(key.default_priority),
-        "quota-TOTAL_FORMS": "1" if quota else "0", "quota-INITIAL_FORMS": "0",
-        "quota-MIN_NUM_FORMS": "0", "quota-MAX_NUM_FORMS": "1",
+        "quota-TOTAL_FORMS": "1" if quota else "0",
+        "quota-INITIAL_FORMS": "0",
+        "quota-MIN_NUM_FORMS": "0",
+        "quota-MAX_NUM_FORMS": "1",
     }
     for name, value in (quota or {}).items():
         data[f"quota-0-{name}"] = value
@@ -97,7 +107,11 @@ def test_the_add_page_issues_through_key_issue(admin_client, tenant_a, monkeypat
 def test_the_add_page_is_the_issue_form(admin_client, tenant_a):
     page = admin_client.get(ADD)
     assert set(page.context["adminform"].form.fields) == {
-        "tenant", "name", "expires_at", "allowed_models", "default_priority",
+        "tenant",
+        "name",
+        "expires_at",
+        "allowed_models",
+        "default_priority",
     }
     assert "Issue a new key" in admin_client.get(CHANGELIST).content.decode()
 
@@ -135,8 +149,15 @@ def test_saving_a_stale_key_does_not_undo_a_revocation(admin_user, key_a):
 
 def test_a_key_quota_is_added_inline_for_the_keys_tenant(admin_client, key_a):
     key = key_a.key
-    quota = {"rpm": "30", "tpm": "5000", "daily_tokens": "0", "monthly_tokens": "0", "monthly_cost": "0",
-             "alert_thresholds": "50, 80", "key": str(key.pk)}
+    quota = {
+        "rpm": "30",
+        "tpm": "5000",
+        "daily_tokens": "0",
+        "monthly_tokens": "0",
+        "monthly_cost": "0",
+        "alert_thresholds": "50, 80",
+        "key": str(key.pk),
+    }
     response = admin_client.post(change_url(key), change_data(key, quota=quota))
     assert response.status_code == 302, response.context and response.context["inline_admin_formsets"][0].formset.errors
     stored = Quota.objects.get(key=key)

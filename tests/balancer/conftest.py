@@ -13,8 +13,8 @@ import uuid
 import pytest
 import redis
 
-from gateway.balancer.state import BalancerState
 from gateway.balancer import make_state as build
+from gateway.balancer.contract import BalancerState
 
 REDIS_URL = os.environ.get("BALANCER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 T0 = 1_000_000.0  # fake clock origin: most tests pass explicit times

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from gateway.balancer import Candidate, Denied, Grant, Reason, wait_for_turn
+from gateway.balancer.contract import StateConfig
+from gateway.balancer.contract import make_state as build_state
 from gateway.balancer.memory import MemoryState
 from gateway.balancer.redis_state import RedisState
-from gateway.balancer.state import StateConfig, make_state as build_state
-from gateway.limits import request_windows, token_windows
+from gateway.balancer.windows import request_windows, token_windows
 
 from .conftest import T0
 
@@ -149,7 +150,7 @@ async def test_settle_keeps_the_estimate_on_standard_and_the_actual_on_provision
     # Once only: a second settle or a late release changes nothing.
     assert not await state.settle(g, 10, now=T0 + 0.4)
     assert not await state.release(g, now=T0 + 0.4)
-    status = (await state.status([std, ptu], T0 + 0.4))
+    status = await state.status([std, ptu], T0 + 0.4)
     assert status[1]["windows"][0]["used"] == 950 and status[1]["in_flight"] == 0
     assert status[2]["in_flight"] == 0
     # The sku passed to settle wins over the grant's.
@@ -234,15 +235,16 @@ async def test_breaker_opens_lets_one_probe_through_then_closes_or_reopens(make_
     assert (await state.status([c], T0 + 1))[1]["breaker"]["state"] == "open"
 
     # Half-open: of two concurrent acquirers exactly one gets the probe.
-    first, second = await asyncio.gather(
-        state.try_acquire([c], 1, T0 + 5), state.try_acquire([c], 1, T0 + 5)
-    )
+    first, second = await asyncio.gather(state.try_acquire([c], 1, T0 + 5), state.try_acquire([c], 1, T0 + 5))
     probes = [r for r in (first, second) if isinstance(r, Grant)]
     assert len(probes) == 1 and probes[0].probe
     other = first if second is probes[0] else second
     assert other == Denied(approx(30.0), Reason.CAPACITY)
     assert (await state.status([c], T0 + 5))[1]["breaker"] == {
-        "state": "half_open", "failures": 3, "open_for": 0.0, "probe": True
+        "state": "half_open",
+        "failures": 3,
+        "open_for": 0.0,
+        "probe": True,
     }
 
     # The probe fails: open again for the full time.
@@ -519,9 +521,7 @@ async def test_waiter_gets_capacity_soon_after_it_is_released(make_state):
     state = await make_state()
     c = Candidate(1, tpm=1000)
     holder = await state.try_acquire([c], 1000)
-    waiter = asyncio.create_task(
-        wait_for_turn(state, "m", [c], 500, priority=1, tenant="A", timeout=10.0)
-    )
+    waiter = asyncio.create_task(wait_for_turn(state, "m", [c], 500, priority=1, tenant="A", timeout=10.0))
     await asyncio.sleep(0.1)
     assert not waiter.done() and await state.depth("m") == {1: 1}
     released = time.monotonic()
@@ -539,9 +539,7 @@ async def test_waiters_are_served_by_priority(make_state):
     holder = await state.try_acquire([c], 1000)
 
     def wait(priority):
-        return asyncio.create_task(
-            wait_for_turn(state, "m", [c], 1000, priority=priority, tenant="A", timeout=10.0)
-        )
+        return asyncio.create_task(wait_for_turn(state, "m", [c], 1000, priority=priority, tenant="A", timeout=10.0))
 
     low = wait(5)
     await asyncio.sleep(0.02)
@@ -612,9 +610,7 @@ async def test_an_evicted_waiter_answers_queue_full_at_once(make_state):
     await state.try_acquire([c], 1000)
 
     def wait(priority, tenant):
-        return asyncio.create_task(
-            wait_for_turn(state, "m", [c], 10, priority=priority, tenant=tenant, timeout=10.0)
-        )
+        return asyncio.create_task(wait_for_turn(state, "m", [c], 10, priority=priority, tenant=tenant, timeout=10.0))
 
     low = wait(9, "A")
     await asyncio.sleep(0.05)
@@ -744,8 +740,17 @@ async def test_processes_sharing_redis_never_overrun_a_window(redis_url):
     start, seconds = time.time() + 1.0, 2.6
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _HAMMER, redis_url, prefix, repr(start), repr(seconds), str(seed),
-            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            sys.executable,
+            "-c",
+            _HAMMER,
+            redis_url,
+            prefix,
+            repr(start),
+            repr(seconds),
+            str(seed),
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         for seed in (1, 2)
     ]

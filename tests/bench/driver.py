@@ -26,8 +26,12 @@ class Request:
     tags: dict[str, str] = field(default_factory=dict)
 
     def to_spec(self) -> dict[str, Any]:
-        return {"path": self.path, "headers": self.headers, "tags": self.tags,
-                "body": json.dumps(self.body, separators=(",", ":"))}
+        return {
+            "path": self.path,
+            "headers": self.headers,
+            "tags": self.tags,
+            "body": json.dumps(self.body, separators=(",", ":")),
+        }
 
 
 def pinned(command: list[str], cpus: Sequence[int] | None) -> list[str]:
@@ -61,17 +65,31 @@ def run_load(
     """Closed loop at ``concurrency`` (or open loop at ``rate`` req/s); returns the generator's result."""
     host, port = url.removeprefix("http://").split(":")
     spec = {
-        "host": host, "port": int(port), "mode": "open" if rate else "closed", "concurrency": concurrency,
-        "rate": rate or 0, "max_connections": max_connections, "warmup_s": warmup, "duration_s": duration,
-        "drain_s": drain, "sse": sse, "variants": [r.to_spec() for r in requests],
+        "host": host,
+        "port": int(port),
+        "mode": "open" if rate else "closed",
+        "concurrency": concurrency,
+        "rate": rate or 0,
+        "max_connections": max_connections,
+        "warmup_s": warmup,
+        "duration_s": duration,
+        "drain_s": drain,
+        "sse": sse,
+        "variants": [r.to_spec() for r in requests],
     }
     with tempfile.NamedTemporaryFile("w", prefix="bench-load-", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     command = [sys.executable, "-m", "tests.bench.loadgen", f.name]
     try:
         # subprocess.run kills the generator if anything (Ctrl-C included) interrupts the wait.
-        result = subprocess.run(pinned(command, cpus), cwd=REPO, capture_output=True, text=True,
-                                preexec_fn=affinity_setter(cpus), timeout=warmup + duration + drain + 60)
+        result = subprocess.run(
+            pinned(command, cpus),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            preexec_fn=affinity_setter(cpus),
+            timeout=warmup + duration + drain + 60,
+        )
     finally:
         os.unlink(f.name)
     if result.returncode != 0:

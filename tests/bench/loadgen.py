@@ -145,8 +145,10 @@ class Load:
         self.host, self.port = spec["host"], int(spec["port"])
         self.sse = bool(spec.get("sse"))
         self.variants = [
-            Variant(build_request(self.host, self.port, v["path"], v.get("headers", {}), v.get("body", "")),
-                    {k: str(val) for k, val in v.get("tags", {}).items()})
+            Variant(
+                build_request(self.host, self.port, v["path"], v.get("headers", {}), v.get("body", "")),
+                {k: str(val) for k, val in v.get("tags", {}).items()},
+            )
             for v in spec["variants"]
         ]
         self._next_variant = itertools.cycle(self.variants).__next__
@@ -275,8 +277,10 @@ class Load:
             "cpu_seconds": cpu_seconds,
             "cpu_percent": 100.0 * cpu_seconds / window if window > 0 else 0.0,
             "overall": _group_result(everything),
-            "by_tag": {name: {value: _group_result(group) for value, group in values.items()}
-                       for name, values in by_tag.items()},
+            "by_tag": {
+                name: {value: _group_result(group) for value, group in values.items()}
+                for name, values in by_tag.items()
+            },
         }
 
 
@@ -308,7 +312,6 @@ class ClosedLoad(Load):
             conn.send(self._next_variant())
         else:
             asyncio.get_running_loop().create_task(self._send_on_new_connection(self._next_variant(), None))
-
 
 
 class OpenLoad(Load):

@@ -139,8 +139,13 @@ class ProcessGroup:
                 preexec = lambda: os.sched_setaffinity(0, wanted)  # noqa: E731
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
-                argv, cwd=cwd, env=dict(env) if env is not None else None, stdout=log_file,
-                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec,
+                argv,
+                cwd=cwd,
+                env=dict(env) if env is not None else None,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=preexec,
             )
         child = Child(name, process, log_path, tuple(cpus) if cpus is not None else None)
         self.children.append(child)

@@ -32,12 +32,26 @@ from tests.bench.stack import REPO, BenchEnv, start_gateway
 TOP = 25
 
 
-def run_profile(group: ProcessGroup, env: BenchEnv, key: str, pinning: Pinning, durations: Durations,
-                tool: str, out_dir: Path, py_spy: str | None = None) -> dict[str, Any]:
+def run_profile(
+    group: ProcessGroup,
+    env: BenchEnv,
+    key: str,
+    pinning: Pinning,
+    durations: Durations,
+    tool: str,
+    out_dir: Path,
+    py_spy: str | None = None,
+) -> dict[str, Any]:
     """Profile one uvicorn gateway process during a c=32 run; returns the summary."""
     out = out_dir / ("gateway.prof" if tool == "cprofile" else "gateway-pyspy.txt")
-    gateway = start_gateway(group, env, "uvicorn", pinning.gateway, name=f"gateway-profile-{tool}",
-                            profile_to=out if tool == "cprofile" else None)
+    gateway = start_gateway(
+        group,
+        env,
+        "uvicorn",
+        pinning.gateway,
+        name=f"gateway-profile-{tool}",
+        profile_to=out if tool == "cprofile" else None,
+    )
     try:
         warm_up(gateway, key, pinning, durations)
         request = gateway_request(key, CHAT_MODEL)
@@ -49,13 +63,32 @@ def run_profile(group: ProcessGroup, env: BenchEnv, key: str, pinning: Pinning, 
             wait_until(lambda: out.exists() and out.stat().st_size > 0, timeout=30, what="profile written")
         else:
             sampler = subprocess.Popen(
-                pinned([py_spy or "py-spy", "record", "--pid", str(gateway.pid), "--rate", "250", "--format", "raw",
-                        "--duration", str(round(durations.throughput + 2)), "--nonblocking", "--output", str(out)],
-                       pinning.load),
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=affinity_setter(pinning.load))
+                pinned(
+                    [
+                        py_spy or "py-spy",
+                        "record",
+                        "--pid",
+                        str(gateway.pid),
+                        "--rate",
+                        "250",
+                        "--format",
+                        "raw",
+                        "--duration",
+                        str(round(durations.throughput + 2)),
+                        "--nonblocking",
+                        "--output",
+                        str(out),
+                    ],
+                    pinning.load,
+                ),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                preexec_fn=affinity_setter(pinning.load),
+            )
             try:
-                load = run_load(gateway.url, [request], cpus=pinning.load, concurrency=32,
-                                duration=durations.throughput)
+                load = run_load(
+                    gateway.url, [request], cpus=pinning.load, concurrency=32, duration=durations.throughput
+                )
                 _, err = sampler.communicate(timeout=60)
             finally:
                 if sampler.poll() is None:
@@ -66,8 +99,14 @@ def run_profile(group: ProcessGroup, env: BenchEnv, key: str, pinning: Pinning, 
     finally:
         group.stop(gateway.child)
     summary = summarize_cprofile(out) if tool == "cprofile" else summarize_pyspy(out)
-    summary.update({"tool": tool, "file": str(out), "rps_while_profiled": load["rps"],
-                    "cpu_ms_per_request_while_profiled": 1000.0 * used / max(1, load["total_completed"])})
+    summary.update(
+        {
+            "tool": tool,
+            "file": str(out),
+            "rps_while_profiled": load["rps"],
+            "cpu_ms_per_request_while_profiled": 1000.0 * used / max(1, load["total_completed"]),
+        }
+    )
     return summary
 
 
@@ -83,7 +122,7 @@ def package_of(path: str, name: str = "") -> str:
         return path.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
     repo = str(REPO) + "/"
     if path.startswith(repo):
-        return path[len(repo):].split("/", 1)[0].removesuffix(".py")
+        return path[len(repo) :].split("/", 1)[0].removesuffix(".py")
     stdlib = re.search(r"python3\.\d+/([^/]+)", path)
     if stdlib:
         return "stdlib:" + stdlib.group(1).removesuffix(".py")
@@ -109,13 +148,21 @@ def summarize_cprofile(path: Path) -> dict[str, Any]:
     for (filename, line, func), (_cc, calls, self_time, cumulative, _callers) in stats.stats.items():
         package = package_of(filename, func)
         by_package[package] += self_time
-        rows.append({"function": f"{_short(filename)}:{line}({func})" if filename != "~" else func,
-                     "package": package, "calls": calls, "self_percent": 100.0 * self_time / total,
-                     "cumulative_percent": 100.0 * cumulative / total})
+        rows.append(
+            {
+                "function": f"{_short(filename)}:{line}({func})" if filename != "~" else func,
+                "package": package,
+                "calls": calls,
+                "self_percent": 100.0 * self_time / total,
+                "cumulative_percent": 100.0 * cumulative / total,
+            }
+        )
     rows.sort(key=lambda r: r["self_percent"], reverse=True)
     gateway_cumulative = sorted(
         (r for r in rows if r["package"] in ("gateway", "tenants", "billing")),
-        key=lambda r: r["cumulative_percent"], reverse=True)
+        key=lambda r: r["cumulative_percent"],
+        reverse=True,
+    )
     return {
         "profiled_seconds": total,
         "top_self": rows[:TOP],
@@ -160,8 +207,9 @@ def summarize_pyspy(path: Path) -> dict[str, Any]:
         "top_self": [{"function": k, "self_percent": 100.0 * v / total} for k, v in self_counts.most_common(TOP)],
         "by_package_self_percent": {k: 100.0 * v / total for k, v in by_package.most_common(20)},
         "by_thread_percent": {k: 100.0 * v / total for k, v in by_thread.most_common()},
-        "top_inclusive": [{"function": k, "inclusive_percent": 100.0 * v / total}
-                          for k, v in inclusive.most_common(TOP)],
+        "top_inclusive": [
+            {"function": k, "inclusive_percent": 100.0 * v / total} for k, v in inclusive.most_common(TOP)
+        ],
     }
 
 

@@ -44,8 +44,10 @@ def _statuses(run: dict | None) -> str:
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) if i in (0, 1, len(r) - 1) else c.rjust(w)  # noqa: E731
-                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    line = lambda r: "  ".join(
+        c.ljust(w) if i in (0, 1, len(r) - 1) else c.rjust(w)  # noqa: E731
+        for i, (c, w) in enumerate(zip(r, widths))
+    ).rstrip()
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), rule, *map(line, rows)])
 
@@ -71,14 +73,18 @@ def latency_rows(results: dict[str, Any]) -> list[list[str]]:
         notes = "; ".join(filter(None, [note, _statuses(run)]))
         rows.append([scenario, name, fmt(p50, 3), fmt(p99, 3), fmt(rps, 0), versus, notes])
 
-    for scenario, key, metric, compare in (("chat c=1", "c1", "latency_ms", "added"),
-                                           ("chat c=32", "c32", "latency_ms", "share"),
-                                           ("stream c=1 TTFT*", "stream_c1", "ttfb_ms", "added")):
+    for scenario, key, metric, compare in (
+        ("chat c=1", "c1", "latency_ms", "added"),
+        ("chat c=32", "c32", "latency_ms", "share"),
+        ("stream c=1 TTFT*", "stream_c1", "ttfb_ms", "added"),
+    ):
         base = direct.get(key)
         note = ""
         if key == "c32" and base:
-            note = (f"upstream CPU {fmt(_get(base, 'server', 'cpu_percent_of_core'), 0)}%, "
-                    f"generator CPU {fmt(base.get('cpu_percent'), 0)}%")
+            note = (
+                f"upstream CPU {fmt(_get(base, 'server', 'cpu_percent_of_core'), 0)}%, "
+                f"generator CPU {fmt(base.get('cpu_percent'), 0)}%"
+            )
         if key == "stream_c1" and base:
             note = f"{_get(base, 'overall', 'ttfb_ms', 'count')} streams"
         if base is not None:
@@ -89,8 +95,10 @@ def latency_rows(results: dict[str, Any]) -> list[list[str]]:
                 continue
             note = ""
             if key == "c32":
-                note = (f"gateway CPU {fmt(_get(run, 'server', 'cpu_percent_of_core'), 0)}% of its core, "
-                        f"generator CPU {fmt(run.get('cpu_percent'), 0)}%")
+                note = (
+                    f"gateway CPU {fmt(_get(run, 'server', 'cpu_percent_of_core'), 0)}% of its core, "
+                    f"generator CPU {fmt(run.get('cpu_percent'), 0)}%"
+                )
             if key == "stream_c1":
                 note = f"{_get(run, 'overall', 'ttfb_ms', 'count')} streams"
             row(scenario, f"gateway {name}", run, metric, base, compare, note)
@@ -113,8 +121,17 @@ def wrk_rows(results: dict[str, Any]) -> list[list[str]]:
         if wrk_base and run is not wrk_base and wrk_base.get("rps"):
             share = f"{100.0 * run['rps'] / wrk_base['rps']:.1f}% of direct"
         bad = f"non-2xx: {run['non_2xx']}" if run.get("non_2xx") else ""
-        rows.append(["chat c=32 (wrk check)", name, fmt(run.get("p50_ms"), 3), fmt(run.get("p99_ms"), 3),
-                     fmt(run.get("rps"), 0), share, "; ".join(filter(None, [bad, run.get("socket_errors", "")]))])
+        rows.append(
+            [
+                "chat c=32 (wrk check)",
+                name,
+                fmt(run.get("p50_ms"), 3),
+                fmt(run.get("p99_ms"), 3),
+                fmt(run.get("rps"), 0),
+                share,
+                "; ".join(filter(None, [bad, run.get("socket_errors", "")])),
+            ]
+        )
     return rows
 
 
@@ -122,9 +139,16 @@ def resource_rows(results: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, gateway in results.get("gateways", {}).items():
         server = _get(gateway, "c32", "server") or {}
-        rows.append([f"gateway {name}", fmt(server.get("cpu_ms_per_request"), 3), fmt(server.get("requests")),
-                     fmt(gateway.get("rss_idle_mb"), 1), fmt(gateway.get("rss_after_load_mb"), 1),
-                     fmt(gateway.get("log_lines"))])
+        rows.append(
+            [
+                f"gateway {name}",
+                fmt(server.get("cpu_ms_per_request"), 3),
+                fmt(server.get("requests")),
+                fmt(gateway.get("rss_idle_mb"), 1),
+                fmt(gateway.get("rss_after_load_mb"), 1),
+                fmt(gateway.get("log_lines")),
+            ]
+        )
     return rows
 
 
@@ -140,25 +164,42 @@ def saturation_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]
         return lambda r: "{} / {} ms (n={})".format(
             fmt(_get(r, "gateway", "queue_wait_ms_by_priority", priority, "p50"), 0),
             fmt(_get(r, "gateway", "queue_wait_ms_by_priority", priority, "p99"), 0),
-            fmt(_get(r, "gateway", "queue_wait_ms_by_priority", priority, "count")))
+            fmt(_get(r, "gateway", "queue_wait_ms_by_priority", priority, "count")),
+        )
 
     def latency(priority: str):
-        return lambda r: "{} / {} ms".format(fmt(_get(r, "client", "by_priority", priority, "latency_ok_ms", "p50"), 0),
-                                             fmt(_get(r, "client", "by_priority", priority, "latency_ok_ms", "p99"), 0))
+        return lambda r: "{} / {} ms".format(
+            fmt(_get(r, "client", "by_priority", priority, "latency_ok_ms", "p50"), 0),
+            fmt(_get(r, "client", "by_priority", priority, "latency_ok_ms", "p99"), 0),
+        )
 
     def statuses(priority: str | None = None):
         def render(r):
             status = _get(r, "client", "by_priority", priority, "status") if priority else _get(r, "client", "status")
             return ", ".join(f"{k}: {v}" for k, v in (status or {}).items()) or "-"
+
         return render
 
-    add("limits, each of 2 deployments", lambda r: "rpm {} / tpm {} per {} s 'minute' (both sides)".format(
-        fmt(_get(r, "config", "rpm")), fmt(_get(r, "config", "tpm")), fmt(_get(r, "config", "minute_seconds"), 0)))
-    add("offered load", lambda r: "{} req/s for {} s (capacity {} req/s), open loop".format(
-        fmt(_get(r, "config", "offered_rps"), 0), fmt(_get(r, "config", "duration"), 0),
-        fmt(_get(r, "config", "capacity_rps"), 0)))
-    add("gateway queue", lambda r: "timeout {} s, max depth {}".format(
-        fmt(_get(r, "config", "queue_timeout"), 0), fmt(_get(r, "config", "queue_max_depth"))))
+    add(
+        "limits, each of 2 deployments",
+        lambda r: "rpm {} / tpm {} per {} s 'minute' (both sides)".format(
+            fmt(_get(r, "config", "rpm")), fmt(_get(r, "config", "tpm")), fmt(_get(r, "config", "minute_seconds"), 0)
+        ),
+    )
+    add(
+        "offered load",
+        lambda r: "{} req/s for {} s (capacity {} req/s), open loop".format(
+            fmt(_get(r, "config", "offered_rps"), 0),
+            fmt(_get(r, "config", "duration"), 0),
+            fmt(_get(r, "config", "capacity_rps"), 0),
+        ),
+    )
+    add(
+        "gateway queue",
+        lambda r: "timeout {} s, max depth {}".format(
+            fmt(_get(r, "config", "queue_timeout"), 0), fmt(_get(r, "config", "queue_max_depth"))
+        ),
+    )
     add("upstream 429s", lambda r: fmt(_get(r, "upstream", "total_429")))
     add("upstream served", lambda r: fmt(_get(r, "upstream", "total_served")))
     add("client statuses", statuses())
@@ -174,8 +215,10 @@ def saturation_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]
     add("client latency of 200s p50 / p99, prio 9", latency("9"))
     add("served by tenant, prio 0", lambda r: _pairs(_get(r, "gateway", "served_by_priority_and_tenant", "0")))
     add("served by tenant, prio 9", lambda r: _pairs(_get(r, "gateway", "served_by_priority_and_tenant", "9")))
-    add("usage records / requests sent",
-        lambda r: f"{fmt(_get(r, 'gateway', 'records'))} / {fmt(_get(r, 'client', 'sent'))}")
+    add(
+        "usage records / requests sent",
+        lambda r: f"{fmt(_get(r, 'gateway', 'records'))} / {fmt(_get(r, 'client', 'sent'))}",
+    )
     add("gateway outcomes", lambda r: _pairs(_get(r, "gateway", "outcomes")))
     return ["saturation", *names], rows
 
@@ -212,8 +255,14 @@ def target_rows(results: dict[str, Any]) -> list[list[str]]:
             rows.append([label, "-", f"{'<=' if better == 'low' else '>='} {target:g}{unit}", "not measured"])
             return
         ok = value <= target if better == "low" else value >= target
-        rows.append([label, f"{value:,.3f}{unit}", f"{'<=' if better == 'low' else '>='} {target:g}{unit}",
-                     "met" if ok else "NOT met"])
+        rows.append(
+            [
+                label,
+                f"{value:,.3f}{unit}",
+                f"{'<=' if better == 'low' else '>='} {target:g}{unit}",
+                "met" if ok else "NOT met",
+            ]
+        )
 
     def added(key: str, metric: str) -> float | None:
         a, b = _get(gateway, key, "overall", metric, "p50"), _get(direct, key, "overall", metric, "p50")
@@ -225,8 +274,9 @@ def target_rows(results: dict[str, Any]) -> list[list[str]]:
     check("added p50, chat c=1", added("c1", "latency_ms"), TARGET_ADDED_P50_MS, "low", " ms")
     check("added p50 TTFT, stream c=1", added("stream_c1", "ttfb_ms"), TARGET_ADDED_TTFT_MS, "low", " ms")
     check("req/s at c=32, share of direct", share, TARGET_SHARE_OF_DIRECT, "high", " %")
-    check("CPU per request", _get(gateway, "c32", "server", "cpu_ms_per_request"), TARGET_CPU_MS_PER_REQUEST,
-          "low", " ms")
+    check(
+        "CPU per request", _get(gateway, "c32", "server", "cpu_ms_per_request"), TARGET_CPU_MS_PER_REQUEST, "low", " ms"
+    )
     check("idle RSS", gateway.get("rss_idle_mb"), TARGET_IDLE_RSS_MB, "low", " MB")
     return rows
 
@@ -235,8 +285,10 @@ def profile_lines(results: dict[str, Any]) -> list[str]:
     profile = results.get("profile")
     if not profile or "top_self" not in profile:
         return []
-    lines = [f"Profile ({profile['tool']}, c=32, {fmt(profile.get('rps_while_profiled'), 0)} req/s while profiled): "
-             "self time by package"]
+    lines = [
+        f"Profile ({profile['tool']}, c=32, {fmt(profile.get('rps_while_profiled'), 0)} req/s while profiled): "
+        "self time by package"
+    ]
     lines += [f"  {pct:5.1f}%  {pkg}" for pkg, pct in list(profile["by_package_self_percent"].items())[:12]]
     if profile.get("by_thread_percent"):
         lines.append("Samples by thread")
@@ -251,27 +303,45 @@ def _ceiling(results: dict[str, Any]) -> str:
     direct = _get(results, "direct", "c32")
     if not direct or not direct.get("cpu_percent"):
         return ""
-    return (f", {direct['cpu_percent']:.0f}% of its core at {direct['rps']:,.0f} req/s direct "
-            f"(ceiling ~{direct['rps'] * 100.0 / direct['cpu_percent']:,.0f} req/s)")
+    return (
+        f", {direct['cpu_percent']:.0f}% of its core at {direct['rps']:,.0f} req/s direct "
+        f"(ceiling ~{direct['rps'] * 100.0 / direct['cpu_percent']:,.0f} req/s)"
+    )
 
 
 def render(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
-    out = [f"LLM gateway benchmark ({meta.get('started_at', '')}, {meta.get('elapsed_s', 0):.0f} s)",
-           f"Generator: {meta.get('generator')}{_ceiling(results)}; wrk check: {meta.get('wrk') or 'not installed'}",
-           f"Pinning ({meta.get('pinning_tool', '')}): " + _pairs(meta.get("pinning"), "; "),
-           f"Load average before / after: {fmt(meta.get('loadavg_at_start'))} / {fmt(meta.get('loadavg_at_end'))}"
-           + (" (other work was running: figures are noisier)" if (meta.get("loadavg_at_start") or 0) > 0.5 else ""),
-           ""]
+    out = [
+        f"LLM gateway benchmark ({meta.get('started_at', '')}, {meta.get('elapsed_s', 0):.0f} s)",
+        f"Generator: {meta.get('generator')}{_ceiling(results)}; wrk check: {meta.get('wrk') or 'not installed'}",
+        f"Pinning ({meta.get('pinning_tool', '')}): " + _pairs(meta.get("pinning"), "; "),
+        f"Load average before / after: {fmt(meta.get('loadavg_at_start'))} / {fmt(meta.get('loadavg_at_end'))}"
+        + (" (other work was running: figures are noisier)" if (meta.get("loadavg_at_start") or 0) > 0.5 else ""),
+        "",
+    ]
     rows = latency_rows(results)
     if rows:
         out.append(_table(rows, ["scenario", "run", "p50 ms", "p99 ms", "req/s", "vs direct", "notes"]))
-        out.append("* TTFT: from writing the request to the first byte of the first SSE data event. Latency: to the "
-                   "end of the response. Closed loop, keep-alive; chat = 1 short message, max_tokens 16 (8 streamed).")
+        out.append(
+            "* TTFT: from writing the request to the first byte of the first SSE data event. Latency: to the "
+            "end of the response. Closed loop, keep-alive; chat = 1 short message, max_tokens 16 (8 streamed)."
+        )
     resources = resource_rows(results)
     if resources:
-        out += ["", _table(resources, ["process", "CPU ms/request (c=32)", "requests", "RSS idle MB",
-                                        "RSS after load MB", "log lines >= warning"])]
+        out += [
+            "",
+            _table(
+                resources,
+                [
+                    "process",
+                    "CPU ms/request (c=32)",
+                    "requests",
+                    "RSS idle MB",
+                    "RSS after load MB",
+                    "log lines >= warning",
+                ],
+            ),
+        ]
     header, sat_rows = saturation_rows(results)
     if sat_rows and len(header) > 1:
         out += ["", _table(sat_rows, header)]
@@ -281,8 +351,10 @@ def render(results: dict[str, Any]) -> str:
     profile = profile_lines(results)
     if profile:
         out += [""] + profile
-    for name, run in [*results.get("gateways", {}).items(),
-                      *((f"saturation {n}", r) for n, r in results.get("saturation", {}).items())]:
+    for name, run in [
+        *results.get("gateways", {}).items(),
+        *((f"saturation {n}", r) for n, r in results.get("saturation", {}).items()),
+    ]:
         if run.get("log_errors"):
             out += ["", f"Gateway log ({name}), {run.get('log_lines')} lines at warning or above, first ones verbatim:"]
             out += [f"  {line}" for line in run["log_errors"][:20]]

@@ -28,7 +28,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,21 +56,37 @@ PHASES = ("direct", "uvicorn", "daphne", "saturation")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tests.bench",
-        description="Benchmark the gateway against its simulated upstream (loopback, pinned with taskset).")
-    parser.add_argument("--redis", metavar="URL",
-                        help="also measure the gateway on Redis state (e.g. redis://127.0.0.1:6379/15)")
+        description="Benchmark the gateway against its simulated upstream (loopback, pinned with taskset).",
+    )
+    parser.add_argument(
+        "--redis", metavar="URL", help="also measure the gateway on Redis state (e.g. redis://127.0.0.1:6379/15)"
+    )
     parser.add_argument("--profile", choices=("cprofile", "py-spy"), help="profile a uvicorn gateway during a c=32 run")
     parser.add_argument("--py-spy", dest="py_spy", help="path of the py-spy binary (default: from PATH)")
-    parser.add_argument("--only", type=_phases, default=PHASES, metavar="PHASES",
-                        help=f"comma-separated subset of {','.join(PHASES)} (default: all)")
+    parser.add_argument(
+        "--only",
+        type=_phases,
+        default=PHASES,
+        metavar="PHASES",
+        help=f"comma-separated subset of {','.join(PHASES)} (default: all)",
+    )
     parser.add_argument("--quick", action="store_true", help="short windows, for checking the bench itself")
     parser.add_argument("--saturation-seconds", type=float, default=None, help="offered-load window (default 20)")
-    parser.add_argument("--saturation-minute", type=float, default=10.0,
-                        help="length of a rate-limit 'minute' on both sides in the saturation run (default 10 s)")
-    parser.add_argument("--saturation-overload", type=float, default=1.5,
-                        help="offered load as a multiple of the combined request capacity (default 1.5)")
-    parser.add_argument("--output", type=Path, default=OUTPUT,
-                        help=f"JSON results (default {OUTPUT.relative_to(REPO)})")
+    parser.add_argument(
+        "--saturation-minute",
+        type=float,
+        default=10.0,
+        help="length of a rate-limit 'minute' on both sides in the saturation run (default 10 s)",
+    )
+    parser.add_argument(
+        "--saturation-overload",
+        type=float,
+        default=1.5,
+        help="offered load as a multiple of the combined request capacity (default 1.5)",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=OUTPUT, help=f"JSON results (default {OUTPUT.relative_to(REPO)})"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (database, logs)")
     return parser.parse_args(argv)
 
@@ -91,12 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     _raise_open_file_limit()
     durations = Durations.quick() if args.quick else Durations()
-    sat_config = SaturationConfig(duration=args.saturation_seconds or (8.0 if args.quick else 20.0),
-                                  minute_seconds=args.saturation_minute, overload=args.saturation_overload)
+    sat_config = SaturationConfig(
+        duration=args.saturation_seconds or (8.0 if args.quick else 20.0),
+        minute_seconds=args.saturation_minute,
+        overload=args.saturation_overload,
+    )
     pinning = Pinning.for_cpus(usable_cpus())
     root = Path(tempfile.mkdtemp(prefix="llm-gateway-bench-"))
-    results: dict[str, Any] = {"meta": _meta(args, pinning, durations), "direct": {}, "gateways": {},
-                               "saturation": {}, "failures": []}
+    results: dict[str, Any] = {
+        "meta": _meta(args, pinning, durations),
+        "direct": {},
+        "gateways": {},
+        "saturation": {},
+        "failures": [],
+    }
     started = time.monotonic()
     code = 0
     try:
@@ -120,8 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     return code or (1 if results["failures"] else 0)
 
 
-def _run(group: ProcessGroup, env: BenchEnv, args: argparse.Namespace, pinning: Pinning, durations: Durations,
-         sat_config: SaturationConfig, results: dict[str, Any], started: float) -> None:
+def _run(
+    group: ProcessGroup,
+    env: BenchEnv,
+    args: argparse.Namespace,
+    pinning: Pinning,
+    durations: Durations,
+    sat_config: SaturationConfig,
+    results: dict[str, Any],
+    started: float,
+) -> None:
     def phase(name: str, action: Callable[[], Any]) -> Any:
         _progress(started, name)
         try:
@@ -145,31 +177,57 @@ def _run(group: ProcessGroup, env: BenchEnv, args: argparse.Namespace, pinning: 
 
     gateways = results["gateways"]
     if "uvicorn" in args.only:
-        gateways["uvicorn"] = phase("gateway uvicorn", lambda: run_gateway(
-            group, env, "uvicorn", key, pinning, durations, full=True))
+        gateways["uvicorn"] = phase(
+            "gateway uvicorn", lambda: run_gateway(group, env, "uvicorn", key, pinning, durations, full=True)
+        )
     if "daphne" in args.only:
-        gateways["daphne"] = phase("gateway daphne (c=32)", lambda: run_gateway(
-            group, env, "daphne", key, pinning, durations, full=False))
+        gateways["daphne"] = phase(
+            "gateway daphne (c=32)", lambda: run_gateway(group, env, "daphne", key, pinning, durations, full=False)
+        )
     if args.redis and "uvicorn" in args.only:
-        gateways["uvicorn+redis"] = phase("gateway uvicorn on Redis", lambda: run_gateway(
-            group, env, "uvicorn", key, pinning, durations, full=True, extra_env=_redis_env(args.redis),
-            label="gateway-uvicorn-redis"))
+        gateways["uvicorn+redis"] = phase(
+            "gateway uvicorn on Redis",
+            lambda: run_gateway(
+                group,
+                env,
+                "uvicorn",
+                key,
+                pinning,
+                durations,
+                full=True,
+                extra_env=_redis_env(args.redis),
+                label="gateway-uvicorn-redis",
+            ),
+        )
     results["gateways"] = {k: v for k, v in gateways.items() if v}
 
     if "saturation" in args.only:
-        results["saturation"]["in-process"] = phase("saturation", lambda: run_saturation(
-            group, env, sat_sim.url, keys, pinning, sat_config))
+        results["saturation"]["in-process"] = phase(
+            "saturation", lambda: run_saturation(group, env, sat_sim.url, keys, pinning, sat_config)
+        )
         if args.redis:
-            results["saturation"]["redis"] = phase("saturation on Redis", lambda: run_saturation(
-                group, env, sat_sim.url, keys, pinning, sat_config, label="gateway-saturation-redis",
-                extra_env=_redis_env(args.redis)))
+            results["saturation"]["redis"] = phase(
+                "saturation on Redis",
+                lambda: run_saturation(
+                    group,
+                    env,
+                    sat_sim.url,
+                    keys,
+                    pinning,
+                    sat_config,
+                    label="gateway-saturation-redis",
+                    extra_env=_redis_env(args.redis),
+                ),
+            )
         results["saturation"] = {k: v for k, v in results["saturation"].items() if v}
 
     if args.profile:
         from tests.bench.profiling import run_profile
 
-        results["profile"] = phase(f"profile ({args.profile})", lambda: run_profile(
-            group, env, key, pinning, durations, args.profile, env.root, args.py_spy))
+        results["profile"] = phase(
+            f"profile ({args.profile})",
+            lambda: run_profile(group, env, key, pinning, durations, args.profile, env.root, args.py_spy),
+        )
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -177,15 +235,23 @@ def _run(group: ProcessGroup, env: BenchEnv, args: argparse.Namespace, pinning: 
 
 def _fast_upstream() -> dict[str, Any]:
     """No limits, cheap prompt estimate, 16-token completions; 5 ms per token when streaming."""
-    return {"api_key": SIM_API_KEY, "prompt_estimate": "fast", "deployments": [
-        {"name": CHAT_DEPLOYMENT, "completion_tokens": 16},
-        {"name": STREAM_DEPLOYMENT, "completion_tokens": 16, "token_delay_ms": STREAM_TOKEN_DELAY_MS},
-    ]}
+    return {
+        "api_key": SIM_API_KEY,
+        "prompt_estimate": "fast",
+        "deployments": [
+            {"name": CHAT_DEPLOYMENT, "completion_tokens": 16},
+            {"name": STREAM_DEPLOYMENT, "completion_tokens": 16, "token_delay_ms": STREAM_TOKEN_DELAY_MS},
+        ],
+    }
 
 
 def _saturation_upstream(config: SaturationConfig) -> dict[str, Any]:
-    return {"api_key": SIM_API_KEY, "prompt_estimate": "fast", "minute_seconds": config.minute_seconds,
-            "deployments": config.simulator_deployments()}
+    return {
+        "api_key": SIM_API_KEY,
+        "prompt_estimate": "fast",
+        "minute_seconds": config.minute_seconds,
+        "deployments": config.simulator_deployments(),
+    }
 
 
 def _gateway_config(sim_url: str, sat_url: str, sat_config: SaturationConfig) -> dict[str, Any]:
@@ -193,13 +259,19 @@ def _gateway_config(sim_url: str, sat_url: str, sat_config: SaturationConfig) ->
 
     Token counting stays on (tiktoken, o200k through ``upstream_model``), as in production.
     """
-    fast = [{"name": CHAT_DEPLOYMENT, "model": CHAT_MODEL, "upstream_model": "gpt-4o"},
-            {"name": STREAM_DEPLOYMENT, "model": STREAM_MODEL, "upstream_model": "gpt-4o"}]
+    fast = [
+        {"name": CHAT_DEPLOYMENT, "model": CHAT_MODEL, "upstream_model": "gpt-4o"},
+        {"name": STREAM_DEPLOYMENT, "model": STREAM_MODEL, "upstream_model": "gpt-4o"},
+    ]
     return {
         "endpoints": [
             {"name": "sim-fast", "base_url": sim_url, "api_key": SIM_API_KEY, "deployments": fast},
-            {"name": "sim-saturation", "base_url": sat_url, "api_key": SIM_API_KEY,
-             "deployments": sat_config.gateway_deployments()},
+            {
+                "name": "sim-saturation",
+                "base_url": sat_url,
+                "api_key": SIM_API_KEY,
+                "deployments": sat_config.gateway_deployments(),
+            },
         ],
         "tenants": [{"slug": "bench-a", "keys": ["app"]}, {"slug": "bench-b", "keys": ["app"]}],
     }
@@ -215,9 +287,13 @@ def _redis_env(url: str) -> dict[str, str]:
 
 def _meta(args: argparse.Namespace, pinning: Pinning, durations: Durations) -> dict[str, Any]:
     return {
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "usable_cpus": usable_cpus(), "cpu_model": _cpu_model(),
-                    "kernel": platform.release()},
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "usable_cpus": usable_cpus(),
+            "cpu_model": _cpu_model(),
+            "kernel": platform.release(),
+        },
         "python": sys.version.split()[0],
         "generator": GENERATOR_NAME,
         "wrk": wrk.available(),

@@ -61,17 +61,31 @@ class SaturationConfig:
         return len(SAT_DEPLOYMENTS) * self.tpm / self.minute_seconds
 
     def simulator_deployments(self) -> list[dict[str, Any]]:
-        return [{"name": name, "model": "gpt-4o", "rpm": self.rpm, "tpm": self.tpm, "completion_tokens": 16}
-                for name in SAT_DEPLOYMENTS]
+        return [
+            {"name": name, "model": "gpt-4o", "rpm": self.rpm, "tpm": self.tpm, "completion_tokens": 16}
+            for name in SAT_DEPLOYMENTS
+        ]
 
     def gateway_deployments(self) -> list[dict[str, Any]]:
-        return [{"name": name, "model": SAT_MODEL, "rpm": self.rpm, "tpm": self.tpm, "tier": 1,
-                 "sku": "standard", "upstream_model": "gpt-4o"} for name in SAT_DEPLOYMENTS]
+        return [
+            {
+                "name": name,
+                "model": SAT_MODEL,
+                "rpm": self.rpm,
+                "tpm": self.tpm,
+                "tier": 1,
+                "sku": "standard",
+                "upstream_model": "gpt-4o",
+            }
+            for name in SAT_DEPLOYMENTS
+        ]
 
     def gateway_env(self) -> dict[str, str]:
-        return {"GATEWAY_WINDOW_MINUTE_SECONDS": str(self.minute_seconds),
-                "GATEWAY_QUEUE_TIMEOUT_SECONDS": str(self.queue_timeout),
-                "GATEWAY_QUEUE_MAX_DEPTH": str(self.queue_max_depth)}
+        return {
+            "GATEWAY_WINDOW_MINUTE_SECONDS": str(self.minute_seconds),
+            "GATEWAY_QUEUE_TIMEOUT_SECONDS": str(self.queue_timeout),
+            "GATEWAY_QUEUE_MAX_DEPTH": str(self.queue_max_depth),
+        }
 
 
 class StatsSampler:
@@ -126,36 +140,60 @@ class StatsSampler:
 def requests_for(keys: dict[str, str]) -> list[Request]:
     """Two tenants x two priorities, used in turn: half priority 0, half priority 9."""
     return [
-        Request("/v1/chat/completions", {"authorization": f"Bearer {keys[f'{tenant}/app']}"},
-                chat_body(SAT_MODEL, priority=priority), {"priority": str(priority), "tenant": tenant})
-        for priority in PRIORITIES for tenant in ("bench-a", "bench-b")
+        Request(
+            "/v1/chat/completions",
+            {"authorization": f"Bearer {keys[f'{tenant}/app']}"},
+            chat_body(SAT_MODEL, priority=priority),
+            {"priority": str(priority), "tenant": tenant},
+        )
+        for priority in PRIORITIES
+        for tenant in ("bench-a", "bench-b")
     ]
 
 
-def run_saturation(group: ProcessGroup, env: BenchEnv, sim_url: str, keys: dict[str, str], pinning: Pinning,
-                   config: SaturationConfig, *, label: str = "gateway-saturation",
-                   extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_saturation(
+    group: ProcessGroup,
+    env: BenchEnv,
+    sim_url: str,
+    keys: dict[str, str],
+    pinning: Pinning,
+    config: SaturationConfig,
+    *,
+    label: str = "gateway-saturation",
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Start a gateway with short windows, overload it for ``config.duration`` seconds, and measure.
 
     The upstream's counters and windows are reset first, so both sides start from empty windows.
     """
-    gateway = start_gateway(group, env, "uvicorn", pinning.gateway, name=label,
-                            extra_env=config.gateway_env() | (extra_env or {}))
+    gateway = start_gateway(
+        group, env, "uvicorn", pinning.gateway, name=label, extra_env=config.gateway_env() | (extra_env or {})
+    )
     since = _db_max_id(env)
     httpx.post(sim_url + "/_sim/reset", trust_env=False, timeout=5.0).raise_for_status()
     try:
         with StatsSampler(sim_url) as sampler:
-            load = run_load(gateway.url, requests_for(keys), cpus=pinning.load,
-                            rate=config.overload * config.capacity_rps, duration=config.duration,
-                            max_connections=4000, drain=config.queue_timeout + 10.0)
+            load = run_load(
+                gateway.url,
+                requests_for(keys),
+                cpus=pinning.load,
+                rate=config.overload * config.capacity_rps,
+                duration=config.duration,
+                max_connections=4000,
+                drain=config.queue_timeout + 10.0,
+            )
             sampler.sample()
         upstream = httpx.get(sim_url + "/_sim/stats", trust_env=False, timeout=5.0).json()["deployments"]
     finally:
         group.stop(gateway.child)
     records = _usage_records(env, since)
     return {
-        "config": asdict(config) | {"capacity_rps": config.capacity_rps, "capacity_tps": config.capacity_tps,
-                                    "offered_rps": config.overload * config.capacity_rps},
+        "config": asdict(config)
+        | {
+            "capacity_rps": config.capacity_rps,
+            "capacity_tps": config.capacity_tps,
+            "offered_rps": config.overload * config.capacity_rps,
+        },
         "client": _client_view(load),
         "upstream": _upstream_view(upstream, config),
         "capacity_used": _capacity_used(sampler, load, config),
@@ -176,10 +214,14 @@ def _client_view(load: dict[str, Any]) -> dict[str, Any]:
         "unfinished": load["unfinished"],
         "transport_errors": load["errors"],
         "generator_cpu_percent": load["cpu_percent"],
-        "by_priority": {p: {"status": v["status"], "latency_ms": v["latency_ms"], "latency_ok_ms": v["latency_ok_ms"]}
-                        for p, v in load["by_tag"].get("priority", {}).items()},
-        "by_tenant": {t: {"status": v["status"], "latency_ms": v["latency_ms"], "latency_ok_ms": v["latency_ok_ms"]}
-                      for t, v in load["by_tag"].get("tenant", {}).items()},
+        "by_priority": {
+            p: {"status": v["status"], "latency_ms": v["latency_ms"], "latency_ok_ms": v["latency_ok_ms"]}
+            for p, v in load["by_tag"].get("priority", {}).items()
+        },
+        "by_tenant": {
+            t: {"status": v["status"], "latency_ms": v["latency_ms"], "latency_ok_ms": v["latency_ok_ms"]}
+            for t, v in load["by_tag"].get("tenant", {}).items()
+        },
         "window_s": load["window_s"],
     }
 
@@ -189,9 +231,13 @@ def _upstream_view(stats: dict[str, Any], config: SaturationConfig) -> dict[str,
     for name in SAT_DEPLOYMENTS:
         s = stats[name]
         view[name] = {
-            "requests": s["requests"], "served": s["served"], "rate_limited_429": s["rate_limited"],
-            "by_status": s["by_status"], "tokens_counted": s["tokens_counted"],
-            "peak_requests_in_window": s["max_requests_in_window"], "peak_tokens_in_window": s["max_tokens_in_window"],
+            "requests": s["requests"],
+            "served": s["served"],
+            "rate_limited_429": s["rate_limited"],
+            "by_status": s["by_status"],
+            "tokens_counted": s["tokens_counted"],
+            "peak_requests_in_window": s["max_requests_in_window"],
+            "peak_tokens_in_window": s["max_tokens_in_window"],
             "limits": {"rpm": config.rpm, "tpm": config.tpm, "minute_seconds": config.minute_seconds},
         }
     view["total_429"] = sum(stats[name]["rate_limited"] for name in SAT_DEPLOYMENTS)

@@ -61,14 +61,17 @@ class Pinning:
 
         return {
             "direct runs": f"upstream {cpus(self.upstream_direct)}; load generator {cpus(self.load)}",
-            "gateway runs": (f"gateway {cpus(self.gateway)}; "
-                             f"upstream and load generator {cpus(self.upstream_with_gateway)}"),
+            "gateway runs": (
+                f"gateway {cpus(self.gateway)}; upstream and load generator {cpus(self.upstream_with_gateway)}"
+            ),
         }
 
 
 def chat_body(model: str | None, *, stream: bool = False, priority: int | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"messages": [{"role": "user", "content": PROMPT}],
-                            "max_tokens": STREAM_MAX_TOKENS if stream else CHAT_MAX_TOKENS}
+    body: dict[str, Any] = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": STREAM_MAX_TOKENS if stream else CHAT_MAX_TOKENS,
+    }
     if model is not None:
         body["model"] = model
     if stream:
@@ -100,21 +103,37 @@ class Target:
     results: dict[str, Any] = field(default_factory=dict)
 
 
-def run_core(target: Target, pinning: Pinning, durations: Durations, *, pid: int | None = None,
-             with_stream: bool = True, with_latency: bool = True) -> dict[str, Any]:
+def run_core(
+    target: Target,
+    pinning: Pinning,
+    durations: Durations,
+    *,
+    pid: int | None = None,
+    with_stream: bool = True,
+    with_latency: bool = True,
+) -> dict[str, Any]:
     """c=1 latency, c=32 throughput (with the server's CPU when ``pid`` is given), c=1 TTFT, wrk check."""
     results = target.results
     if with_latency:
-        results["c1"] = run_load(target.url, [target.chat], cpus=pinning.load, concurrency=1,
-                                 warmup=0.5, duration=durations.latency)
+        results["c1"] = run_load(
+            target.url, [target.chat], cpus=pinning.load, concurrency=1, warmup=0.5, duration=durations.latency
+        )
     results["c32"] = measured_throughput(target, pinning, durations, pid)
     if with_stream:
-        results["stream_c1"] = run_load(target.url, [target.stream], cpus=pinning.load, concurrency=1,
-                                        warmup=0.5, duration=durations.stream, sse=True)
+        results["stream_c1"] = run_load(
+            target.url,
+            [target.stream],
+            cpus=pinning.load,
+            concurrency=1,
+            warmup=0.5,
+            duration=durations.stream,
+            sse=True,
+        )
     if wrk.available():
         try:
-            results["c32_wrk"] = wrk.run_wrk(target.url, target.chat, concurrency=32,
-                                             duration=durations.throughput, cpus=pinning.load)
+            results["c32_wrk"] = wrk.run_wrk(
+                target.url, target.chat, concurrency=32, duration=durations.throughput, cpus=pinning.load
+            )
         except RuntimeError as exc:
             results["c32_wrk"] = {"error": str(exc)}
     return results
@@ -123,8 +142,9 @@ def run_core(target: Target, pinning: Pinning, durations: Durations, *, pid: int
 def measured_throughput(target: Target, pinning: Pinning, durations: Durations, pid: int | None) -> dict[str, Any]:
     """The c=32 closed loop; with ``pid``, that process's CPU time over the whole generator run."""
     before_cpu, before_wall = (cpu_seconds(pid), time.monotonic()) if pid else (0.0, 0.0)
-    result = run_load(target.url, [target.chat], cpus=pinning.load, concurrency=32, warmup=1.0,
-                      duration=durations.throughput)
+    result = run_load(
+        target.url, [target.chat], cpus=pinning.load, concurrency=32, warmup=1.0, duration=durations.throughput
+    )
     if pid:
         used = cpu_seconds(pid) - before_cpu
         wall = time.monotonic() - before_wall
@@ -146,9 +166,18 @@ def run_direct(sim_url: str, sim_pid: int, pinning: Pinning, durations: Duration
     return run_core(target, pinning, durations, pid=sim_pid)
 
 
-def run_gateway(group: ProcessGroup, env: BenchEnv, server: str, key: str, pinning: Pinning,
-                durations: Durations, *, full: bool, extra_env: dict[str, str] | None = None,
-                label: str | None = None) -> dict[str, Any]:
+def run_gateway(
+    group: ProcessGroup,
+    env: BenchEnv,
+    server: str,
+    key: str,
+    pinning: Pinning,
+    durations: Durations,
+    *,
+    full: bool,
+    extra_env: dict[str, str] | None = None,
+    label: str | None = None,
+) -> dict[str, Any]:
     """Start one gateway process, warm it up, measure it, stop it; its errors are kept verbatim.
 
     ``full``: every scenario (c=1, c=32, streaming, wrk); otherwise only c=32 (the daphne row).
@@ -160,8 +189,9 @@ def run_gateway(group: ProcessGroup, env: BenchEnv, server: str, key: str, pinni
         warm_up(gateway, key, pinning, durations)
         settle(1.5)
         results["rss_idle_mb"] = rss_mb(gateway.pid)
-        target = Target(gateway.url, gateway_request(key, CHAT_MODEL),
-                        gateway_request(key, STREAM_MODEL, stream=True), results)
+        target = Target(
+            gateway.url, gateway_request(key, CHAT_MODEL), gateway_request(key, STREAM_MODEL, stream=True), results
+        )
         run_core(target, pinning, durations, pid=gateway.pid, with_stream=full, with_latency=full)
         settle(0.5)
         results["rss_after_load_mb"] = rss_mb(gateway.pid)
@@ -179,18 +209,34 @@ def smoke(gateway: Gateway, key: str) -> dict[str, Any]:
     streamed = post_json(gateway.url + "/v1/chat/completions", chat_body(STREAM_MODEL, stream=True), headers)
     for response in (plain, streamed):
         if response.status_code != 200:
-            raise RuntimeError(f"{gateway.server} gateway smoke request failed: {response.status_code} "
-                               f"{response.text}\n{gateway.child.log_tail()}")
-    return {"chat_status": plain.status_code, "usage": plain.json().get("usage"),
-            "stream_events": streamed.text.count("data:")}
+            raise RuntimeError(
+                f"{gateway.server} gateway smoke request failed: {response.status_code} "
+                f"{response.text}\n{gateway.child.log_tail()}"
+            )
+    return {
+        "chat_status": plain.status_code,
+        "usage": plain.json().get("usage"),
+        "stream_events": streamed.text.count("data:"),
+    }
 
 
 def warm_up(gateway: Gateway, key: str, pinning: Pinning, durations: Durations) -> dict[str, Any]:
     """A few thousand requests (plain and streamed) before anything is measured."""
-    plain = run_load(gateway.url, [gateway_request(key, CHAT_MODEL)], cpus=pinning.load, concurrency=8,
-                     duration=durations.gateway_warmup)
-    streamed = run_load(gateway.url, [gateway_request(key, STREAM_MODEL, stream=True)], cpus=pinning.load,
-                        concurrency=4, duration=0.5, sse=True)
+    plain = run_load(
+        gateway.url,
+        [gateway_request(key, CHAT_MODEL)],
+        cpus=pinning.load,
+        concurrency=8,
+        duration=durations.gateway_warmup,
+    )
+    streamed = run_load(
+        gateway.url,
+        [gateway_request(key, STREAM_MODEL, stream=True)],
+        cpus=pinning.load,
+        concurrency=4,
+        duration=0.5,
+        sse=True,
+    )
     return {"requests": plain["total_completed"] + streamed["total_completed"]}
 
 

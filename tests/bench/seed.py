@@ -32,8 +32,12 @@ def seed(spec: dict) -> dict[str, str]:
         for endpoint_spec in spec.get("endpoints", []):
             endpoint, _ = Endpoint.objects.update_or_create(
                 name=endpoint_spec["name"],
-                defaults={"kind": Endpoint.Kind.AZURE, "base_url": endpoint_spec["base_url"],
-                          "api_key": endpoint_spec["api_key"], "api_version": "2024-10-21"},
+                defaults={
+                    "kind": Endpoint.Kind.AZURE,
+                    "base_url": endpoint_spec["base_url"],
+                    "api_key": endpoint_spec["api_key"],
+                    "api_version": "2024-10-21",
+                },
             )
             for deployment in endpoint_spec.get("deployments", []):
                 fields = dict(deployment)

@@ -51,29 +51,37 @@ class BenchEnv:
     def child_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         """The parent's environment without gateway knobs, plus the bench's database and state."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_PREFIXES)}
-        env.update({
-            "DJANGO_SETTINGS_MODULE": "gateway.settings",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "DATABASE_URL": f"sqlite:///{self.db_path}",
-            "GATEWAY_VAR_DIR": str(self.var_dir),
-            # Set even when empty: an empty value also overrides a developer's .env file.
-            "REDIS_URL": self.redis_url or "",
-            "LOG_LEVEL": "WARNING",
-            "DEBUG": "false",
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "DJANGO_SETTINGS_MODULE": "gateway.settings",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                "DATABASE_URL": f"sqlite:///{self.db_path}",
+                "GATEWAY_VAR_DIR": str(self.var_dir),
+                # Set even when empty: an empty value also overrides a developer's .env file.
+                "REDIS_URL": self.redis_url or "",
+                "LOG_LEVEL": "WARNING",
+                "DEBUG": "false",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         env.update(extra or {})
         return env
 
     def run(self, *args: str, stdin: str | None = None, timeout: float = 120.0) -> str:
         """Run ``python ARGS`` in the repository with the child environment; returns stdout."""
         result = subprocess.run(
-            [sys.executable, *args], cwd=REPO, env=self.child_env(), input=stdin, capture_output=True,
-            text=True, timeout=timeout,
+            [sys.executable, *args],
+            cwd=REPO,
+            env=self.child_env(),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if result.returncode != 0:
             raise RuntimeError(
-                f"python {' '.join(args)} failed ({result.returncode}):\n{result.stderr or result.stdout}")
+                f"python {' '.join(args)} failed ({result.returncode}):\n{result.stderr or result.stdout}"
+            )
         return result.stdout
 
     def prepare_database(self) -> None:
@@ -120,12 +128,38 @@ class Gateway:
 def server_command(server: str, port: int) -> list[str]:
     """The command that serves ``gateway.asgi:application`` with ``server`` (uvicorn or daphne)."""
     if server == "uvicorn":
-        return [sys.executable, "-m", "uvicorn", "gateway.asgi:application", "--host", "127.0.0.1",
-                "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-                "--log-level", "warning", "--lifespan", "on"]
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "gateway.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--lifespan",
+            "on",
+        ]
     if server == "daphne":
-        return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "-v", "0",
-                "gateway.asgi:application"]
+        return [
+            sys.executable,
+            "-m",
+            "daphne",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-v",
+            "0",
+            "gateway.asgi:application",
+        ]
     raise ValueError(f"unknown server {server!r}")
 
 
@@ -160,8 +194,9 @@ def start_gateway(
 
 def _healthy(gateway: Gateway) -> bool:
     if not gateway.child.alive():
-        raise RuntimeError(f"the {gateway.server} gateway exited with {gateway.child.process.returncode}:\n"
-                           f"{gateway.child.log_tail()}")
+        raise RuntimeError(
+            f"the {gateway.server} gateway exited with {gateway.child.process.returncode}:\n{gateway.child.log_tail()}"
+        )
     try:
         return httpx.get(gateway.url + "/healthz", timeout=1.0, trust_env=False).status_code == 200
     except httpx.HTTPError:

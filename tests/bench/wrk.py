@@ -31,25 +31,42 @@ def lua_string(text: str) -> str:
 
 
 def _lua(request: Request) -> str:
-    lines = ['wrk.method = "POST"', f"wrk.body = {lua_string(request.to_spec()['body'])}",
-             'wrk.headers["content-type"] = "application/json"']
+    lines = [
+        'wrk.method = "POST"',
+        f"wrk.body = {lua_string(request.to_spec()['body'])}",
+        'wrk.headers["content-type"] = "application/json"',
+    ]
     lines += [f"wrk.headers[{lua_string(k)}] = {lua_string(v)}" for k, v in request.headers.items()]
     return "\n".join(lines) + "\n"
 
 
-def run_wrk(url: str, request: Request, *, concurrency: int, duration: float,
-            cpus: Sequence[int] | None) -> dict[str, Any]:
+def run_wrk(
+    url: str, request: Request, *, concurrency: int, duration: float, cpus: Sequence[int] | None
+) -> dict[str, Any]:
     """One closed-loop wrk run (1 thread); returns req/s, p50/p99 in ms and non-2xx responses."""
     binary = available()
     if binary is None:
         raise RuntimeError("wrk is not installed")
     with tempfile.NamedTemporaryFile("w", prefix="bench-wrk-", suffix=".lua", delete=False) as f:
         f.write(_lua(request))
-    command = [binary, "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency", "-s", f.name,
-               url + request.path]
+    command = [
+        binary,
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{max(1, round(duration))}s",
+        "--latency",
+        "-s",
+        f.name,
+        url + request.path,
+    ]
     try:
-        result = subprocess.run(pinned(command, cpus), capture_output=True, text=True,
-                                preexec_fn=affinity_setter(cpus), timeout=duration + 30)
+        result = subprocess.run(
+            pinned(command, cpus),
+            capture_output=True,
+            text=True,
+            preexec_fn=affinity_setter(cpus),
+            timeout=duration + 30,
+        )
     finally:
         os.unlink(f.name)
     if result.returncode != 0:

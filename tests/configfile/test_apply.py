@@ -104,8 +104,7 @@ def state() -> dict[str, list[dict[str, Any]]]:
 def with_everything() -> str:
     """BASE plus a second endpoint, a second tenant and a second price."""
     return (
-        BASE.replace("tenants:\n", EXTRA_ENDPOINT + "tenants:\n")
-        .replace("prices:\n", EXTRA_TENANT + "prices:\n")
+        BASE.replace("tenants:\n", EXTRA_ENDPOINT + "tenants:\n").replace("prices:\n", EXTRA_TENANT + "prices:\n")
         + EXTRA_PRICE
     )
 
@@ -122,7 +121,12 @@ def test_apply_creates_everything_the_file_names(tmp_path: Path) -> None:
     assert (endpoint.connect_timeout, endpoint.first_byte_timeout, endpoint.total_timeout) == (5, 60, 600)
     ptu = Deployment.objects.get(endpoint=endpoint, name="gpt4o-ptu")
     assert (ptu.model, ptu.sku, ptu.tier, ptu.max_wait_seconds, ptu.rpm, ptu.tpm) == (
-        "gpt-4o", "provisioned", 1, 1.0, 600, 100_000,
+        "gpt-4o",
+        "provisioned",
+        1,
+        1.0,
+        600,
+        100_000,
     )
     paygo = Deployment.objects.get(endpoint=endpoint, name="gpt4o-paygo")
     assert (paygo.sku, paygo.tier, paygo.context_window) == ("standard", 2, 128_000)  # model defaults
@@ -176,9 +180,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.django_db
-def test_a_changed_field_is_updated_and_reported_by_name_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_changed_field_is_updated_and_reported_by_name_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     apply(write(tmp_path, BASE))
     tenant_stamp = Tenant.objects.get(slug="team-a").updated_at
     monkeypatch.setenv("AZURE_EAST_KEY", "rotated-secret-value-9999")
@@ -198,7 +200,9 @@ def test_a_changed_field_is_updated_and_reported_by_name_only(
     assert "rotated-secret-value-9999" not in output and SECRET not in output
     endpoint = Endpoint.objects.get(name="east")
     assert (endpoint.base_url, endpoint.api_key, endpoint.connect_timeout) == (
-        "https://east2.openai.azure.com", "rotated-secret-value-9999", 3.0,
+        "https://east2.openai.azure.com",
+        "rotated-secret-value-9999",
+        3.0,
     )
     assert Deployment.objects.get(name="gpt4o-paygo").rpm == 900
     assert Tenant.objects.get(slug="team-a").updated_at == tenant_stamp  # unchanged rows are not saved
@@ -358,9 +362,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.django_db
-def test_a_database_failure_midway_rolls_back_the_whole_apply(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_database_failure_midway_rolls_back_the_whole_apply(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(self: Price, *args: Any, **kwargs: Any) -> None:
         raise DatabaseError("disk full")
 

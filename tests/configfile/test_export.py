@@ -35,19 +35,28 @@ def apply(path: Path, *args: str) -> str:
 def cast(endpoint, ptu_deployment, standard_deployment, tenant_a, tenant_b, key_a) -> None:
     """The shared cast, plus what exercises every corner of the format."""
     Endpoint.objects.create(
-        name="west-ad", base_url="https://west.openai.azure.com", auth=Endpoint.Auth.AZURE_AD,
-        ad_tenant_id="contoso-tenant", ad_client_id="client-1", ad_client_secret=AD_SECRET,
+        name="west-ad",
+        base_url="https://west.openai.azure.com",
+        auth=Endpoint.Auth.AZURE_AD,
+        ad_tenant_id="contoso-tenant",
+        ad_client_id="client-1",
+        ad_client_secret=AD_SECRET,
     )
     Deployment.objects.create(endpoint=endpoint, name="odd-${name}", model="gpt-4o-mini", upstream_model="gpt-4o")
     AccessPolicy.objects.filter(tenant=tenant_a).update(ip_allow=["10.0.0.0/8", "::1"], allowed_models=["gpt-4o"])
     Tenant.objects.create(slug="team-old", name="Old team", active=False)
     Quota.objects.create(tenant=tenant_a, key=key_a.key, rpm=5)  # per-key: not part of the file
     Price.objects.create(
-        model="gpt-4o", input_per_million=Decimal("2.5"), cached_input_per_million=Decimal("1.25"),
-        output_per_million=Decimal("10"), effective_from=datetime(2026, 1, 1, tzinfo=UTC),
+        model="gpt-4o",
+        input_per_million=Decimal("2.5"),
+        cached_input_per_million=Decimal("1.25"),
+        output_per_million=Decimal("10"),
+        effective_from=datetime(2026, 1, 1, tzinfo=UTC),
     )
     Price.objects.create(
-        model="gpt-4o", input_per_million=Decimal("2.123456"), output_per_million=Decimal("8"),
+        model="gpt-4o",
+        input_per_million=Decimal("2.123456"),
+        output_per_million=Decimal("8"),
         effective_from=datetime(2026, 6, 1, 12, 30, tzinfo=UTC),
     )
 
@@ -75,9 +84,7 @@ def test_export_redacts_secrets_as_named_env_references(cast, tmp_path: Path) ->
 
 
 @pytest.mark.django_db
-def test_applying_an_export_to_the_same_database_changes_nothing(
-    cast, secrets_in_env, tmp_path: Path
-) -> None:
+def test_applying_an_export_to_the_same_database_changes_nothing(cast, secrets_in_env, tmp_path: Path) -> None:
     path = tmp_path / "exported.yaml"
     path.write_text(export()[0])
 
@@ -90,9 +97,7 @@ def test_applying_an_export_to_the_same_database_changes_nothing(
 
 
 @pytest.mark.django_db
-def test_export_apply_to_an_empty_database_export_gives_the_same_text(
-    cast, secrets_in_env, tmp_path: Path
-) -> None:
+def test_export_apply_to_an_empty_database_export_gives_the_same_text(cast, secrets_in_env, tmp_path: Path) -> None:
     first = export()[0]
     path = tmp_path / "exported.yaml"
     path.write_text(first)

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.limits import request_windows, token_windows
+from gateway.balancer.windows import request_windows, token_windows
 from gateway.models import Deployment, Endpoint
 from gateway.simulator.stats import window_key
 from tenants.models import Tenant
@@ -42,8 +42,10 @@ MODEL = "gpt-4o"
 PROMPT = [{"role": "user", "content": "hi"}]
 PROMPT_TOKENS = 8  # "hi" as one user message: 3 + 1 (role) + 1 (content) + 3 (reply priming)
 BACKENDS = ["memory", "redis"]
-NO_REDIS = ("REDIS_URL is not set: the Redis balancer backend cannot be exercised (the in-process "
-            "variant of this test runs instead)")
+NO_REDIS = (
+    "REDIS_URL is not set: the Redis balancer backend cannot be exercised (the in-process "
+    "variant of this test runs instead)"
+)
 
 
 def redis_prefix() -> str:
@@ -51,6 +53,7 @@ def redis_prefix() -> str:
 
 
 # -- configuration ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, settings):
@@ -108,14 +111,18 @@ def knobs(settings, balancer_prefix):
 
 # -- the upstream ----------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def start_sim():
     """``start_sim([{name, rpm, tpm, ...}, ...], minute=MINUTE)`` -> a simulator in a subprocess."""
     handles = []
 
     def start(deployments: list[dict], minute: float = MINUTE):
-        config = {"api_key": SIM_KEY, "minute_seconds": minute,
-                  "deployments": [{"model": MODEL, "completion_tokens": 5, **d} for d in deployments]}
+        config = {
+            "api_key": SIM_KEY,
+            "minute_seconds": minute,
+            "deployments": [{"model": MODEL, "completion_tokens": 5, **d} for d in deployments],
+        }
         handle = start_simulator_process(config)
         handles.append(handle)
         return handle
@@ -131,8 +138,9 @@ def deploy(transactional_db):
     of model ``MODEL`` on an Azure endpoint pointing at ``sim`` (names match the simulator's)."""
 
     def create(sim, deployments: list[dict]) -> dict[str, Deployment]:
-        endpoint = Endpoint.objects.create(name=f"sim-{uuid.uuid4().hex[:6]}", kind=Endpoint.Kind.AZURE,
-                                           base_url=sim.url, api_key=SIM_KEY)
+        endpoint = Endpoint.objects.create(
+            name=f"sim-{uuid.uuid4().hex[:6]}", kind=Endpoint.Kind.AZURE, base_url=sim.url, api_key=SIM_KEY
+        )
         out = {}
         for d in deployments:
             fields = {"model": MODEL, "upstream_model": "gpt-4o", **d}
@@ -154,6 +162,7 @@ def tenant_key(transactional_db):
 
 
 # -- gateways --------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def start_gateway():
@@ -180,7 +189,7 @@ def start_gateway():
 def stop_thread_gateway(server: ThreadGateway, timeout: float = 20.0) -> None:
     """Stop a ThreadGateway and make sure it has stopped before the next test starts one.
 
-    The gateway's runtime (``gateway.lifecycle.runtime``, the usage sink) is global to the
+    The gateway's runtime (``gateway.proxy.runtime.runtime``, the usage sink) is global to the
     process: a gateway still shutting down while the next one starts takes the new one's Redis
     client and flusher with it, and that test loses its usage records. Its shutdown can hang: it
     cancels the snapshot refresher and awaits it, and redis-py's asyncio client sometimes loses
@@ -233,6 +242,7 @@ def start_process_gateway():
 
 # -- load ------------------------------------------------------------------------------------------
 
+
 def chat_body(max_tokens: int, **extra) -> dict:
     """A chat request whose demand is ``PROMPT_TOKENS + max_tokens`` on both sides."""
     return {"model": MODEL, "messages": PROMPT, "max_tokens": max_tokens, **extra}
@@ -273,8 +283,9 @@ async def _fire(http: httpx.AsyncClient, shot: Shot, url: str, t0: float) -> Res
     headers = {"Authorization": f"Bearer {shot.secret}"}
     timeout = shot.client_timeout if shot.client_timeout is not None else 120.0
     try:
-        response = await http.post((shot.url or url) + "/v1/chat/completions", json=shot.body, headers=headers,
-                                   timeout=timeout)
+        response = await http.post(
+            (shot.url or url) + "/v1/chat/completions", json=shot.body, headers=headers, timeout=timeout
+        )
     except httpx.HTTPError as exc:
         return Result(shot, 0, sent, time.monotonic() - t0, error=f"{type(exc).__name__}: {exc}")
     done = time.monotonic() - t0
@@ -282,8 +293,15 @@ async def _fire(http: httpx.AsyncClient, shot: Shot, url: str, t0: float) -> Res
         payload = response.json()
     except ValueError:
         payload = response.text
-    return Result(shot, response.status_code, sent, done, response.headers.get("x-request-id", ""),
-                  "" if response.status_code == 200 else str(payload)[:300], payload)
+    return Result(
+        shot,
+        response.status_code,
+        sent,
+        done,
+        response.headers.get("x-request-id", ""),
+        "" if response.status_code == 200 else str(payload)[:300],
+        payload,
+    )
 
 
 class Run(list):

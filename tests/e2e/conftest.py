@@ -22,7 +22,12 @@ def sim():
             {"name": "chat-a", "model": "gpt-4o-2024-08-06", "completion_tokens": 8},
             {"name": "chat-slow", "model": "gpt-4o-2024-08-06", "completion_tokens": 10, "token_delay_ms": 100},
             {"name": "embed-a", "model": "text-embedding-3-small", "embedding_dims": 16},
-            {"name": "chat-nousage", "model": "gpt-4o-2024-08-06", "completion_tokens": 6, "send_usage_in_stream": False},
+            {
+                "name": "chat-nousage",
+                "model": "gpt-4o-2024-08-06",
+                "completion_tokens": 6,
+                "send_usage_in_stream": False,
+            },
         ],
     }
     handle = start_simulator(config)
@@ -34,8 +39,12 @@ def sim():
 def upstream(transactional_db, sim):
     """An Azure endpoint on the simulator with one deployment per client-facing model."""
     endpoint = Endpoint.objects.create(name="sim", kind=Endpoint.Kind.AZURE, base_url=sim.url, api_key=SIM_KEY)
-    for name, model in (("chat-a", "gpt-4o"), ("chat-slow", "slow-model"), ("embed-a", "text-embedding-3-small"),
-                        ("chat-nousage", "no-usage-model")):
+    for name, model in (
+        ("chat-a", "gpt-4o"),
+        ("chat-slow", "slow-model"),
+        ("embed-a", "text-embedding-3-small"),
+        ("chat-nousage", "no-usage-model"),
+    ):
         Deployment.objects.create(endpoint=endpoint, name=name, model=model, upstream_model="gpt-4o")
     return endpoint
 

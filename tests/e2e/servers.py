@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import subprocess
@@ -23,8 +22,9 @@ class ThreadGateway:
     """The real ASGI application under uvicorn in a background thread of the test process."""
 
     def __init__(self) -> None:
-        config = uvicorn.Config("gateway.asgi:application", host="127.0.0.1", port=0, lifespan="on",
-                                log_level="warning", loop="asyncio")
+        config = uvicorn.Config(
+            "gateway.asgi:application", host="127.0.0.1", port=0, lifespan="on", log_level="warning", loop="asyncio"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="test-gateway", daemon=True)
 
@@ -72,9 +72,22 @@ class ProcessGateway:
             env["REDIS_URL"] = settings.REDIS_URL
         env.update(extra_env or {})
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "gateway.asgi:application", "--host", "127.0.0.1", "--port",
-             str(self.port), "--log-level", "warning", "--lifespan", "on"],
-            cwd=ROOT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "gateway.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                "--lifespan",
+                "on",
+            ],
+            cwd=ROOT,
+            env=env,
         )
 
     def start(self) -> ProcessGateway:

@@ -17,19 +17,32 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 @pytest.fixture
 def ad_sim():
-    sim = start_simulator({
-        "api_key": "static-key-the-gateway-must-not-need",
-        "azure_ad": {"tenant": "contoso", "client_id": "gateway-app", "client_secret": "ad-secret", "expires_in": 3600},
-        "deployments": [{"name": "gpt-4o-ad", "model": "gpt-4o"}],
-    })
+    sim = start_simulator(
+        {
+            "api_key": "static-key-the-gateway-must-not-need",
+            "azure_ad": {
+                "tenant": "contoso",
+                "client_id": "gateway-app",
+                "client_secret": "ad-secret",
+                "expires_in": 3600,
+            },
+            "deployments": [{"name": "gpt-4o-ad", "model": "gpt-4o"}],
+        }
+    )
     yield sim
     sim.stop()
 
 
 def test_requests_carry_a_cached_azure_ad_token(ad_sim, transactional_db):
     endpoint = Endpoint.objects.create(
-        name="ad", kind=Endpoint.Kind.AZURE, base_url=ad_sim.url, auth=Endpoint.Auth.AZURE_AD,
-        ad_tenant_id="contoso", ad_client_id="gateway-app", ad_client_secret="ad-secret", ad_authority=ad_sim.url,
+        name="ad",
+        kind=Endpoint.Kind.AZURE,
+        base_url=ad_sim.url,
+        auth=Endpoint.Auth.AZURE_AD,
+        ad_tenant_id="contoso",
+        ad_client_id="gateway-app",
+        ad_client_secret="ad-secret",
+        ad_authority=ad_sim.url,
     )
     Deployment.objects.create(endpoint=endpoint, name="gpt-4o-ad", model="gpt-4o")
     issued = key_issue(Tenant.objects.create(slug="ad-team", name="AD team"), name="app")

@@ -1,5 +1,5 @@
 """The capacity-aware balancer end to end: client -> gateway -> a simulated upstream that
-enforces its own RPM/TPM windows (the same windows as the gateway's, from ``gateway.limits``).
+enforces its own RPM/TPM windows (the same windows as the gateway's, from ``gateway.balancer.windows``).
 
 Every test runs against both balancer backends: the in-process one always, Redis when REDIS_URL
 is set (a unique key prefix per test). Both sides use a 3-second "minute", so the request
@@ -14,8 +14,21 @@ import time
 import pytest
 
 from tests.e2e.balancing_fixtures import (  # noqa: F401  (fixtures are used by name)
-    MINUTE, PROMPT_TOKENS, Shot, assert_within_limits, backend, balancer_prefix, chat_body, deploy, failures, knobs,
-    median, run_load, start_gateway, start_sim, tenant_key,
+    MINUTE,
+    PROMPT_TOKENS,
+    Shot,
+    assert_within_limits,
+    backend,
+    balancer_prefix,
+    chat_body,
+    deploy,
+    failures,
+    knobs,
+    median,
+    run_load,
+    start_gateway,
+    start_sim,
+    tenant_key,
 )
 from tests.e2e.usage import wait_for_records
 
@@ -65,8 +78,9 @@ def test_burst_within_capacity_draws_no_upstream_429(backend, knobs, start_sim, 
     assert {r.deployment_name for r in records} == set(PAIR)
 
 
-def test_saturation_keeps_upstream_within_limits_and_uses_capacity(backend, knobs, start_sim, deploy, tenant_key,
-                                                                   start_gateway):
+def test_saturation_keeps_upstream_within_limits_and_uses_capacity(
+    backend, knobs, start_sim, deploy, tenant_key, start_gateway
+):
     """Offered load 25 % above the combined capacity for two minutes, then the queue drains.
 
     Share of capacity used = U / C, where
@@ -109,8 +123,10 @@ def test_saturation_keeps_upstream_within_limits_and_uses_capacity(backend, knob
     assert waited_long >= offered - 2 * per_minute, waited_long
     last = max(r.done for r in results)
     assert last < 3 * MINUTE + 1.5, f"the queue drained only after {last:.2f} s"
-    print(f"\nshare of capacity used: {share:.1%}; queue drained at {last:.2f} s; "
-          f"median wait {median(r.queue_wait_ms for r in records):.0f} ms")
+    print(
+        f"\nshare of capacity used: {share:.1%}; queue drained at {last:.2f} s; "
+        f"median wait {median(r.queue_wait_ms for r in records):.0f} ms"
+    )
 
 
 PTU_SIM = {"name": "ptu", "sku": "provisioned", "ptu_tokens_per_minute": 1_000_000}
@@ -136,12 +152,12 @@ def ptu_and_standard(start_sim, deploy, tenant_key, start_gateway, fault):
     return stats, results, [records[r.request_id] for r in results]
 
 
-def test_ptu_429_with_long_retry_after_spills_to_standard(backend, knobs, start_sim, deploy, tenant_key,
-                                                          start_gateway):
+def test_ptu_429_with_long_retry_after_spills_to_standard(backend, knobs, start_sim, deploy, tenant_key, start_gateway):
     """retry-after-ms 5000 > max wait 1 s: the first request is retried on standard at once, and
     the PTU, cooling for 5 s, is not tried again; nothing waits for it."""
-    stats, results, records = ptu_and_standard(start_sim, deploy, tenant_key, start_gateway,
-                                               {"kind": "rate_limit", "retry_after_ms": 5000, "count": 1})
+    stats, results, records = ptu_and_standard(
+        start_sim, deploy, tenant_key, start_gateway, {"kind": "rate_limit", "retry_after_ms": 5000, "count": 1}
+    )
     assert (stats["ptu"]["requests"], stats["ptu"]["rate_limited"]) == (1, 1), stats["ptu"]
     assert stats["std"]["served"] == 11 and stats["std"]["rate_limited"] == 0
     assert [r.deployment_name for r in records] == ["std"] * 11
@@ -150,11 +166,11 @@ def test_ptu_429_with_long_retry_after_spills_to_standard(backend, knobs, start_
     assert max(r.latency for r in results) < 0.8, [round(r.latency, 3) for r in results]
 
 
-def test_ptu_429_with_short_retry_after_waits_for_the_ptu(backend, knobs, start_sim, deploy, tenant_key,
-                                                          start_gateway):
+def test_ptu_429_with_short_retry_after_waits_for_the_ptu(backend, knobs, start_sim, deploy, tenant_key, start_gateway):
     """retry-after-ms 200 < max wait 1 s: requests wait for the PTU; none goes to standard."""
-    stats, results, records = ptu_and_standard(start_sim, deploy, tenant_key, start_gateway,
-                                               {"kind": "rate_limit", "retry_after_ms": 200, "count": 1})
+    stats, results, records = ptu_and_standard(
+        start_sim, deploy, tenant_key, start_gateway, {"kind": "rate_limit", "retry_after_ms": 200, "count": 1}
+    )
     assert stats["std"]["requests"] == 0, stats["std"]
     assert (stats["ptu"]["served"], stats["ptu"]["rate_limited"]) == (11, 1), stats["ptu"]
     assert {r.deployment_name for r in records} == {"ptu"}
@@ -163,14 +179,16 @@ def test_ptu_429_with_short_retry_after_waits_for_the_ptu(backend, knobs, start_
     assert results[0].latency >= 0.18
 
 
-def test_ptu_that_keeps_answering_429_spills_after_its_max_wait(backend, knobs, start_sim, deploy, tenant_key,
-                                                                start_gateway):
+def test_ptu_that_keeps_answering_429_spills_after_its_max_wait(
+    backend, knobs, start_sim, deploy, tenant_key, start_gateway
+):
     """Every PTU answer is a 429 with retry-after-ms 200: each wait alone fits the 1 s allowance,
     but the allowance is the request's, not each attempt's: after ~1 s the requests go to
     standard. (Before the fix in policy.py each retry restarted the allowance; the requests
     bounced on the PTU until the forwarder's 429 budget ran out and the clients got 429s.)"""
-    stats, results, records = ptu_and_standard(start_sim, deploy, tenant_key, start_gateway,
-                                               {"kind": "rate_limit", "retry_after_ms": 200})
+    stats, results, records = ptu_and_standard(
+        start_sim, deploy, tenant_key, start_gateway, {"kind": "rate_limit", "retry_after_ms": 200}
+    )
     assert stats["ptu"]["served"] == 0 and stats["ptu"]["rate_limited"] >= 11
     assert stats["std"]["served"] == 11
     assert {r.deployment_name for r in records} == {"std"}
@@ -234,8 +252,7 @@ def test_tenants_bursting_at_one_priority_share_fairly(backend, knobs, start_sim
     wait_for_records(len(shots))
 
 
-def test_breaker_opens_on_500s_moves_traffic_and_recovers(backend, knobs, start_sim, deploy, tenant_key,
-                                                          start_gateway):
+def test_breaker_opens_on_500s_moves_traffic_and_recovers(backend, knobs, start_sim, deploy, tenant_key, start_gateway):
     """Deployment A answers 500 until cleared. Each failure is retried on B before any byte
     reaches the client (streamed requests); after BREAKER_FAILURES (3) failures A's breaker opens
     and A gets nothing more. Once the fault is cleared and the open time is over, one probe
@@ -283,8 +300,9 @@ def test_breaker_opens_on_500s_moves_traffic_and_recovers(backend, knobs, start_
     wait_for_records(sent + 10)
 
 
-def test_client_that_leaves_the_queue_does_not_block_the_next(backend, knobs, start_sim, deploy, tenant_key,
-                                                              start_gateway):
+def test_client_that_leaves_the_queue_does_not_block_the_next(
+    backend, knobs, start_sim, deploy, tenant_key, start_gateway
+):
     """RPM 6: one request per 0.5 s window. R0 takes it; R1 queues and its client hangs up at
     0.25 s; R2 (0.3 s) must be served when the window frees (~0.55 s), not stuck behind R1's
     ticket until its lease lapses (10 s)."""
@@ -292,9 +310,11 @@ def test_client_that_leaves_the_queue_does_not_block_the_next(backend, knobs, st
     deploy(sim, [{"name": "std", "rpm": 6, "tpm": 1_000_000}])
     secret = tenant_key("leaver")
     gateway = start_gateway()
-    shots = [Shot(0.0, secret, chat_body(20), tag="R0"),
-             Shot(0.05, secret, chat_body(20), tag="R1", client_timeout=0.2),
-             Shot(0.3, secret, chat_body(20), tag="R2")]
+    shots = [
+        Shot(0.0, secret, chat_body(20), tag="R0"),
+        Shot(0.05, secret, chat_body(20), tag="R1", client_timeout=0.2),
+        Shot(0.3, secret, chat_body(20), tag="R2"),
+    ]
     r0, r1, r2 = run_load(shots, gateway.url)
     assert r0.status == 200 and r1.status == 0 and r2.status == 200, (r0, r1, r2)
     assert r2.latency < 2.0, r2.latency

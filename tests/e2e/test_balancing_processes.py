@@ -11,8 +11,19 @@ import pytest
 from django.conf import settings
 
 from tests.e2e.balancing_fixtures import (  # noqa: F401  (fixtures are used by name)
-    MINUTE, PROMPT_TOKENS, Shot, assert_within_limits, balancer_prefix, chat_body, deploy, failures, median, run_load,
-    start_process_gateway, start_sim, tenant_key,
+    MINUTE,
+    PROMPT_TOKENS,
+    Shot,
+    assert_within_limits,
+    balancer_prefix,
+    chat_body,
+    deploy,
+    failures,
+    median,
+    run_load,
+    start_process_gateway,
+    start_sim,
+    tenant_key,
 )
 from tests.e2e.usage import wait_for_records
 
@@ -22,11 +33,16 @@ RPM, TPM = 120, 12_000
 PAIR = ["std-a", "std-b"]
 
 
-@pytest.mark.skipif(not settings.REDIS_URL, reason=(
-    "REDIS_URL is not set: gateway processes share the balancer's windows and queue only through Redis; "
-    "with the in-process state each process would balance alone, so there is nothing shared to test"))
-def test_two_processes_sharing_redis_keep_the_upstream_within_its_limits(start_sim, deploy, tenant_key,
-                                                                        start_process_gateway, balancer_prefix):
+@pytest.mark.skipif(
+    not settings.REDIS_URL,
+    reason=(
+        "REDIS_URL is not set: gateway processes share the balancer's windows and queue only through Redis; "
+        "with the in-process state each process would balance alone, so there is nothing shared to test"
+    ),
+)
+def test_two_processes_sharing_redis_keep_the_upstream_within_its_limits(
+    start_sim, deploy, tenant_key, start_process_gateway, balancer_prefix
+):
     """60 requests of 300 tokens to each process, within 0.6 s: 36,000 tokens against 24,000 per
     minute. Each process alone would see room for 80 requests and send them all in the first
     minute (120 in all: 429s); together they send 80, then the rest as the windows free, and the
@@ -46,8 +62,10 @@ def test_two_processes_sharing_redis_keep_the_upstream_within_its_limits(start_s
     per_process, demand = 60, 300
     # Alternately to each process, 5 ms apart (all within 0.6 s, long before the queue drains).
     urls = {"1": first.url, "2": second.url}
-    shots = [Shot(i * 0.005, secret, chat_body(demand - PROMPT_TOKENS), tag="12"[i % 2], url=urls["12"[i % 2]])
-             for i in range(2 * per_process)]
+    shots = [
+        Shot(i * 0.005, secret, chat_body(demand - PROMPT_TOKENS), tag="12"[i % 2], url=urls["12"[i % 2]])
+        for i in range(2 * per_process)
+    ]
     results = run_load(shots)
 
     assert failures(results) == []
@@ -63,8 +81,11 @@ def test_two_processes_sharing_redis_keep_the_upstream_within_its_limits(start_s
     records = wait_for_records(2 * per_process)
     by_id = {r.request_id: r for r in records}
     t0 = results.wall0
-    first_minute = [i for i, r in enumerate(results) if by_id[r.request_id].started_at.timestamp()
-                    + by_id[r.request_id].queue_wait_ms / 1000.0 < t0 + MINUTE]
+    first_minute = [
+        i
+        for i, r in enumerate(results)
+        if by_id[r.request_id].started_at.timestamp() + by_id[r.request_id].queue_wait_ms / 1000.0 < t0 + MINUTE
+    ]
     per_minute = len(PAIR) * TPM // demand
     share = len(first_minute) * demand / (len(PAIR) * TPM)
     assert share >= 0.9, f"the first minute used {share:.1%} of the capacity"
@@ -77,5 +98,7 @@ def test_two_processes_sharing_redis_keep_the_upstream_within_its_limits(start_s
     # And the two deployments shared the load.
     for name in PAIR:
         assert stats[name]["served"] >= 0.4 * 2 * per_process, stats[name]
-    print(f"\nfirst minute: {share:.1%} of capacity, {from_first:.0%} from process 1, {in_order:.0%} in order; "
-          f"median latency {m1:.2f} s / {m2:.2f} s; done at {max(r.done for r in results):.2f} s")
+    print(
+        f"\nfirst minute: {share:.1%} of capacity, {from_first:.0%} from process 1, {in_order:.0%} in order; "
+        f"median latency {m1:.2f} s / {m2:.2f} s; done at {max(r.done for r in results):.2f} s"
+    )

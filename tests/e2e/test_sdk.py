@@ -48,8 +48,11 @@ def test_stream_without_include_usage_leaks_no_usage_chunk(client):
 
 
 def test_stream_with_include_usage_gets_usage(client):
-    chunks = list(client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=20, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-4o", messages=HELLO, max_tokens=20, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
 
 
@@ -150,8 +153,9 @@ def test_errors_are_openai_shaped_with_the_right_status(gateway, team):
 def test_body_over_the_limit_is_refused_with_413(gateway, team, settings):
     settings.GATEWAY = {**settings.GATEWAY, "MAX_BODY_BYTES": 1000}
     big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 5000}]}
-    response = httpx.post(gateway.url + "/v1/chat/completions", json=big,
-                          headers={"Authorization": f"Bearer {team.secret}"})
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions", json=big, headers={"Authorization": f"Bearer {team.secret}"}
+    )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
     [record] = wait_for_records(1)

@@ -20,8 +20,9 @@ HELLO = [{"role": "user", "content": "hi"}]
 
 
 async def _disconnect_mid_stream(http: httpx.AsyncClient, auth: dict) -> str:
-    async with http.stream("POST", "/v1/chat/completions", headers=auth,
-                           json={"model": "slow-model", "messages": HELLO, "stream": True}) as response:
+    async with http.stream(
+        "POST", "/v1/chat/completions", headers=auth, json={"model": "slow-model", "messages": HELLO, "stream": True}
+    ) as response:
         async for _ in response.aiter_bytes():
             break  # first chunk, then hang up
     return "disconnect"
@@ -29,8 +30,9 @@ async def _disconnect_mid_stream(http: httpx.AsyncClient, auth: dict) -> str:
 
 async def _disconnect_while_waiting(http: httpx.AsyncClient, auth: dict) -> str:
     try:
-        await http.post("/v1/chat/completions", headers=auth, timeout=0.3,
-                        json={"model": "slow-model", "messages": HELLO})
+        await http.post(
+            "/v1/chat/completions", headers=auth, timeout=0.3, json={"model": "slow-model", "messages": HELLO}
+        )
     except httpx.TimeoutException:
         return "timeout"
     return "answered"
@@ -65,7 +67,9 @@ def test_records_equal_requests_after_a_mixed_run(gateway, team, sim):
 
 
 def test_disconnect_cancels_the_upstream_stream(gateway, team, sim):
-    asyncio.run(_disconnect_mid_stream(httpx.AsyncClient(base_url=gateway.url), {"Authorization": f"Bearer {team.secret}"}))
+    asyncio.run(
+        _disconnect_mid_stream(httpx.AsyncClient(base_url=gateway.url), {"Authorization": f"Bearer {team.secret}"})
+    )
     [record] = wait_for_records(1)
     assert record.outcome == "client_disconnect" and record.streamed
     # The upstream would stream 10 tokens over ~1 s; cancelled, it records a broken (dropped) stream.
@@ -81,10 +85,18 @@ def test_graceful_shutdown_finishes_streams_and_flushes_usage(upstream, team):
         auth = {"Authorization": f"Bearer {team.secret}"}
         with httpx.Client(base_url=gateway.url, timeout=10) as http:
             for _ in range(3):
-                assert http.post("/v1/chat/completions", headers=auth,
-                                 json={"model": "gpt-4o", "messages": HELLO}).status_code == 200
-            with http.stream("POST", "/v1/chat/completions", headers=auth,
-                             json={"model": "slow-model", "messages": HELLO, "stream": True}) as response:
+                assert (
+                    http.post(
+                        "/v1/chat/completions", headers=auth, json={"model": "gpt-4o", "messages": HELLO}
+                    ).status_code
+                    == 200
+                )
+            with http.stream(
+                "POST",
+                "/v1/chat/completions",
+                headers=auth,
+                json={"model": "slow-model", "messages": HELLO, "stream": True},
+            ) as response:
                 chunks = response.iter_bytes()
                 first = next(chunks)
                 gateway.process.send_signal(signal.SIGTERM)

@@ -226,9 +226,7 @@ def start_simulator_process(
         "--host", host, "--port", str(port), "--config", str(config_file),
     ]  # fmt: skip
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            command, cwd=_REPO_ROOT, env=child_env, stdout=log_file, stderr=subprocess.STDOUT
-        )
+        process = subprocess.Popen(command, cwd=_REPO_ROOT, env=child_env, stdout=log_file, stderr=subprocess.STDOUT)
     files = [config_file, log_path]
     try:
         if cpus is not None:

@@ -9,10 +9,10 @@ from dataclasses import replace
 import pytest
 from aiohttp import web
 
-from gateway import upstream
-from gateway.azure_ad import AzureADTokenProvider
-from gateway.snapshot_types import AUTH_AZURE_AD, AZURE, EndpointView
-from gateway.upstream import UpstreamAuthError
+from gateway.proxy import upstream
+from gateway.proxy.azure_ad import AzureADTokenProvider
+from gateway.proxy.upstream import UpstreamAuthError
+from gateway.snapshot.types import AUTH_AZURE_AD, AZURE, EndpointView
 
 SECRET = "s3cr3t-client-secret-value"
 

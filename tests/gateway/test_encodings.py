@@ -15,8 +15,8 @@ import tiktoken.load
 from django.core.management import call_command
 from tiktoken_ext import openai_public
 
-from gateway import encodings
-from gateway.encodings import EncodingDataError
+from gateway.proxy import encodings
+from gateway.proxy.encodings import EncodingDataError
 
 # tiktoken's cache names: sha1 of https://openaipublic.blob.core.windows.net/encodings/<name>.tiktoken
 CACHE_NAMES = {

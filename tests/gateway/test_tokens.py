@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import tiktoken.model
 
-from gateway import encodings, tokens
-from gateway.tokens import StreamTokenCounter, completion_allowance, count_prompt_tokens, encoding_name_for
+from gateway.proxy import encodings, tokens
+from gateway.proxy.tokens import StreamTokenCounter, completion_allowance, count_prompt_tokens, encoding_name_for
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -18,12 +18,26 @@ def loaded_encodings():
 # itself reported 129 prompt tokens for gpt-3.5-turbo-0125 / gpt-4-0613 and 124 for gpt-4o /
 # gpt-4o-mini.
 COOKBOOK_MESSAGES = [
-    {"role": "system", "content": "You are a helpful, pattern-following assistant that translates corporate jargon into plain English."},
+    {
+        "role": "system",
+        "content": "You are a helpful, pattern-following assistant that translates corporate jargon into plain English.",
+    },
     {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
     {"role": "system", "name": "example_assistant", "content": "Things working well together will increase revenue."},
-    {"role": "system", "name": "example_user", "content": "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage."},
-    {"role": "system", "name": "example_assistant", "content": "Let's talk later when we're less busy about how to do better."},
-    {"role": "user", "content": "This late pivot means we don't have time to boil the ocean for the client deliverable."},
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Let's talk later when we're less busy about how to do better.",
+    },
+    {
+        "role": "user",
+        "content": "This late pivot means we don't have time to boil the ocean for the client deliverable.",
+    },
 ]
 # Section 7: with this tool the API reported 105 (gpt-3.5-turbo, gpt-4) and 101 (gpt-4o, -mini).
 COOKBOOK_TOOLS = [
@@ -36,7 +50,11 @@ COOKBOOK_TOOLS = [
                 "type": "object",
                 "properties": {
                     "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
-                    "unit": {"type": "string", "description": "The unit of temperature to return", "enum": ["celsius", "fahrenheit"]},
+                    "unit": {
+                        "type": "string",
+                        "description": "The unit of temperature to return",
+                        "enum": ["celsius", "fahrenheit"],
+                    },
                 },
                 "required": ["location"],
             },
@@ -57,7 +75,9 @@ def test_cookbook_conversation_matches_the_api(model, expected):
     assert count_prompt_tokens("chat", {"model": model, "messages": COOKBOOK_MESSAGES}, model) == expected
 
 
-@pytest.mark.parametrize(("model", "expected"), [("gpt-3.5-turbo", 105), ("gpt-4", 105), ("gpt-4o", 101), ("gpt-4o-mini", 101)])
+@pytest.mark.parametrize(
+    ("model", "expected"), [("gpt-3.5-turbo", 105), ("gpt-4", 105), ("gpt-4o", 101), ("gpt-4o-mini", 101)]
+)
 def test_cookbook_tools_example_matches_the_api(model, expected):
     body = {"messages": COOKBOOK_TOOL_MESSAGES, "tools": COOKBOOK_TOOLS}
     assert count_prompt_tokens("chat", body, model) == expected
@@ -148,7 +168,13 @@ def test_tool_calls_and_tool_results_are_counted():
     call = {
         "role": "assistant",
         "content": None,
-        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_current_weather", "arguments": '{"location":"Paris"}'}}],
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_current_weather", "arguments": '{"location":"Paris"}'},
+            }
+        ],
     }
     result = {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}
     without = count_prompt_tokens("chat", {"messages": COOKBOOK_TOOL_MESSAGES}, "gpt-4o")
@@ -178,7 +204,18 @@ def test_malformed_bodies_do_not_raise():
         {"messages": "hi"},
         {"messages": [None, 3, {"role": "user", "content": 5}, {"content": [None, 7, {"type": "text", "text": 9}]}]},
         {"messages": [], "tools": [None, {"type": "function", "function": {"parameters": {"properties": {"a": 1}}}}]},
-        {"messages": [], "tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": {"type": ["string", "null"], "anyOf": [{}]}}}}}]},
+        {
+            "messages": [],
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "parameters": {"properties": {"a": {"type": ["string", "null"], "anyOf": [{}]}}},
+                    },
+                }
+            ],
+        },
     ):
         assert count_prompt_tokens("chat", body, "gpt-4o") >= 3
     assert count_prompt_tokens("embeddings", {"input": {"a": 1}}, "x") == 0
@@ -231,13 +268,19 @@ def test_completion_allowance(route, body, default, expected):
 def chat_chunk(content: str | None = None, index: int = 0, **delta: object) -> dict:
     if content is not None:
         delta["content"] = content
-    return {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": index, "delta": delta, "finish_reason": None}]}
+    return {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": index, "delta": delta, "finish_reason": None}],
+    }
 
 
 def test_stream_counter_counts_chat_deltas():
     enc = tokens.encoding_for("gpt-4o")
     counter = StreamTokenCounter("gpt-4o")
-    counter.feed({"id": "", "object": "", "created": 0, "model": "", "prompt_filter_results": [], "choices": []})  # Azure
+    counter.feed(
+        {"id": "", "object": "", "created": 0, "model": "", "prompt_filter_results": [], "choices": []}
+    )  # Azure
     counter.feed(chat_chunk("", role="assistant"))
     for piece in ("Hel", "lo", " wor", "ld", "!"):
         counter.feed(chat_chunk(piece))

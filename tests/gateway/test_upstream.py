@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway import upstream
-from gateway.snapshot_types import AUTH_AZURE_AD, AZURE, OPENAI, DeploymentView, EndpointView
-from gateway.upstream import Timeouts, UpstreamConnectError, UpstreamTimeout
+from gateway.proxy import upstream
+from gateway.proxy.upstream import Timeouts, UpstreamConnectError, UpstreamTimeout
+from gateway.snapshot.types import AUTH_AZURE_AD, AZURE, OPENAI, DeploymentView, EndpointView
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -30,7 +30,9 @@ def deployment(endpoint: EndpointView, name: str = "my-gpt4o") -> DeploymentView
 # --- URLs -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("base", ["https://res.openai.azure.com", "https://res.openai.azure.com/", "https://res.openai.azure.com/openai/"])
+@pytest.mark.parametrize(
+    "base", ["https://res.openai.azure.com", "https://res.openai.azure.com/", "https://res.openai.azure.com/openai/"]
+)
 def test_azure_deployment_url_uses_the_endpoints_api_version(base):
     endpoint = EndpointView(id=1, name="e", kind=AZURE, base_url=base, api_version="2024-10-21")
     url = upstream.deployment_url(deployment(endpoint), "/chat/completions", "api-version=2099-01-01-preview")
@@ -42,17 +44,28 @@ def test_azure_url_keeps_other_client_query_parameters_and_quotes_the_name():
     assert url == "https://res.openai.azure.com/openai/deployments/a%20b%2Fc/embeddings?foo=1&api-version=2024-10-21"
 
 
-@pytest.mark.parametrize("base", ["https://api.example.com/v1", "https://api.example.com/v1/", "https://api.example.com/v1//"])
+@pytest.mark.parametrize(
+    "base", ["https://api.example.com/v1", "https://api.example.com/v1/", "https://api.example.com/v1//"]
+)
 def test_openai_url_appends_the_path_to_the_base(base):
     endpoint = EndpointView(id=2, name="o", kind=OPENAI, base_url=base)
-    assert upstream.deployment_url(deployment(endpoint), "chat/completions") == "https://api.example.com/v1/chat/completions"
-    assert upstream.deployment_url(deployment(endpoint), "/embeddings", "api-version=1") == "https://api.example.com/v1/embeddings"
+    assert (
+        upstream.deployment_url(deployment(endpoint), "chat/completions")
+        == "https://api.example.com/v1/chat/completions"
+    )
+    assert (
+        upstream.deployment_url(deployment(endpoint), "/embeddings", "api-version=1")
+        == "https://api.example.com/v1/embeddings"
+    )
 
 
 def test_models_and_other_non_deployment_urls():
     assert upstream.models_url(AZURE_EP) == "https://res.openai.azure.com/openai/models?api-version=2024-10-21"
     assert upstream.models_url(OPENAI_EP) == "https://api.example.com/v1/models"
-    assert upstream.endpoint_url(AZURE_EP, "/responses") == "https://res.openai.azure.com/openai/responses?api-version=2024-10-21"
+    assert (
+        upstream.endpoint_url(AZURE_EP, "/responses")
+        == "https://res.openai.azure.com/openai/responses?api-version=2024-10-21"
+    )
 
 
 # --- bodies -----------------------------------------------------------------------------------
@@ -103,7 +116,14 @@ CLIENT_HEADERS = [
 def test_client_credentials_and_hop_by_hop_headers_are_stripped():
     headers = upstream.build_headers(CLIENT_HEADERS, AZURE_EP)
     names = [name for name, _ in headers]
-    assert names == ["content-type", "user-agent", "x-stainless-retry-count", "aoai-evals", "accept-encoding", "api-key"]
+    assert names == [
+        "content-type",
+        "user-agent",
+        "x-stainless-retry-count",
+        "aoai-evals",
+        "accept-encoding",
+        "api-key",
+    ]
     assert dict(headers)["accept-encoding"] == "identity"
     assert dict(headers)["api-key"] == "upstream-key"
     assert not any(CLIENT_KEY.decode() in value for _, value in headers)
@@ -185,7 +205,9 @@ async def test_the_upstream_receives_no_client_credentials(client):
     head = seen["head"].lower()
     assert CLIENT_KEY.lower() not in head and b"cookie" not in head and b"openai-organization" not in head
     assert b"api-key: upstream-key" in head
-    assert [line for line in head.split(b"\r\n") if line.startswith(b"accept-encoding")] == [b"accept-encoding: identity"]
+    assert [line for line in head.split(b"\r\n") if line.startswith(b"accept-encoding")] == [
+        b"accept-encoding: identity"
+    ]
     assert seen["body"] == b'{"a":1}'
 
 
@@ -252,14 +274,13 @@ async def test_chunks_arrive_as_they_are_sent(client):
         await writer.drain()
         last_written.set()
 
-    async with serve(handler) as base:
-        async with await client.open_stream("POST", base, [], b"{}", FAST) as response:
-            chunks = []
-            async for data in response:
-                if not chunks:
-                    assert not last_written.is_set()
-                    got_first.set()
-                chunks.append(data)
+    async with serve(handler) as base, await client.open_stream("POST", base, [], b"{}", FAST) as response:
+        chunks = []
+        async for data in response:
+            if not chunks:
+                assert not last_written.is_set()
+                got_first.set()
+            chunks.append(data)
     assert b"".join(chunks) == b"data: first\n\ndata: last\n\n"
     assert chunks[0] == b"data: first\n\n"
 
@@ -269,7 +290,9 @@ async def test_compressed_bodies_pass_through_undecoded(client):
 
     async def handler(reader, writer):
         await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload
+        )
         await writer.drain()
 
     async with serve(handler) as base:

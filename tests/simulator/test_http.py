@@ -139,9 +139,7 @@ def test_stream_with_include_usage(http):
 
 
 def test_stream_without_include_usage_has_no_usage(http):
-    response = http.post(
-        "/v1/chat/completions", json={"model": "gpt-4o", "messages": CHAT, "stream": True}
-    )
+    response = http.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": CHAT, "stream": True})
     events = sse_events(response.text)
     assert len(events) == 1 + 16 + 1
     assert all("usage" not in e for e in events)
@@ -263,7 +261,9 @@ def test_auth(sim):
 
 
 def test_unknown_deployment_and_bad_bodies(http, sim):
-    response = http.post(f"/openai/deployments/nope/chat/completions?api-version={API_VERSION}", json={"messages": CHAT})
+    response = http.post(
+        f"/openai/deployments/nope/chat/completions?api-version={API_VERSION}", json={"messages": CHAT}
+    )
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "DeploymentNotFound"
     assert response.headers["x-request-id"] == response.headers["apim-request-id"]
@@ -315,6 +315,7 @@ def test_tpm_counts_arrival_estimate_with_max_tokens():
     config = {"minute_seconds": 6, "deployments": [{"name": "d", "tpm": 1000, "model": "gpt-4o"}]}
     prompt = cookbook_tokens(CHAT)
     with start_simulator(config) as sim, httpx.Client(base_url=sim.url, trust_env=False) as client:
+
         def call(**extra):
             return client.post("/v1/chat/completions", json={"model": "d", "messages": CHAT, **extra})
 
@@ -342,9 +343,7 @@ def test_ptu_fast_429_and_recovery():
     # 1000 tokens per 0.5 s minute: drains 2000 tokens/s.
     config = {
         "minute_seconds": 0.5,
-        "deployments": [
-            {"name": "p", "sku": "provisioned", "ptu_tokens_per_minute": 1000, "completion_tokens": 2000}
-        ],
+        "deployments": [{"name": "p", "sku": "provisioned", "ptu_tokens_per_minute": 1000, "completion_tokens": 2000}],
     }
     with start_simulator(config) as sim, httpx.Client(base_url=sim.url, trust_env=False) as client:
         body = {"model": "p", "messages": CHAT, "max_tokens": 2000}

@@ -39,9 +39,7 @@ def test_process_helper_serves_and_stops():
 
 
 def _run_until_banner(command: list[str], timeout: float = 20.0) -> tuple[str, int]:
-    process = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = process.stdout.readline()  # the one start-up line (or the error)
         process.send_signal(signal.SIGINT)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.limits import Window, request_windows, token_windows
+from gateway.balancer.windows import Window, request_windows, token_windows
 from gateway.simulator import estimate
 from gateway.simulator.config import ConfigError, DeploymentConfig, SimConfig
 from gateway.simulator.encodings import encoding_name_for_model, get_encoding
 from gateway.simulator.faults import FaultQueue, parse_fault
 from gateway.simulator.limiter import RETRY_SLACK_S, ArrivalLog, PtuMeter, StandardLimiter
-
 
 # ---------------------------------------------------------------- sliding windows
 

@@ -1,6 +1,6 @@
 -- Shared by every balancer script: redis_state.py prepends it to each one at load time.
 -- It mirrors gateway/balancer/memory.py and breaker.py line for line in meaning; the test
--- suite runs the same cases against both. Definitions: gateway/balancer/state.py.
+-- suite runs the same cases against both. Definitions: gateway/balancer/contract.py.
 --
 -- Per deployment (4 keys, passed in KEYS so the scripts declare everything they touch):
 --   log   ZSET reservation id -> time it counts from (a sliding log; every window reads it)

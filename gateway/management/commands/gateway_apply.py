@@ -13,7 +13,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 
-from gateway.configfile.apply import Plan, config_apply
+from gateway.configfile.apply import ApplyPlan, config_apply
 from gateway.configfile.loader import ConfigError, config_load, config_parse
 from gateway.configfile.schema import ConfigFile
 
@@ -55,7 +55,7 @@ class Command(BaseCommand):
             noun = "problem" if count == 1 else "problems"
             raise CommandError(f"{exc}\n{count} {noun} found; nothing was written.") from None
 
-    def _report(self, plan: Plan, verbosity: int) -> None:
+    def _report(self, plan: ApplyPlan, verbosity: int) -> None:
         for change in plan.changes:
             self.stdout.write(change.describe())
         if verbosity >= 2:

@@ -10,7 +10,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from gateway import encodings
+from gateway.proxy import encodings
 
 
 class Command(BaseCommand):

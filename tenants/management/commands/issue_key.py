@@ -38,8 +38,9 @@ class Command(BaseCommand):
         )
         parser.add_argument("--priority", type=int, default=5, help="Default queue priority, lower first (default 5).")
 
-    def handle(self, *args: Any, tenant: str, name: str, expires: str | None, models: str, priority: int,
-               **options: Any) -> None:
+    def handle(
+        self, *args: Any, tenant: str, name: str, expires: str | None, models: str, priority: int, **options: Any
+    ) -> None:
         owner = _tenant(tenant)
         name = name.strip()
         if not name:
@@ -89,9 +90,7 @@ def _expiry(text: str) -> datetime:
     """``YYYY-MM-DD`` (midnight UTC) or an ISO datetime (UTC when it names no zone), in the future."""
     try:
         moment = (
-            datetime.combine(date.fromisoformat(text), time.min)
-            if len(text) == 10
-            else datetime.fromisoformat(text)
+            datetime.combine(date.fromisoformat(text), time.min) if len(text) == 10 else datetime.fromisoformat(text)
         )
     except ValueError:
         raise CommandError(

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from gateway import errors, tokens
-from gateway.dispatch import Demand
-from gateway.request_context import RequestContext
-from gateway.routes import CHAT, COMPLETIONS, EMBEDDINGS, Route
-from gateway.snapshot_types import DeploymentView
+from gateway.balancer.dispatcher import Demand
+from gateway.proxy import errors, tokens
+from gateway.proxy.context import RequestContext
+from gateway.proxy.routes import CHAT, COMPLETIONS, EMBEDDINGS, Route
+from gateway.snapshot.types import DeploymentView
 
 REQUIRED_FIELD = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}
 MAX_PRIORITY = 255
@@ -50,14 +50,19 @@ class RequestChecks:
         ctx.model = model
         deployments = snap.deployments_by_model.get(model)
         if not deployments or not self.model_allowed(model):
-            raise errors.not_found(f"The model '{model}' does not exist or you do not have access to it.",
-                                   code="model_not_found")
+            raise errors.not_found(
+                f"The model '{model}' does not exist or you do not have access to it.", code="model_not_found"
+            )
         self.check_client_address()
         field = REQUIRED_FIELD[route.operation]
         if field not in payload:
-            raise errors.bad_request(f"Missing required parameter: '{field}'.", param=field, code="missing_required_parameter")
+            raise errors.bad_request(
+                f"Missing required parameter: '{field}'.", param=field, code="missing_required_parameter"
+            )
         if route.operation == CHAT and not isinstance(payload["messages"], list):
-            raise errors.bad_request("'messages' must be an array of message objects.", param="messages", code="invalid_type")
+            raise errors.bad_request(
+                "'messages' must be an array of message objects.", param="messages", code="invalid_type"
+            )
 
         ctx.priority = self.take_priority()
         stream = payload.get("stream") is True and route.operation != EMBEDDINGS
@@ -73,8 +78,9 @@ class RequestChecks:
 
         first = deployments[0]
         try:
-            prompt = tokens.count_prompt_tokens(route.operation, payload, model, mode=first.token_estimate,
-                                                family_hint=first.upstream_model)
+            prompt = tokens.count_prompt_tokens(
+                route.operation, payload, model, mode=first.token_estimate, family_hint=first.upstream_model
+            )
         except (TypeError, ValueError, AttributeError) as exc:
             raise errors.bad_request(f"Could not read the request's {field}: {exc}.", param=field) from None
         explicit = self.explicit_completion_tokens()
@@ -87,11 +93,21 @@ class RequestChecks:
             raise errors.bad_request(
                 f"This model's maximum context length is {largest} tokens. However, you requested {needed} tokens "
                 f"({prompt} in the prompt, {explicit} for the completion). Please reduce the length of the prompt "
-                "or the completion.", param=field, code="context_length_exceeded")
+                "or the completion.",
+                param=field,
+                code="context_length_exceeded",
+            )
         ctx.prompt_tokens = prompt
         ctx.tokens_estimated = True  # until the upstream reports usage
-        demand = Demand(model=model, prompt_tokens=prompt, allowance=allowance, context_tokens=needed,
-                        priority=ctx.priority, tenant=self.key.tenant.slug, timeout=self.queue_timeout())
+        demand = Demand(
+            model=model,
+            prompt_tokens=prompt,
+            allowance=allowance,
+            context_tokens=needed,
+            priority=ctx.priority,
+            tenant=self.key.tenant.slug,
+            timeout=self.queue_timeout(),
+        )
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() if changed else raw_body
         return ForwardPlan(route, model, payload, body, fits, demand, stream, client_wants_usage)
 
@@ -119,7 +135,9 @@ class RequestChecks:
             return self.key.default_priority
         value = self.payload.pop("priority")
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_PRIORITY:
-            raise errors.bad_request(f"'priority' must be an integer from 0 (first) to {MAX_PRIORITY}.", param="priority")
+            raise errors.bad_request(
+                f"'priority' must be an integer from 0 (first) to {MAX_PRIORITY}.", param="priority"
+            )
         return value
 
     def explicit_completion_tokens(self) -> int:
@@ -138,8 +156,11 @@ class RequestChecks:
             value = self.payload.get(field)
             if value is not None:
                 if isinstance(value, int) and value > cap:
-                    raise errors.bad_request(f"'{field}' is {value}, above this team's cap of {cap}.", param=field,
-                                             code="max_tokens_above_cap")
+                    raise errors.bad_request(
+                        f"'{field}' is {value}, above this team's cap of {cap}.",
+                        param=field,
+                        code="max_tokens_above_cap",
+                    )
                 return False
         self.payload["max_completion_tokens" if self.route.operation == CHAT else "max_tokens"] = cap
         return True

@@ -7,10 +7,9 @@ come from the in-memory snapshot, usage goes to a non-blocking buffer.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
@@ -18,13 +17,14 @@ from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
 
 from billing.usage_sink import record_usage
-from gateway import errors, snapshot
-from gateway.preflight import RequestChecks
-from gateway.errors import GatewayError
-from gateway.forwarding import ClientDisconnected, Forwarder
-from gateway.lifecycle import runtime
-from gateway.request_context import RequestContext
-from gateway.routes import MODEL, MODELS, query_param, route_for
+from gateway import snapshot
+from gateway.proxy import errors
+from gateway.proxy.checks import RequestChecks
+from gateway.proxy.context import RequestContext
+from gateway.proxy.errors import GatewayError
+from gateway.proxy.forward import ClientDisconnected, Forwarder
+from gateway.proxy.routes import MODEL, MODELS, query_param, route_for
+from gateway.proxy.runtime import runtime
 from tenants.auth import AuthFailure, authenticate, key_from_headers
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 CORS_HEADERS = [
     (b"access-control-allow-origin", b"*"),
     (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
-    (b"access-control-allow-headers", b"authorization, api-key, content-type, openai-organization, openai-project, x-stainless-*"),
+    (
+        b"access-control-allow-headers",
+        b"authorization, api-key, content-type, openai-organization, openai-project, x-stainless-*",
+    ),
     (b"access-control-max-age", b"600"),
 ]
 
@@ -119,8 +122,16 @@ class ProxyConsumer(AsyncHttpConsumer):
             ctx.outcome, ctx.status = "client_disconnect", 499
         except Exception:
             log.exception("request %s failed inside the gateway", ctx.request_id)
-            await self.send_error(ctx, GatewayError(500, "The gateway failed to handle the request.",
-                                                    type="api_error", code="internal_error", outcome="upstream_error"))
+            await self.send_error(
+                ctx,
+                GatewayError(
+                    500,
+                    "The gateway failed to handle the request.",
+                    type="api_error",
+                    code="internal_error",
+                    outcome="upstream_error",
+                ),
+            )
         finally:
             record_usage(ctx.usage_record(snapshot.current().prices_by_model))
 
@@ -137,8 +148,11 @@ class ProxyConsumer(AsyncHttpConsumer):
         key = self.authenticated_key(ctx)
         if scope["path"].startswith("/openai/") and not scope["path"].startswith("/openai/v1/"):
             if not query_param(scope.get("query_string", b""), "api-version"):
-                raise errors.bad_request("The api-version query parameter (?api-version=) is required.",
-                                         param="api-version", code="missing_api_version")
+                raise errors.bad_request(
+                    "The api-version query parameter (?api-version=) is required.",
+                    param="api-version",
+                    code="missing_api_version",
+                )
         if route.operation == MODELS:
             return await self.send_json(ctx, 200, models_list(key))
         if route.operation == MODEL:
@@ -163,7 +177,7 @@ class ProxyConsumer(AsyncHttpConsumer):
     def authenticated_key(self, ctx: RequestContext):
         """The caller's KeyView from the snapshot, or a 401 the SDK raises as AuthenticationError."""
         try:
-            key = authenticate(self.presented_secret(), snapshot.current().keys_by_hash, datetime.now(timezone.utc))
+            key = authenticate(self.presented_secret(), snapshot.current().keys_by_hash, datetime.now(UTC))
         except AuthFailure as failure:
             raise errors.unauthorized(str(failure)) from None
         ctx.tenant_id, ctx.key_id, ctx.priority = key.tenant.id, key.id, key.default_priority
@@ -238,6 +252,7 @@ def models_list(key) -> dict:
 
 def model_object(key, model: str) -> dict:
     if model not in allowed_models(key):
-        raise errors.not_found(f"The model '{model}' does not exist or you do not have access to it.",
-                               code="model_not_found")
+        raise errors.not_found(
+            f"The model '{model}' does not exist or you do not have access to it.", code="model_not_found"
+        )
     return _model_entry(model)

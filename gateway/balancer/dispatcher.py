@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.snapshot_types import DeploymentView
+from gateway.snapshot.types import DeploymentView
 
 
 @dataclass(slots=True)

@@ -38,7 +38,7 @@ def route_for(path: str) -> Route | None:
     """The route for ``path``, or None when the gateway has no such operation."""
     for prefix in ("/v1/", "/openai/v1/"):
         if path.startswith(prefix):
-            rest = path[len(prefix):].rstrip("/")
+            rest = path[len(prefix) :].rstrip("/")
             if rest in _OPERATIONS:
                 return Route(_OPERATIONS[rest], ("POST",))
             if rest == "models":

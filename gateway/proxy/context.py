@@ -6,10 +6,9 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from billing.prices import cost_of, price_for
-
 
 # Request ids: a random per-process prefix and a counter. Unique across processes and restarts
 # (64 random bits), ordered within a process, and without uuid4's system call per request.
@@ -61,7 +60,7 @@ class RequestContext:
         client = scope.get("client")
         return cls(
             request_id=new_request_id(),
-            started_at=datetime.now(timezone.utc),
+            started_at=datetime.now(UTC),
             t0=time.monotonic(),
             client_ip=client[0] if client else None,
         )

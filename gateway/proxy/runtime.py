@@ -14,7 +14,10 @@ from django.conf import settings
 
 from billing.usage_sink import get_sink
 from gateway import snapshot
-from gateway.config_version import REDIS_KEY, config_version_read
+from gateway.balancer import make_state
+from gateway.balancer.policy import BalancedDispatcher
+from gateway.snapshot.refresher import SnapshotRefresher
+from gateway.snapshot.version import REDIS_KEY, config_version_read
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +28,7 @@ class Runtime:
     def __init__(self) -> None:
         self.started = False
         self._lock: asyncio.Lock | None = None
-        self.refresher: snapshot.SnapshotRefresher | None = None
+        self.refresher: SnapshotRefresher | None = None
         self.dispatcher = None
         self.redis = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -58,12 +61,10 @@ class Runtime:
             import redis.asyncio as aioredis
 
             self.redis = aioredis.Redis.from_url(settings.REDIS_URL)
-        self.refresher = snapshot.SnapshotRefresher(g["SNAPSHOT_POLL_SECONDS"], self._read_version)
+        self.refresher = SnapshotRefresher(g["SNAPSHOT_POLL_SECONDS"], self._read_version)
         await self.refresher.load_now()  # also loads the tiktoken encodings its deployments use
         self.refresher.start()
         get_sink().start()
-        from gateway.dispatchers import make_dispatcher
-
         self.dispatcher = make_dispatcher(self.redis)
         log.info("gateway runtime started (config v%s, redis=%s)", snapshot.current().version, bool(self.redis))
 
@@ -86,7 +87,7 @@ class Runtime:
         if self.refresher is not None:
             await self.refresher.stop()
         await get_sink().stop()
-        from gateway import upstream
+        from gateway.proxy import upstream
 
         await upstream.aclose_client()
         if self.dispatcher is not None and hasattr(self.dispatcher, "aclose"):
@@ -95,6 +96,20 @@ class Runtime:
             await self.redis.aclose()
             self.redis = None
         log.info("gateway runtime stopped")
+
+
+def make_dispatcher(redis_client=None) -> BalancedDispatcher:
+    """The capacity-aware balancer on this process's state backend (Redis when configured)."""
+    g = settings.GATEWAY
+    state = make_state(
+        settings.REDIS_URL,
+        minute=g["WINDOW_MINUTE_SECONDS"],
+        prefix=g["BALANCER_REDIS_PREFIX"],
+        breaker_failures=g["BREAKER_FAILURES"],
+        breaker_open_seconds=g["BREAKER_OPEN_SECONDS"],
+        queue_max_depth=g["QUEUE_MAX_DEPTH"],
+    )
+    return BalancedDispatcher(state)
 
 
 runtime = Runtime()

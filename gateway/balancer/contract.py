@@ -10,7 +10,7 @@ Definitions both backends implement identically (the test suite runs against bot
 
 Window
     ``request_windows(rpm, minute)`` and ``token_windows(tpm, minute)`` from
-    ``gateway.limits``. A sliding log: a reservation made at ``t`` counts in a window of
+    ``gateway.balancer.windows``. A sliding log: a reservation made at ``t`` counts in a window of
     ``seconds`` while ``now - t < seconds + guard(seconds)``. So no span of ``seconds`` ever
     holds more than ``limit`` units, even seen from the upstream.
 
@@ -60,8 +60,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from gateway.limits import request_windows, token_windows
-from gateway.snapshot_types import SKU_PROVISIONED, SKU_STANDARD
+from gateway.balancer.windows import request_windows, token_windows
+from gateway.snapshot.types import SKU_PROVISIONED, SKU_STANDARD
 
 INF = math.inf
 TIE_EPSILON = 1e-9
@@ -181,7 +181,7 @@ class WindowSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class WindowPlan:
     """A deployment's windows and the denominators of the upstream's word."""
 
     windows: tuple[WindowSpec, ...]
@@ -189,21 +189,21 @@ class Plan:
     token_ref: int  # our smallest token limit (0: none)
 
 
-class Planner:
-    """Turns (rpm, tpm) into a ``Plan``, cached: the windows never change for a limit pair."""
+class WindowPlanner:
+    """Turns (rpm, tpm) into a ``WindowPlan``, cached: the windows never change for a limit pair."""
 
     def __init__(self, config: StateConfig) -> None:
         self.config = config
-        self._cache: dict[tuple[int, int], Plan] = {}
+        self._cache: dict[tuple[int, int], WindowPlan] = {}
 
-    def plan(self, rpm: int, tpm: int) -> Plan:
+    def plan(self, rpm: int, tpm: int) -> WindowPlan:
         key = (rpm, tpm)
         plan = self._cache.get(key)
         if plan is None:
             plan = self._cache[key] = self._build(rpm, tpm)
         return plan
 
-    def _build(self, rpm: int, tpm: int) -> Plan:
+    def _build(self, rpm: int, tpm: int) -> WindowPlan:
         cfg = self.config
         specs = [
             WindowSpec(unit, w.seconds, w.seconds + cfg.guard(w.seconds), w.limit)
@@ -220,7 +220,7 @@ class Planner:
                 raise ValueError(f"unsupported window {spec}: token windows must be the minute")
         req = [s.limit for s in specs if s.unit == REQUESTS]
         tok = [s.limit for s in specs if s.unit == TOKENS]
-        return Plan(tuple(specs), min(req, default=0), min(tok, default=0))
+        return WindowPlan(tuple(specs), min(req, default=0), min(tok, default=0))
 
 
 def score(headroom: float, weight: int) -> float:
@@ -245,8 +245,20 @@ def window_status(unit: str, seconds: float, limit: int, used: int) -> dict:
     return {"unit": "requests" if unit == REQUESTS else "tokens", "seconds": seconds, "limit": limit, "used": used}
 
 
-def build_status(*, windows, headroom, wait, in_flight, cool_down, breaker_state, failures, open_for,
-                 probe, upstream_requests, upstream_tokens) -> dict:
+def build_status(
+    *,
+    windows,
+    headroom,
+    wait,
+    in_flight,
+    cool_down,
+    breaker_state,
+    failures,
+    open_for,
+    probe,
+    upstream_requests,
+    upstream_tokens,
+) -> dict:
     """The status both backends report for one deployment (admin page, status API)."""
     return {
         "windows": windows,  # [{unit, seconds, limit, used}]
@@ -285,7 +297,7 @@ class BalancerState(abc.ABC):
 
     def __init__(self, config: StateConfig) -> None:
         self.config = config
-        self.planner = Planner(config)
+        self.planner = WindowPlanner(config)
 
     @abc.abstractmethod
     async def try_acquire(
@@ -315,9 +327,7 @@ class BalancerState(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def settle(
-        self, grant: Grant, actual_tokens: int, sku: str | None = None, now: float | None = None
-    ) -> bool:
+    async def settle(self, grant: Grant, actual_tokens: int, sku: str | None = None, now: float | None = None) -> bool:
         """The request completed: fix its tokens (``settled_tokens``), end it in flight.
 
         ``sku`` defaults to the grant's. Returns False if the reservation was already settled,

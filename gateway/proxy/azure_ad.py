@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
-from gateway import upstream
-from gateway.snapshot_types import EndpointView
-from gateway.upstream import Timeouts, UpstreamAuthError, UpstreamClient, UpstreamError
+from gateway.proxy import upstream
+from gateway.proxy.upstream import Timeouts, UpstreamAuthError, UpstreamClient, UpstreamError
+from gateway.snapshot.types import EndpointView
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,12 @@ class AzureADTokenProvider:
         secret = endpoint.ad_client_secret
         where = f"Azure AD token request (tenant {endpoint.ad_tenant_id!r}, client {endpoint.ad_client_id!r})"
         form = urlencode(
-            {"grant_type": "client_credentials", "client_id": endpoint.ad_client_id, "client_secret": secret, "scope": endpoint.ad_scope}
+            {
+                "grant_type": "client_credentials",
+                "client_id": endpoint.ad_client_id,
+                "client_secret": secret,
+                "scope": endpoint.ad_scope,
+            }
         ).encode()
         headers = [("content-type", "application/x-www-form-urlencoded"), ("accept", "application/json")]
         try:
@@ -144,7 +149,9 @@ class AzureADTokenProvider:
             error = str(payload.get("error") or "no access_token")
             description = str(payload.get("error_description") or "").splitlines()[0:1]
             detail = f"{error}: {description[0][:300]}" if description else error
-            raise UpstreamAuthError(_redact(f"{where} failed: HTTP {response.status}, {detail}", secret, access_token or ""))
+            raise UpstreamAuthError(
+                _redact(f"{where} failed: HTTP {response.status}, {detail}", secret, access_token or "")
+            )
         lifetime = _lifetime(payload.get("expires_in"))
         # Expiry counts from when we asked: the token cannot have been issued earlier.
         return _Token(

@@ -16,24 +16,38 @@ import time
 
 from django.conf import settings
 
-from gateway import azure_ad, errors, upstream
-from gateway.dispatch import Lease, NoCapacity
-from gateway.routes import UPSTREAM_PATH
-from gateway.snapshot_types import AUTH_AZURE_AD
-from gateway.sse import SseRelay, usage_from_json_body
-from gateway.tokens import StreamTokenCounter
+from gateway.balancer.dispatcher import Lease, NoCapacity
+from gateway.proxy import azure_ad, errors, upstream
+from gateway.proxy.routes import UPSTREAM_PATH
+from gateway.proxy.sse import SseRelay, usage_from_json_body
+from gateway.proxy.tokens import StreamTokenCounter
+from gateway.snapshot.types import AUTH_AZURE_AD
 
 log = logging.getLogger(__name__)
 
 # Upstream response headers a client may see. Others (server, set-cookie, upstream ids, the
 # deployment's utilisation) are the gateway's business.
-PASS_HEADERS = frozenset({
-    b"content-type", b"x-ratelimit-remaining-requests", b"x-ratelimit-remaining-tokens",
-    b"x-ratelimit-limit-requests", b"x-ratelimit-limit-tokens", b"x-ratelimit-reset-requests",
-    b"x-ratelimit-reset-tokens", b"openai-processing-ms", b"openai-version", b"retry-after",
-    b"retry-after-ms", b"x-should-retry",
-})
-STREAM_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+PASS_HEADERS = frozenset(
+    {
+        b"content-type",
+        b"x-ratelimit-remaining-requests",
+        b"x-ratelimit-remaining-tokens",
+        b"x-ratelimit-limit-requests",
+        b"x-ratelimit-limit-tokens",
+        b"x-ratelimit-reset-requests",
+        b"x-ratelimit-reset-tokens",
+        b"openai-processing-ms",
+        b"openai-version",
+        b"retry-after",
+        b"retry-after-ms",
+        b"x-should-retry",
+    }
+)
+STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 
 
 class ClientDisconnected(Exception):
@@ -88,8 +102,9 @@ class Forwarder:
                 if last_error is not None and failures:
                     raise last_error from None
                 # A request larger than any deployment's minute will never fit: tell the SDK not to retry.
-                raise errors.rate_limited(str(exc), exc.retry_after, code=exc.code,
-                                          should_retry=exc.code != "request_too_large") from None
+                raise errors.rate_limited(
+                    str(exc), exc.retry_after, code=exc.code, should_retry=exc.code != "request_too_large"
+                ) from None
             ctx.queue_wait += lease.queue_wait
             ctx.deployment_id, ctx.deployment_name = lease.deployment.id, lease.deployment.name
             try:
@@ -127,8 +142,10 @@ class Forwarder:
                 detail = await _read_error_detail(response)
                 await self.dispatcher.failed(lease, reached_upstream=True)
                 finished = True
-                raise UpstreamFailed(errors.bad_gateway(
-                    f"The upstream deployment answered {response.status}: {detail}"), reached_upstream=True)
+                raise UpstreamFailed(
+                    errors.bad_gateway(f"The upstream deployment answered {response.status}: {detail}"),
+                    reached_upstream=True,
+                )
             if plan.stream and response.status < 300:
                 await self.relay_stream(response)
             else:
@@ -139,14 +156,17 @@ class Forwarder:
         except upstream.UpstreamTimeout as exc:
             await self.dispatcher.failed(lease, reached_upstream=True)
             finished = True
-            raise UpstreamFailed(errors.gateway_timeout(f"The upstream deployment did not answer in time ({exc})."),
-                                 reached_upstream=True) from None
+            raise UpstreamFailed(
+                errors.gateway_timeout(f"The upstream deployment did not answer in time ({exc})."),
+                reached_upstream=True,
+            ) from None
         except (upstream.UpstreamConnectError, upstream.UpstreamAuthError, upstream.UpstreamProtocolError) as exc:
             # A protocol error before any response (a stale keep-alive connection) is safe to retry.
             await self.dispatcher.failed(lease, reached_upstream=False)
             finished = True
-            raise UpstreamFailed(errors.bad_gateway(f"Could not reach the upstream deployment: {exc}."),
-                                 reached_upstream=False) from None
+            raise UpstreamFailed(
+                errors.bad_gateway(f"Could not reach the upstream deployment: {exc}."), reached_upstream=False
+            ) from None
         except UpstreamFailed:
             if not finished:  # the body broke while being read: a failure of this deployment
                 await self.dispatcher.failed(lease, reached_upstream=True)
@@ -155,7 +175,9 @@ class Forwarder:
         finally:
             if not finished:
                 # Cancelled (client gone) or broken mid-relay: settle what was used, no verdict.
-                await asyncio.shield(self.dispatcher.abandoned(lease, self.ctx.prompt_tokens, self.ctx.completion_tokens))
+                await asyncio.shield(
+                    self.dispatcher.abandoned(lease, self.ctx.prompt_tokens, self.ctx.completion_tokens)
+                )
 
     async def open(self, deployment, body: bytes):
         endpoint = deployment.endpoint
@@ -172,7 +194,9 @@ class Forwarder:
         except upstream.UpstreamTimeout:
             raise
         except Exception as exc:
-            raise UpstreamFailed(errors.bad_gateway(f"The upstream connection broke: {exc}."), reached_upstream=True) from None
+            raise UpstreamFailed(
+                errors.bad_gateway(f"The upstream connection broke: {exc}."), reached_upstream=True
+            ) from None
         finally:
             await response.aclose()
         body = b"".join(chunks)
@@ -192,7 +216,9 @@ class Forwarder:
         relay = SseRelay(self.plan.client_wants_usage)
         ctx.status = response.status
         consumer.headers_sent = True
-        await consumer.send_headers(status=response.status, headers=STREAM_HEADERS + [(b"x-request-id", ctx.request_id.encode())])
+        await consumer.send_headers(
+            status=response.status, headers=STREAM_HEADERS + [(b"x-request-id", ctx.request_id.encode())]
+        )
         try:
             async for chunk in response:
                 out = relay.feed(chunk)
@@ -208,8 +234,14 @@ class Forwarder:
             # Headers are out: report in-stream as the SDK expects, then close.
             ctx.outcome, ctx.error_code = "upstream_error", "stream_interrupted"
             log.warning("upstream stream for %s broke: %s", ctx.request_id, exc)
-            error = {"error": {"message": "The upstream stream was interrupted.", "type": "api_error",
-                               "param": None, "code": "stream_interrupted"}}
+            error = {
+                "error": {
+                    "message": "The upstream stream was interrupted.",
+                    "type": "api_error",
+                    "param": None,
+                    "code": "stream_interrupted",
+                }
+            }
             await consumer.send_body(b"data: " + json.dumps(error).encode() + b"\n\n", more_body=False)
         finally:
             await response.aclose()

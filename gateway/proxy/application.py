@@ -6,9 +6,9 @@ import logging
 
 from channels.routing import ProtocolTypeRouter
 
-from gateway import probes
-from gateway.consumers import ProxyConsumer
-from gateway.lifecycle import runtime
+from gateway.proxy import probes
+from gateway.proxy.consumer import ProxyConsumer
+from gateway.proxy.runtime import runtime
 
 log = logging.getLogger(__name__)
 

@@ -20,20 +20,20 @@ Text is always encoded with ``encode_ordinary``, so user text containing ``<|end
 counted as plain text instead of raising. ``mode="fast"`` skips the tokenizer: characters / 4,
 rounded up per string, plus the same structural overheads.
 
-The encodings must be loaded before the first count on the event loop (``gateway.encodings.warm``).
+The encodings must be loaded before the first count on the event loop (``gateway.proxy.encodings.warm``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import tiktoken
 
-from gateway import encodings
-from gateway.snapshot_types import ESTIMATE_FAST, ESTIMATE_TIKTOKEN
+from gateway.proxy import encodings
+from gateway.snapshot.types import ESTIMATE_FAST, ESTIMATE_TIKTOKEN
 
 # The values of DeploymentView.token_estimate.
 MODE_TIKTOKEN = ESTIMATE_TIKTOKEN
@@ -128,7 +128,7 @@ def _fast_count(text: str) -> int:
     return (len(text) + 3) // 4
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tiktoken_counter(encoding_name: str) -> Callable[[str], int]:
     enc = encodings.get_encoding(encoding_name)
     encode = enc.encode_ordinary
@@ -156,7 +156,9 @@ def _compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def count_prompt_tokens(route: str, body: dict[str, Any], model: str, mode: str = MODE_TIKTOKEN, family_hint: str = "") -> int:
+def count_prompt_tokens(
+    route: str, body: dict[str, Any], model: str, mode: str = MODE_TIKTOKEN, family_hint: str = ""
+) -> int:
     """Estimate the prompt tokens of a request body before sending it.
 
     ``route`` is ``chat``, ``completions`` or ``embeddings``; ``body`` the parsed JSON; ``model``
@@ -389,7 +391,7 @@ class StreamTokenCounter:
     prefer it over the count.
     """
 
-    __slots__ = ("_count", "_buffers", "_tool_calls", "usage")
+    __slots__ = ("_buffers", "_count", "_tool_calls", "usage")
 
     def __init__(self, model: str, family_hint: str = "", mode: str = MODE_TIKTOKEN) -> None:
         self._count = _tally(encoding_name_for(model, family_hint), mode).count

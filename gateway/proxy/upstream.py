@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 import aiohttp
 import httpx
 
-from gateway.snapshot_types import AUTH_AZURE_AD, AZURE, DeploymentView, EndpointView
+from gateway.snapshot.types import AUTH_AZURE_AD, AZURE, DeploymentView, EndpointView
 
 TRANSPORT_AIOHTTP = "aiohttp"
 TRANSPORT_HTTPX_AIOHTTP = "httpx-aiohttp"
@@ -91,7 +91,11 @@ def _azure_root(endpoint: EndpointView) -> str:
 
 def _query(endpoint: EndpointView, client_query: str) -> str:
     """The query string to send: the client's parameters minus ``api-version``, plus ours."""
-    pairs = [(k, v) for k, v in parse_qsl(client_query, keep_blank_values=True) if k != "api-version"] if client_query else []
+    pairs = (
+        [(k, v) for k, v in parse_qsl(client_query, keep_blank_values=True) if k != "api-version"]
+        if client_query
+        else []
+    )
     if endpoint.kind == AZURE:
         pairs.append(("api-version", endpoint.api_version))
     return ("?" + urlencode(pairs)) if pairs else ""
@@ -161,7 +165,7 @@ def build_headers(
     in order (``content-type``, ``user-agent``, ``x-stainless-*``, ``aoai-*`` ...). The upstream
     credential is ``api-key`` (Azure key auth), ``Authorization: Bearer <key>`` (OpenAI-compatible)
     or ``Authorization: Bearer <ad_token>`` (Azure AD; the caller fetches the token first, see
-    ``gateway.azure_ad``). Raises ``ValueError`` if an AD endpoint is given no token.
+    ``gateway.proxy.azure_ad``). Raises ``ValueError`` if an AD endpoint is given no token.
     """
     pairs = client_headers if isinstance(client_headers, list) else list(client_headers)
     drop = _DROP
@@ -221,7 +225,7 @@ class UpstreamResponse:
     connection at once.
     """
 
-    __slots__ = ("status", "reason", "headers")
+    __slots__ = ("headers", "reason", "status")
 
     def __init__(self, status: int, reason: str, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
@@ -369,7 +373,7 @@ class AiohttpUpstreamClient(UpstreamClient):
 
 
 class _HttpxResponse(UpstreamResponse):
-    __slots__ = ("_resp", "_chunks", "_deadline", "_total")
+    __slots__ = ("_chunks", "_deadline", "_resp", "_total")
 
     def __init__(self, resp: httpx.Response, deadline: float, total: float) -> None:
         super().__init__(resp.status_code, resp.reason_phrase, _lower_headers(resp.headers.raw))
@@ -408,9 +412,13 @@ def _httpx_connect_failure(exc: httpx.HTTPError) -> bool:
 class HttpxUpstreamClient(UpstreamClient):
     """``open_stream`` on ``httpx.AsyncClient``, over httpx-aiohttp's transport or httpx's own."""
 
-    def __init__(self, transport: str = TRANSPORT_HTTPX_AIOHTTP, max_connections: int = 512, keepalive_expiry: float = 15.0) -> None:
+    def __init__(
+        self, transport: str = TRANSPORT_HTTPX_AIOHTTP, max_connections: int = 512, keepalive_expiry: float = 15.0
+    ) -> None:
         limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=keepalive_expiry
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=keepalive_expiry,
         )
         if transport == TRANSPORT_HTTPX_AIOHTTP:
             from httpx_aiohttp import AiohttpTransport
@@ -451,7 +459,9 @@ class HttpxUpstreamClient(UpstreamClient):
 # --- the shared client ------------------------------------------------------------------------
 
 
-def make_client(transport: str = TRANSPORT_AIOHTTP, max_connections: int = 512, keepalive_expiry: float = 15.0) -> UpstreamClient:
+def make_client(
+    transport: str = TRANSPORT_AIOHTTP, max_connections: int = 512, keepalive_expiry: float = 15.0
+) -> UpstreamClient:
     """A new client on ``transport`` (``aiohttp``, ``httpx-aiohttp`` or ``httpx``). Call it inside
     the event loop that will use it; aiohttp binds its session to that loop."""
     if transport == TRANSPORT_AIOHTTP:
@@ -502,6 +512,8 @@ async def aclose_client() -> None:
         await client.aclose()
 
 
-async def open_stream(method: str, url: str, headers: Headers, content: Content, timeouts: Timeouts) -> UpstreamResponse:
+async def open_stream(
+    method: str, url: str, headers: Headers, content: Content, timeouts: Timeouts
+) -> UpstreamResponse:
     """``UpstreamClient.open_stream`` on the shared client."""
     return await get_client().open_stream(method, url, headers, content, timeouts)

@@ -17,7 +17,7 @@ _DONE = b"[DONE]"
 class SseRelay:
     """Feed it upstream bytes; it returns the bytes to send on, and learns the usage on the way."""
 
-    __slots__ = ("client_wants_usage", "usage", "done", "payloads", "events", "_pending")
+    __slots__ = ("_pending", "client_wants_usage", "done", "events", "payloads", "usage")
 
     def __init__(self, client_wants_usage: bool) -> None:
         self.client_wants_usage = client_wants_usage

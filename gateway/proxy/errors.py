@@ -75,7 +75,9 @@ def not_found(message: str, *, code: str = "not_found") -> GatewayError:
 
 
 def method_not_allowed(method: str, allowed: tuple[str, ...]) -> GatewayError:
-    err = GatewayError(405, f"Method {method} is not allowed here; use {', '.join(allowed)}.", code="method_not_allowed")
+    err = GatewayError(
+        405, f"Method {method} is not allowed here; use {', '.join(allowed)}.", code="method_not_allowed"
+    )
     err.headers = [(b"allow", ", ".join(allowed).encode())]
     return err
 
@@ -84,9 +86,15 @@ def too_large(limit: int) -> GatewayError:
     return GatewayError(413, f"Request body is larger than the limit of {limit} bytes.", code="request_too_large")
 
 
-def rate_limited(message: str, retry_after: float, *, code: str = "rate_limit_exceeded", should_retry: bool = True) -> GatewayError:
+def rate_limited(
+    message: str, retry_after: float, *, code: str = "rate_limit_exceeded", should_retry: bool = True
+) -> GatewayError:
     return GatewayError(
-        429, message, type="rate_limit_error", code=code, outcome="rate_limited",
+        429,
+        message,
+        type="rate_limit_error",
+        code=code,
+        outcome="rate_limited",
         headers=retry_headers(retry_after, should_retry=should_retry),
     )
 

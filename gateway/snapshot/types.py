@@ -69,7 +69,7 @@ class DeploymentView:
 
 
 @dataclass(frozen=True, slots=True)
-class LimitsView:
+class QuotaView:
     """A quota (per tenant or per key). 0 or None means unlimited. Enforced by the quotas issue."""
 
     rpm: int = 0
@@ -90,7 +90,7 @@ class TenantView:
     ip_allow: tuple[IPv4Network | IPv6Network, ...] = ()
     ip_deny: tuple[IPv4Network | IPv6Network, ...] = ()
     max_tokens_cap: int = 0  # 0 = no cap
-    limits: LimitsView = LimitsView()
+    quota: QuotaView = QuotaView()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,4 +103,4 @@ class KeyView:
     revoked: bool = False
     allowed_models: frozenset[str] = frozenset()  # empty = whatever the tenant allows
     default_priority: int = 5
-    limits: LimitsView = LimitsView()
+    quota: QuotaView = QuotaView()
