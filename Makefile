@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 SIM_PORT ?= 9100
 
-.PHONY: install run test test-embedded test-services bench migrations-check clean
+.PHONY: install run test test-fast lint bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ run: install
 test: install
 	$(PY) manage.py makemigrations --check --dry-run
 	$(PY) -m pytest -q
+
+# The fast loop: everything but the tests that start real servers (under a minute).
+test-fast: install
+	$(PY) -m pytest -q -m "not e2e"
+
+# Lint (ruff), format check and types (mypy with django-stubs); configured in pyproject.toml.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: install
 	$(PY) -m tests.bench
