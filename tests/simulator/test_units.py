@@ -145,7 +145,6 @@ def test_config_defaults_and_overrides():
         ({"minute_seconds": 0}, "minute_seconds"),
         ({"token_estimate": "exact"}, "token_estimate: must be one of tiktoken, fast"),
         ({"deployments": [{"name": "a", "token_estimate": "rough"}]}, "deployments[0].token_estimate"),
-        ({"prompt_estimate": "fast"}, "unknown key prompt_estimate"),  # the old name is not accepted
     ],
 )
 def test_config_errors_name_the_key(data, message):
