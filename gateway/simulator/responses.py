@@ -22,7 +22,8 @@ from array import array
 from functools import lru_cache
 from typing import Any
 
-from .estimate import CHAT, COMPLETIONS
+from gateway.proxy.tokens import ROUTE_CHAT as CHAT
+from gateway.proxy.tokens import ROUTE_COMPLETIONS as COMPLETIONS
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 

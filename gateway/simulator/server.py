@@ -10,8 +10,9 @@ Routes (see the package docstring for behaviour):
 * Control (no auth): ``/_sim/...``, delegated to :mod:`.control`; ``GET /healthz``.
 
 Order of checks on a model call: route -> api-version (Azure) -> auth -> JSON body ->
-deployment (404) -> body shape (400) -> refusing faults -> prompt estimate -> admission
-(429) -> timeout/drop faults -> latency and generation -> response.
+deployment (404) -> body shape (400) -> refusing faults -> arrival charge (:mod:`.arrival`: the
+gateway's prompt count plus the completion allowance) -> admission (429) -> timeout/drop faults ->
+latency and generation -> response.
 
 The low-level :class:`aiohttp.web.Server` with one dispatch function is used rather than an
 ``Application``: no router, middleware or signal machinery on the hot path (measured faster).
@@ -29,9 +30,12 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from . import estimate, ids, responses
+from gateway.proxy.tokens import ROUTE_CHAT as CHAT
+from gateway.proxy.tokens import ROUTE_COMPLETIONS as COMPLETIONS
+from gateway.proxy.tokens import ROUTE_EMBEDDINGS as EMBEDDINGS
+
+from . import arrival, generation, ids, responses
 from .control import handle_control
-from .estimate import CHAT, COMPLETIONS, EMBEDDINGS
 from .faults import DROP, RATE_LIMIT, REFUSING, TIMEOUT
 from .httputil import BadRequest, json_response, not_found, read_json
 from .limiter import RETRY_SLACK_S
@@ -183,12 +187,10 @@ class SimulatorApp:
                 return json_response(fault.status, responses.status_error(fault.status), headers)
 
         cfg = dep.config
-        encoding = None
         encoding_name = dep.encoding_name
-        if encoding_name is not None:
-            encoding = state.encodings.get(encoding_name) or await state.encodings.load(encoding_name)
-        prompt = estimate.prompt_tokens(kind, body, encoding)
-        counted = prompt + estimate.allowance(kind, body, cfg.default_max_tokens)
+        if encoding_name is not None and not state.encodings.ready(encoding_name):
+            await state.encodings.load(encoding_name)
+        prompt, counted = arrival.charge(kind, body, cfg)
 
         now = state.clock()
         decision = dep.admit(now, counted)
@@ -221,13 +223,13 @@ class SimulatorApp:
                 stats.status(200)
                 return json_response(200, payload, headers)
 
-            per_choice, capped = estimate.generated_tokens(body, cfg.completion_tokens)
+            per_choice, capped = generation.generated_tokens(kind, body, cfg.completion_tokens)
             plan = _ReplyPlan(
                 kind=kind,
                 model=cfg.model,
                 prompt=prompt,
                 per_choice=per_choice,
-                n=estimate.choices(body),
+                n=generation.choices(body),
                 finish="length" if capped else "stop",
                 delay=delay,
                 token_delay=cfg.token_delay_ms / 1000.0,
@@ -343,7 +345,9 @@ class SimulatorApp:
         if transport is None:
             return
         deadline = time.monotonic() + _DROP_FLUSH_TIMEOUT_S
-        while transport.get_write_buffer_size() and time.monotonic() < deadline:
+        # A transport signals no "buffer empty" event (drain only waits below the high-water
+        # mark), so poll it.
+        while transport.get_write_buffer_size() and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.001)
         transport.abort()
 
@@ -423,9 +427,8 @@ def _problem(kind: str, body: dict) -> str | None:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return "'messages' must be a non-empty array."
-    elif kind == EMBEDDINGS:
-        if "input" not in body or body["input"] in ("", []):
-            return "'input' is a required property and must not be empty."
+    elif kind == EMBEDDINGS and ("input" not in body or body["input"] in ("", [])):
+        return "'input' is a required property and must not be empty."
     return None
 
 

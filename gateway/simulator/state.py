@@ -17,11 +17,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.balancer.windows import request_windows, token_windows
+from gateway.proxy.encodings import SUPPORTED_ENCODINGS
 
+from . import arrival
+from .arrival import EncodingCache
 from .auth import Authenticator
 from .config import SKU_PROVISIONED, ConfigError, DeploymentConfig, SimConfig
-from .encodings import encoding_name_for_model
-from .estimate import EncodingCache, needs_encoding
 from .faults import FaultQueue, parse_fault
 from .limiter import ArrivalLog, Decision, PtuMeter, StandardLimiter
 from .stats import DeploymentStats
@@ -82,10 +83,8 @@ class Deployment:
 
     @property
     def encoding_name(self) -> str | None:
-        """The tiktoken encoding the prompt estimate needs, or None in fast mode."""
-        if not needs_encoding(self.config.prompt_estimate):
-            return None
-        return encoding_name_for_model(self.config.model)
+        """The tiktoken encoding the arrival charge needs, or None in fast mode."""
+        return arrival.encoding_name(self.config)
 
     def admit(self, now: float, counted: int) -> Decision:
         """Count a request on arrival, or refuse it without consuming capacity."""
@@ -165,12 +164,11 @@ class SimulatorState:
         return dep, False
 
     def needed_encodings(self) -> set[str]:
-        names = {d.encoding_name for d in self.deployments.values()}
+        """The encodings to load before serving: those of the configured deployments, or all
+        the gateway supports when deployments may appear at runtime."""
         if self.config.auto_deployments or not self.deployments:
-            # Deployments may appear at runtime; have both encodings warm.
-            names.update(("cl100k_base", "o200k_base"))
-        names.discard(None)
-        return names  # type: ignore[return-value]
+            return set(SUPPORTED_ENCODINGS)
+        return {name for d in self.deployments.values() if (name := d.encoding_name) is not None}
 
     def reset(self) -> None:
         for dep in self.deployments.values():

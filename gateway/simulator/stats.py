@@ -9,7 +9,8 @@ Field contract (all counts since start or the last reset):
 * ``by_status``: ``{"200": n, "429": n, ...}`` for every completed response (dropped
   connections and client disconnects are counted apart).
 * ``client_disconnects``: callers that went away before the response was complete.
-* ``tokens_counted``: the arrival counts (prompt estimate + allowance) of admitted requests.
+* ``tokens_counted``: the arrival charges (prompt + completion allowance, see :mod:`.arrival`) of
+  admitted requests.
 * ``prompt_tokens`` / ``completion_tokens``: usage of admitted requests (completion tokens
   actually produced, so a dropped stream counts what it sent).
 * ``max_requests_in_window`` / ``max_tokens_in_window``: ``{"<seconds>": peak}`` from the

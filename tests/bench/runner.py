@@ -234,10 +234,10 @@ def _run(
 
 
 def _fast_upstream() -> dict[str, Any]:
-    """No limits, cheap prompt estimate, 16-token completions; 5 ms per token when streaming."""
+    """No limits, cheap prompt count (``fast``), 16-token completions; 5 ms per token when streaming."""
     return {
         "api_key": SIM_API_KEY,
-        "prompt_estimate": "fast",
+        "token_estimate": "fast",
         "deployments": [
             {"name": CHAT_DEPLOYMENT, "completion_tokens": 16},
             {"name": STREAM_DEPLOYMENT, "completion_tokens": 16, "token_delay_ms": STREAM_TOKEN_DELAY_MS},
@@ -246,9 +246,11 @@ def _fast_upstream() -> dict[str, Any]:
 
 
 def _saturation_upstream(config: SaturationConfig) -> dict[str, Any]:
+    """The limited pair. Its prompts are counted as the gateway's deployments count them (tiktoken),
+    so an upstream 429 here is the balancer's doing, not a difference between two counts."""
     return {
         "api_key": SIM_API_KEY,
-        "prompt_estimate": "fast",
+        "token_estimate": "tiktoken",
         "minute_seconds": config.minute_seconds,
         "deployments": config.simulator_deployments(),
     }

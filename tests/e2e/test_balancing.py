@@ -3,8 +3,10 @@ enforces its own RPM/TPM windows (the same windows as the gateway's, from ``gate
 
 Every test runs against both balancer backends: the in-process one always, Redis when REDIS_URL
 is set (a unique key prefix per test). Both sides use a 3-second "minute", so the request
-windows are 0.05 s, 0.5 s and 3 s and the token window 3 s. All requests are the same small
-chat prompt (8 tokens) plus ``max_tokens``, which is exactly what both sides count on arrival.
+windows are 0.05 s, 0.5 s and 3 s and the token window 3 s. Most requests are the same small
+chat prompt (8 tokens) plus ``max_tokens``; one burst sends prompts with images, tools and tool
+calls. Both sides count prompts with the same counter (``gateway.proxy.tokens``), so what the
+gateway reserves is exactly what the upstream charges on arrival, whatever the prompt holds.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import time
 
 import pytest
 
+from gateway.proxy.tokens import count_prompt_tokens
 from tests.e2e.balancing_fixtures import (  # noqa: F401  (fixtures are used by name)
     MINUTE,
+    MODEL,
     PROMPT_TOKENS,
     Shot,
     assert_within_limits,
@@ -31,6 +35,7 @@ from tests.e2e.balancing_fixtures import (  # noqa: F401  (fixtures are used by 
     tenant_key,
 )
 from tests.e2e.usage import wait_for_records
+from tests.fakes.prompts import EVERYTHING_CHAT, TOOLS_AND_LOW_DETAIL_IMAGE_CHAT
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -76,6 +81,50 @@ def test_burst_within_capacity_draws_no_upstream_429(backend, knobs, start_sim, 
     records = wait_for_records(n)
     assert sum(r.retries for r in records) == 0
     assert {r.deployment_name for r in records} == set(PAIR)
+
+
+# Prompts beyond plain text. Before the gateway and the simulator shared one counter, the simulator
+# priced every image at 85 tokens (so it charged less than the gateway reserved for the first
+# prompt) and tools and tool calls as their JSON (so it charged more for the second, and a burst
+# of them drew 429s).
+RICH_PROMPTS = {"images-and-tools": EVERYTHING_CHAT, "low-detail-image-and-tools": TOOLS_AND_LOW_DETAIL_IMAGE_CHAT}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("token_estimate", ["tiktoken", "fast"])
+@pytest.mark.parametrize("prompt_kind", list(RICH_PROMPTS))
+def test_burst_of_image_and_tool_prompts_filling_the_token_windows_draws_no_upstream_429(
+    prompt_kind, token_estimate, backend, knobs, start_sim, deploy, tenant_key, start_gateway
+):
+    """24 chat requests at once whose prompts hold images, a tool, tool calls, a tool result and
+    names, against two deployments whose TPM holds exactly 12 of them each (both sides counting
+    with ``token_estimate``). The burst fills both token windows to the last token without one
+    429, and the upstream charges, request for request, what the gateway reserved."""
+    max_tokens = 50
+    rich = RICH_PROMPTS[prompt_kind]
+    body = chat_body(max_tokens, messages=rich["messages"], tools=rich["tools"])
+    prompt = count_prompt_tokens("chat", body, MODEL, mode=token_estimate, family_hint=MODEL)
+    demand, per_deployment = prompt + max_tokens, 12
+    limits = {"rpm": RPM, "tpm": per_deployment * demand, "token_estimate": token_estimate}
+    sim = start_sim([{"name": n, **limits} for n in PAIR])
+    deploy(sim, [{"name": n, **limits} for n in PAIR])
+    secret = tenant_key("multimodal")
+    gateway = start_gateway()
+    n = per_deployment * len(PAIR)
+    results = run_load([Shot(0.0, secret, body, tag=str(i)) for i in range(n)], gateway.url)
+
+    assert failures(results) == []
+    stats = sim.stats()["deployments"]
+    for name in PAIR:
+        assert stats[name]["rate_limited"] == 0, (name, stats[name])
+        assert_within_limits(stats[name], RPM, limits["tpm"])
+    assert sum(stats[name]["served"] for name in PAIR) == n
+    assert sum(stats[name]["tokens_counted"] for name in PAIR) == n * demand
+    records = wait_for_records(n)
+    assert sum(r.retries for r in records) == 0
+    assert {r.prompt_tokens for r in records} == {prompt}  # the upstream's usage: the same count
+    # Every request fitted the first minute, so none waited for a window to free.
+    assert max(r.done for r in results) < MINUTE, max(r.done for r in results)
 
 
 def test_saturation_keeps_upstream_within_limits_and_uses_capacity(

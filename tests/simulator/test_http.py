@@ -13,7 +13,9 @@ import openai
 import pytest
 from openai import AzureOpenAI, OpenAI
 
-from gateway.simulator.encodings import get_encoding
+from gateway.proxy import tokens
+from gateway.proxy.encodings import get_encoding
+from tests.fakes.prompts import EVERYTHING_CHAT, IMAGE_CHAT, TOOL_CALL_CHAT
 from tests.fakes.simulator import SimulatorError, start_simulator
 
 KEY = "sim-key"
@@ -30,6 +32,7 @@ SHARED_CONFIG = {
         {"name": "emb", "model": "text-embedding-3-small", "embedding_dims": 16},
         {"name": "faulty"},
         {"name": "slow", "token_delay_ms": 20},
+        {"name": "fast-count", "model": "gpt-4o", "token_estimate": "fast"},
     ],
     "azure_ad": {"tenant": "tenant-1", "client_id": "app", "client_secret": "s3cret", "expires_in": 1},
 }
@@ -185,6 +188,42 @@ def test_completions(oai, http):
     assert all(e["object"] == "text_completion" for e in events)
     assert [e["choices"][0]["text"] for e in events] == ["tok0 ", "tok1 ", ""]
     assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("deployment", "model", "upstream_model", "mode"),
+    [
+        ("gpt-4o", "gpt-4o", "gpt-4o", "tiktoken"),
+        ("gpt-35", "chat", "gpt-35-turbo", "tiktoken"),
+        ("faulty", "faulty", "", "tiktoken"),  # an unknown model name: the family fallback
+        ("fast-count", "gpt-4o", "gpt-4o", "fast"),
+    ],
+)
+def test_served_prompt_tokens_and_arrival_charge_are_the_gateways_count(
+    sim, http, deployment, model, upstream_model, mode
+):
+    """What the simulator reports as prompt tokens and charges on arrival, over HTTP, equals what a
+    gateway deployment mirroring it reserves, for prompts with images, tools and tool calls."""
+    expected_charge = 0
+    for body in (IMAGE_CHAT, TOOL_CALL_CHAT, EVERYTHING_CHAT):
+        response = http.post("/v1/chat/completions", json={"model": deployment, **body})
+        assert response.status_code == 200, response.text
+        prompt = tokens.count_prompt_tokens("chat", body, model, mode=mode, family_hint=upstream_model)
+        assert response.json()["usage"]["prompt_tokens"] == prompt
+        expected_charge += prompt + tokens.completion_allowance("chat", body, 1024)
+    assert sim.deployment_stats(deployment)["tokens_counted"] == expected_charge
+
+
+@pytest.mark.e2e
+def test_completions_and_embeddings_lists_are_counted_as_the_gateway_does(sim, http):
+    completion = {"model": "gpt-35", "prompt": [[1, 2], [3, 4, 5]], "max_tokens": 2, "best_of": 2}
+    usage = http.post("/v1/completions", json=completion).json()["usage"]
+    assert usage["prompt_tokens"] == tokens.count_prompt_tokens("completions", completion, "gpt-35-turbo") == 5
+    texts = {"model": "emb", "input": ["alpha", "beta gamma", "<|endoftext|>"]}
+    usage = http.post("/v1/embeddings", json=texts).json()["usage"]
+    assert usage["prompt_tokens"] == tokens.count_prompt_tokens("embeddings", texts, "text-embedding-3-small")
+    assert sim.deployment_stats("gpt-35")["tokens_counted"] == 5 + 2 * 2
 
 
 # ---------------------------------------------------------------- embeddings
@@ -406,7 +445,8 @@ def test_status_fault(sim, http):
     stats = sim.deployment_stats("faulty")
     assert (stats["errors"], stats["served"], stats["by_status"]) == (2, 1, {"200": 1, "500": 2})
     assert stats["faults"] == []
-    assert stats["tokens_counted"] == cookbook_tokens(CHAT, "cl100k_base") + 1  # refused ones not counted
+    # Refused ones are not counted. "faulty" is no known model name: o200k, as in the gateway.
+    assert stats["tokens_counted"] == cookbook_tokens(CHAT) + 1
 
 
 def test_rate_limit_fault(sim, oai):
@@ -446,12 +486,16 @@ def test_drop_fault_streaming(sim, http):
     sim.inject("faulty", {"kind": "drop", "after_chunks": 3, "count": 1})
     received = []
     body = {"model": "faulty", "messages": CHAT, "stream": True}
-    with pytest.raises(httpx.RemoteProtocolError):
+
+    def read() -> None:
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
             for line in response.iter_lines():
                 if line:
                     received.append(json.loads(line[len("data: ") :]))
+
+    with pytest.raises(httpx.RemoteProtocolError):
+        read()
     assert len(received) == 3  # role + 2 tokens, then the connection died
     assert received[-1]["choices"][0]["delta"]["content"] == "tok1 "
     stats = sim.deployment_stats("faulty")
@@ -506,7 +550,7 @@ def test_control_api(sim, http):
     assert response.headers["x-ratelimit-remaining-requests"] == "9"  # 600 rpm: 10 per second
     sim.configure("runtime", completion_tokens=1)
     assert sim.config()["deployments"][-1]["completion_tokens"] == 1
-    with pytest.raises(SimulatorError, match="unknown key deployments.runtime.rmp"):
+    with pytest.raises(SimulatorError, match=r"unknown key deployments\.runtime\.rmp"):
         sim.configure("runtime", rmp=5)
     with pytest.raises(SimulatorError, match="kind"):
         sim.inject("runtime", {"kind": "explode"})

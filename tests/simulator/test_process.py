@@ -82,3 +82,16 @@ def test_management_command(tmp_path):
     assert code == 0, output
     assert output.startswith("simulated upstream listening on http://127.0.0.1:"), output
     assert time.monotonic() - started < 15
+
+
+def test_simulator_imports_without_django_settings():
+    """The simulator counts prompts with the gateway's token counter; importing it must not need
+    (nor load) Django."""
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    code = (
+        "import sys, gateway.simulator.server, gateway.simulator.cli; "
+        "loaded = sorted(m for m in sys.modules if m == 'django' or m.startswith('django.')); "
+        "print(loaded); sys.exit(1 if loaded else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr

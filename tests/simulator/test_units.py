@@ -1,15 +1,16 @@
-"""Unit tests of the simulator's pure parts: windows, PTU meter, config, faults, estimates."""
+"""Unit tests of the simulator's pure parts: windows, PTU meter, config, faults, arrival charge."""
 
 from __future__ import annotations
 
 import pytest
 
 from gateway.balancer.windows import Window, request_windows, token_windows
-from gateway.simulator import estimate
+from gateway.proxy import encodings, tokens
+from gateway.simulator import arrival, generation
 from gateway.simulator.config import ConfigError, DeploymentConfig, SimConfig
-from gateway.simulator.encodings import encoding_name_for_model, get_encoding
 from gateway.simulator.faults import FaultQueue, parse_fault
 from gateway.simulator.limiter import RETRY_SLACK_S, ArrivalLog, PtuMeter, StandardLimiter
+from tests.fakes.prompts import EVERYTHING_CHAT, FUNCTIONS_CHAT, IMAGE_CHAT, TOOL_CALL_CHAT, TOOL_CHAT
 
 # ---------------------------------------------------------------- sliding windows
 
@@ -116,13 +117,13 @@ def test_config_defaults_and_overrides():
     cfg = SimConfig.from_dict(
         {
             "minute_seconds": 6,
-            "prompt_estimate": "fast",
+            "token_estimate": "fast",
             "defaults": {"rpm": 600},
             "deployments": [{"name": "a"}, {"name": "b", "rpm": 60, "model": "gpt-4o"}],
         }
     )
     a, b = cfg.deployments
-    assert (a.rpm, a.model, a.prompt_estimate, a.default_max_tokens) == (600, "a", "fast", 1024)
+    assert (a.rpm, a.model, a.token_estimate, a.default_max_tokens) == (600, "a", "fast", 1024)
     assert (b.rpm, b.model) == (60, "gpt-4o")
     assert cfg.minute_seconds == 6.0
     assert SimConfig.from_dict(cfg.to_dict()).deployments == cfg.deployments
@@ -142,6 +143,8 @@ def test_config_defaults_and_overrides():
         ({"deployments": [{"name": "a"}, {"name": "a"}]}, "duplicate"),
         ({"deployments": [{"name": "a", "faults": [{"kind": "boom"}]}]}, "faults[0].kind"),
         ({"minute_seconds": 0}, "minute_seconds"),
+        ({"token_estimate": "exact"}, "token_estimate: must be one of tiktoken, fast"),
+        ({"deployments": [{"name": "a", "token_estimate": "rough"}]}, "deployments[0].token_estimate"),
     ],
 )
 def test_config_errors_name_the_key(data, message):
@@ -166,51 +169,130 @@ def test_fault_queue_counts_and_order():
     never = FaultQueue()
     never.add(parse_fault({"kind": "probability", "status": 500, "p": 0.0}))
     assert all(never.take() is None for _ in range(100))
-    with pytest.raises(ConfigError, match="unknown key fault.seconds"):
+    with pytest.raises(ConfigError, match=r"unknown key fault\.seconds"):
         parse_fault({"kind": "status", "status": 500, "seconds": 3})
 
 
-# ---------------------------------------------------------------- estimates
+# ---------------------------------------------------------------- arrival charge and generation
+
+# (kind, body, the simulator's model, the gateway's client-facing model and upstream_model, mode)
+PARITY_CASES = {
+    "chat with images": ("chat", IMAGE_CHAT, "gpt-4o-2024-08-06", "vision", "gpt-4o", "tiktoken"),
+    "chat with tools": ("chat", TOOL_CHAT, "gpt-4o", "gpt-4o", "gpt-4o", "tiktoken"),
+    "chat with legacy functions": ("chat", FUNCTIONS_CHAT, "gpt-35-turbo", "chat", "gpt-35-turbo", "tiktoken"),
+    "chat with tool calls and names": ("chat", TOOL_CALL_CHAT, "gpt-4o", "gpt-4o", "gpt-4o", "tiktoken"),
+    "everything, fast mode": ("chat", EVERYTHING_CHAT, "gpt-4o", "gpt-4o", "gpt-4o", "fast"),
+    "everything, unknown model": ("chat", EVERYTHING_CHAT, "my-own-llama", "my-own-llama", "", "tiktoken"),
+    "completions, token lists": (
+        "completions",
+        {"prompt": [[1, 2], [3, 4, 5]], "best_of": 3},
+        "gpt-35-turbo-instruct",
+        "instruct",
+        "gpt-35-turbo-instruct",
+        "tiktoken",
+    ),
+    "completions, strings and a suffix": (
+        "completions",
+        {"prompt": ["Say", "this"], "suffix": " end", "max_tokens": 5},
+        "davinci-002",
+        "davinci-002",
+        "",
+        "tiktoken",
+    ),
+    "embeddings, a list of strings": (
+        "embeddings",
+        {"input": ["alpha", "beta gamma"]},
+        "text-embedding-3-small",
+        "embed",
+        "text-embedding-3-small",
+        "tiktoken",
+    ),
+    "embeddings, token lists, fast mode": (
+        "embeddings",
+        {"input": [[1, 2], [3]]},
+        "text-embedding-3-small",
+        "embed",
+        "",
+        "fast",
+    ),
+}
 
 
-def test_encoding_choice_by_model_name():
-    assert encoding_name_for_model("gpt-4o-mini") == "o200k_base"
-    assert encoding_name_for_model("o3-mini") == "o200k_base"
-    assert encoding_name_for_model("gpt-5") == "o200k_base"
-    assert encoding_name_for_model("gpt-35-turbo") == "cl100k_base"
-    assert encoding_name_for_model("text-embedding-3-small") == "cl100k_base"
+@pytest.fixture(scope="module")
+def loaded_encodings():
+    encodings.warm()
 
 
-def test_chat_estimate_follows_the_cookbook():
-    enc = get_encoding("o200k_base")
-    body = {
+@pytest.mark.parametrize(
+    ("kind", "body", "sim_model", "model", "upstream_model", "mode"),
+    list(PARITY_CASES.values()),
+    ids=list(PARITY_CASES),
+)
+def test_simulator_charges_the_prompt_the_gateway_reserves(
+    loaded_encodings, kind, body, sim_model, model, upstream_model, mode
+):
+    sim = DeploymentConfig(name="d", model=sim_model, token_estimate=mode, default_max_tokens=300)
+    prompt, charged = arrival.charge(kind, body, sim)
+    assert prompt == tokens.count_prompt_tokens(kind, body, model, mode=mode, family_hint=upstream_model)
+    assert charged == prompt + tokens.completion_allowance(kind, body, 300)
+
+
+def test_simulator_counts_images_and_tools_as_the_api_does(loaded_encodings):
+    gpt_4o = DeploymentConfig(name="d", model="gpt-4o")
+    assert arrival.charge("chat", TOOL_CHAT, gpt_4o)[0] == 101  # what the API reported
+    assert arrival.charge("chat", TOOL_CHAT, DeploymentConfig(name="d", model="gpt-35-turbo"))[0] == 105
+    assert arrival.charge("chat", FUNCTIONS_CHAT, gpt_4o)[0] == 101
+    text_only = {
         "messages": [
-            {"role": "system", "content": "You are terse."},
-            {"role": "user", "name": "bob", "content": "Say <|endoftext|> please"},
+            IMAGE_CHAT["messages"][0],
+            {**IMAGE_CHAT["messages"][1], "content": "What is on these two pictures?"},
         ]
     }
-    expected = 3  # reply priming
-    for message in body["messages"]:
-        expected += 3 + sum(len(enc.encode_ordinary(v)) for v in message.values())
-    expected += 1  # name
-    assert estimate.prompt_tokens(estimate.CHAT, body, enc) == expected
-    # fast mode: len // 4 + 1 per string, same structure
-    fast = estimate.prompt_tokens(estimate.CHAT, {"messages": [{"role": "user", "content": "x" * 40}]}, None)
-    assert fast == 3 + 3 + (4 // 4 + 1) + (40 // 4 + 1)
+    assert arrival.charge("chat", IMAGE_CHAT, gpt_4o)[0] == arrival.charge("chat", text_only, gpt_4o)[0] + 85 + 765
+    # An unknown model counts with o200k, the gateway's default, not with an older encoding.
+    assert (
+        arrival.charge("chat", EVERYTHING_CHAT, DeploymentConfig(name="d", model="my-own-llama"))[0]
+        == (arrival.charge("chat", EVERYTHING_CHAT, gpt_4o)[0])
+    )
+    # fast: characters / 4 rounded up per string, the same structure.
+    fast = DeploymentConfig(name="d", model="gpt-4o", token_estimate="fast")
+    assert arrival.charge("chat", {"messages": [{"role": "user", "content": "x" * 40}]}, fast)[0] == 3 + 3 + 1 + 10
 
 
-def test_input_estimates_and_allowance():
-    enc = get_encoding("cl100k_base")
-    assert estimate.prompt_tokens(estimate.EMBEDDINGS, {"input": [1, 2, 3]}, enc) == 3
-    assert estimate.prompt_tokens(estimate.EMBEDDINGS, {"input": [[1, 2], [3]]}, enc) == 3
-    assert estimate.prompt_tokens(estimate.COMPLETIONS, {"prompt": ["hello", "hello"]}, enc) == 2
-    assert estimate.allowance(estimate.CHAT, {"max_tokens": 50, "n": 2}, 1024) == 100
-    assert estimate.allowance(estimate.CHAT, {"max_completion_tokens": 7, "max_tokens": 50}, 1024) == 7
-    assert estimate.allowance(estimate.CHAT, {}, 1024) == 1024
-    assert estimate.allowance(estimate.COMPLETIONS, {"max_tokens": 10, "best_of": 3}, 16) == 30
-    assert estimate.allowance(estimate.EMBEDDINGS, {"max_tokens": 10}, 16) == 0
-    assert estimate.generated_tokens({"max_tokens": 4}, 16) == (4, True)
-    assert estimate.generated_tokens({"max_tokens": 40}, 16) == (16, False)
+def test_encoding_follows_the_model_and_fast_mode_needs_none():
+    assert arrival.encoding_name(DeploymentConfig(name="d", model="gpt-4o-mini")) == "o200k_base"
+    assert arrival.encoding_name(DeploymentConfig(name="d", model="gpt-35-turbo")) == "cl100k_base"
+    assert arrival.encoding_name(DeploymentConfig(name="d", model="text-embedding-3-small")) == "cl100k_base"
+    assert arrival.encoding_name(DeploymentConfig(name="my-own-llama")) == "o200k_base"
+    assert arrival.encoding_name(DeploymentConfig(name="d", model="gpt-35-turbo", token_estimate="fast")) is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "allowance"),
+    [
+        ("chat", {"max_tokens": 50, "n": 2}, 100),
+        ("chat", {"max_completion_tokens": 7, "max_tokens": 50}, 7),
+        ("chat", {}, 1024),  # the deployment's default_max_tokens
+        ("completions", {"max_tokens": 10, "best_of": 3}, 30),
+        ("completions", {"max_tokens": 10, "n": 2, "best_of": 1}, 20),
+        ("completions", {}, 16),  # the API's default
+        ("embeddings", {"max_tokens": 10}, 0),
+    ],
+)
+def test_arrival_charge_adds_the_completion_allowance(loaded_encodings, kind, body, allowance):
+    field = "input" if kind == "embeddings" else "prompt" if kind == "completions" else "messages"
+    body = {field: [{"role": "user", "content": "hi"}] if kind == "chat" else "hi", **body}
+    prompt, charged = arrival.charge(kind, body, DeploymentConfig(name="d", model="gpt-4o"))
+    assert charged - prompt == allowance
+
+
+def test_generation_is_capped_by_the_requests_limit():
+    assert generation.generated_tokens("chat", {"max_tokens": 4}, 16) == (4, True)
+    assert generation.generated_tokens("chat", {"max_completion_tokens": 4, "max_tokens": 40}, 16) == (4, True)
+    assert generation.generated_tokens("chat", {"max_tokens": 40}, 16) == (16, False)
+    assert generation.generated_tokens("chat", {}, 100) == (100, False)
+    assert generation.generated_tokens("completions", {}, 100) == (16, True)  # the API's default limit
+    assert generation.choices({"n": 3}) == 3 and generation.choices({"n": True}) == 1
 
 
 def test_windows_come_from_gateway_limits():
