@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 SIM_PORT ?= 9100
 
-.PHONY: install run test test-embedded test-services bench migrations-check clean
+.PHONY: install run test test-embedded test-services bench bench-transports migrations-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test: install
 
 bench: install
 	$(PY) -m tests.bench
+
+bench-transports: install
+	$(PY) -m tests.bench transports
 
 clean:
 	rm -rf $(VENV) var

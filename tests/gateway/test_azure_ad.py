@@ -65,7 +65,7 @@ async def aad():
 
 @pytest.fixture
 async def client():
-    c = upstream.make_client("aiohttp")
+    c = upstream.UpstreamClient()
     yield c
     await c.aclose()
 
