@@ -33,6 +33,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 import aiohttp
 
+from gateway import defaults
 from gateway.snapshot.types import AUTH_AZURE_AD, AZURE, DeploymentView, EndpointView
 
 PHASE_CONNECT = "connect"
@@ -189,9 +190,9 @@ def build_headers(
 class Timeouts:
     """Seconds allowed to connect, to receive the response headers, and for the whole exchange."""
 
-    connect: float = 5.0
-    first_byte: float = 60.0
-    total: float = 600.0
+    connect: float = defaults.CONNECT_TIMEOUT
+    first_byte: float = defaults.FIRST_BYTE_TIMEOUT
+    total: float = defaults.TOTAL_TIMEOUT
 
     @classmethod
     def for_endpoint(cls, endpoint: EndpointView) -> Timeouts:
