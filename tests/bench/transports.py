@@ -207,9 +207,14 @@ async def measure(transport: str, load: Load, *, warmup: float, seconds: float) 
     error (kept, with the first message), so a misconfigured run cannot pass for a fast one.
     """
     client = make_client(transport)
-    done = 0
-    errors: list[str] = []
+    done = errors = 0
+    first_error: str | None = None
     stop = asyncio.Event()
+
+    def failed(what: str) -> None:
+        nonlocal errors, first_error
+        errors += 1
+        first_error = first_error or what
 
     async def loop() -> None:
         nonlocal done
@@ -222,19 +227,19 @@ async def measure(transport: str, load: Load, *, warmup: float, seconds: float) 
                 finally:
                     await response.aclose()
             except Exception as exc:  # counted and reported, never hidden
-                errors.append(repr(exc))
+                failed(repr(exc))
                 continue
             if response.status == 200:
                 done += 1
             else:
-                errors.append(f"HTTP {response.status}")
+                failed(f"HTTP {response.status}")
 
     workers = [asyncio.create_task(loop()) for _ in range(CONCURRENCY)]
     try:
         await asyncio.sleep(warmup)
-        count0, cpu0, wall0, errors0 = done, time.process_time(), time.perf_counter(), len(errors)
+        count0, cpu0, wall0, errors0 = done, time.process_time(), time.perf_counter(), errors
         await asyncio.sleep(seconds)
-        count1, cpu1, wall1, errors1 = done, time.process_time(), time.perf_counter(), len(errors)
+        count1, cpu1, wall1, errors1 = done, time.process_time(), time.perf_counter(), errors
     finally:
         stop.set()
         await asyncio.gather(*workers, return_exceptions=True)
@@ -246,7 +251,7 @@ async def measure(transport: str, load: Load, *, warmup: float, seconds: float) 
         "req_per_s": requests / (wall1 - wall0),
         "cpu_ms_per_request": 1000.0 * (cpu1 - cpu0) / requests if requests else None,
         "errors": errors1 - errors0,
-        "first_error": errors[0] if errors else None,
+        "first_error": first_error,
     }
 
 
@@ -269,7 +274,8 @@ def run_measurement(transport: str, load: Load, *, warmup: float, seconds: float
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tests.bench transports",
-        description="Compare upstream HTTP transports: 32 concurrent requests, JSON and SSE, against the fast simulator.",
+        description="Compare upstream HTTP transports: 32 concurrent requests, JSON and SSE, "
+        "against the fast simulator.",
     )
     parser.add_argument("--seconds", type=float, default=3.0, help="measured window per run (default 3)")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured lead-in per run (default 0.5)")
