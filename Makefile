@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 SIM_PORT ?= 9100
 
-.PHONY: install run test test-fast lint bench clean
+.PHONY: install run test test-fast lint bench bench-transports clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ lint: install
 
 bench: install
 	$(PY) -m tests.bench
+
+bench-transports: install
+	$(PY) -m tests.bench transports
 
 clean:
 	rm -rf $(VENV) var

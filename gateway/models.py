@@ -6,6 +6,7 @@ from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
 
+from gateway import defaults
 from gateway.snapshot import types as t
 
 
@@ -21,26 +22,28 @@ class Endpoint(models.Model):
         AZURE_AD = t.AUTH_AZURE_AD, "Azure AD client credentials"
 
     name = models.SlugField(max_length=100, unique=True)
-    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.AZURE)
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=defaults.ENDPOINT_KIND)
     base_url = models.URLField(
         max_length=500,
         help_text="Azure: https://RESOURCE.openai.azure.com. OpenAI-compatible: the base including /v1.",
     )
-    auth = models.CharField(max_length=10, choices=Auth.choices, default=Auth.API_KEY)
+    auth = models.CharField(max_length=10, choices=Auth.choices, default=defaults.ENDPOINT_AUTH)
     # Secrets are write-only in the admin, redacted in exports and never logged.
     api_key = models.CharField(max_length=500, blank=True)
     ad_tenant_id = models.CharField("Azure AD tenant id", max_length=100, blank=True)
     ad_client_id = models.CharField("Azure AD client id", max_length=100, blank=True)
     ad_client_secret = models.CharField("Azure AD client secret", max_length=500, blank=True)
-    ad_authority = models.URLField("Azure AD authority", max_length=300, default="https://login.microsoftonline.com")
+    ad_authority = models.URLField("Azure AD authority", max_length=300, default=defaults.AD_AUTHORITY)
     api_version = models.CharField(
-        max_length=40, default="2024-10-21", help_text="api-version sent to Azure endpoints."
+        max_length=40, default=defaults.API_VERSION, help_text="api-version sent to Azure endpoints."
     )
-    connect_timeout = models.FloatField(default=5.0, validators=[MinValueValidator(0.001)])
+    connect_timeout = models.FloatField(default=defaults.CONNECT_TIMEOUT, validators=[MinValueValidator(0.001)])
     first_byte_timeout = models.FloatField(
-        default=60.0, validators=[MinValueValidator(0.001)], help_text="Seconds until response headers."
+        default=defaults.FIRST_BYTE_TIMEOUT,
+        validators=[MinValueValidator(0.001)],
+        help_text="Seconds until response headers.",
     )
-    total_timeout = models.FloatField(default=600.0, validators=[MinValueValidator(0.001)])
+    total_timeout = models.FloatField(default=defaults.TOTAL_TIMEOUT, validators=[MinValueValidator(0.001)])
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -72,17 +75,18 @@ class Deployment(models.Model):
     endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="deployments")
     name = models.CharField(max_length=200, help_text="Deployment name upstream (Azure) or upstream model name.")
     model = models.CharField(max_length=200, db_index=True, help_text="The model name clients ask for.")
-    sku = models.CharField(max_length=12, choices=Sku.choices, default=Sku.STANDARD)
-    tier = models.PositiveSmallIntegerField(default=1, help_text="1 is tried first, then 2, ...")
+    sku = models.CharField(max_length=12, choices=Sku.choices, default=defaults.SKU)
+    tier = models.PositiveSmallIntegerField(default=defaults.TIER, help_text="1 is tried first, then 2, ...")
     max_wait_seconds = models.FloatField(
-        default=0.0, help_text="How long a request may wait for this tier before spilling to the next."
+        default=defaults.MAX_WAIT_SECONDS,
+        help_text="How long a request may wait for this tier before spilling to the next.",
     )
-    rpm = models.PositiveIntegerField("RPM", default=0, help_text="Requests per minute; 0 = no limit.")
-    tpm = models.PositiveIntegerField("TPM", default=0, help_text="Tokens per minute; 0 = no limit.")
-    context_window = models.PositiveIntegerField(default=128_000)
-    max_output_tokens = models.PositiveIntegerField(default=4096)
-    weight = models.PositiveSmallIntegerField(default=1)
-    token_estimate = models.CharField(max_length=10, choices=TokenEstimate.choices, default=TokenEstimate.TIKTOKEN)
+    rpm = models.PositiveIntegerField("RPM", default=defaults.NO_LIMIT, help_text="Requests per minute; 0 = no limit.")
+    tpm = models.PositiveIntegerField("TPM", default=defaults.NO_LIMIT, help_text="Tokens per minute; 0 = no limit.")
+    context_window = models.PositiveIntegerField(default=defaults.CONTEXT_WINDOW)
+    max_output_tokens = models.PositiveIntegerField(default=defaults.MAX_OUTPUT_TOKENS)
+    weight = models.PositiveSmallIntegerField(default=defaults.WEIGHT)
+    token_estimate = models.CharField(max_length=10, choices=TokenEstimate.choices, default=defaults.TOKEN_ESTIMATE)
     upstream_model = models.CharField(
         max_length=200, blank=True, help_text="Model family for token counting, e.g. gpt-4o, when names say nothing."
     )

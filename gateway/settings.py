@@ -153,8 +153,6 @@ GATEWAY = {
     "BREAKER_OPEN_SECONDS": env.float("GATEWAY_BREAKER_OPEN_SECONDS", default=30.0),
     # Namespace of the balancer's Redis keys (windows, cool-downs, breakers, queues).
     "BALANCER_REDIS_PREFIX": env.str("GATEWAY_BALANCER_REDIS_PREFIX", default="gw"),
-    # Upstream HTTP transport: aiohttp (fastest measured), httpx-aiohttp or httpx.
-    "UPSTREAM_TRANSPORT": env.str("GATEWAY_UPSTREAM_TRANSPORT", default="aiohttp"),
     "UPSTREAM_KEEPALIVE_SECONDS": env.float("GATEWAY_UPSTREAM_KEEPALIVE_SECONDS", default=15.0),
     # Upstream connection pool per process.
     "UPSTREAM_MAX_CONNECTIONS": env.int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", default=512),

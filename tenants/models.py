@@ -7,6 +7,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from gateway import defaults
+
 
 class Tenant(models.Model):
     """A team that sends traffic through the gateway and gets its own usage and bill."""
@@ -39,7 +41,7 @@ class ClientKey(models.Model):
         default=list, blank=True, help_text="Model names this key may use; empty = what the tenant allows."
     )
     default_priority = models.PositiveSmallIntegerField(
-        default=5, help_text="Queue priority when a request names none (lower is served first)."
+        default=defaults.DEFAULT_PRIORITY, help_text="Queue priority when a request names none (lower is served first)."
     )
 
     class Meta:
@@ -65,11 +67,11 @@ class Quota(models.Model):
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="quotas")
     key = models.OneToOneField(ClientKey, on_delete=models.CASCADE, null=True, blank=True, related_name="quota")
-    rpm = models.PositiveIntegerField("RPM", default=0)
-    tpm = models.PositiveIntegerField("TPM", default=0)
-    daily_tokens = models.PositiveBigIntegerField(default=0)
-    monthly_tokens = models.PositiveBigIntegerField(default=0)
-    monthly_cost = models.DecimalField(max_digits=12, decimal_places=2, default=0)
+    rpm = models.PositiveIntegerField("RPM", default=defaults.NO_LIMIT)
+    tpm = models.PositiveIntegerField("TPM", default=defaults.NO_LIMIT)
+    daily_tokens = models.PositiveBigIntegerField(default=defaults.NO_LIMIT)
+    monthly_tokens = models.PositiveBigIntegerField(default=defaults.NO_LIMIT)
+    monthly_cost = models.DecimalField(max_digits=12, decimal_places=2, default=defaults.NO_LIMIT)
     alert_thresholds = models.JSONField(
         default=list, blank=True, help_text="Percentages of a budget that raise an alert, e.g. [50, 80, 100]."
     )
@@ -99,7 +101,9 @@ class AccessPolicy(models.Model):
     allowed_models = models.JSONField(default=list, blank=True, help_text="Empty = every model.")
     ip_allow = models.JSONField(default=list, blank=True, help_text="CIDRs; empty = any address.")
     ip_deny = models.JSONField(default=list, blank=True, help_text="CIDRs refused even if allowed.")
-    max_tokens_cap = models.PositiveIntegerField(default=0, help_text="Largest max_tokens a request may ask; 0 = none.")
+    max_tokens_cap = models.PositiveIntegerField(
+        default=defaults.MAX_TOKENS_CAP, help_text="Largest max_tokens a request may ask; 0 = none."
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

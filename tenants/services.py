@@ -8,6 +8,7 @@ from datetime import datetime
 from django.db import transaction
 from django.utils import timezone
 
+from gateway import defaults
 from tenants.keys import key_generate, key_hash, key_visible_prefix
 from tenants.models import ClientKey, Tenant
 
@@ -27,7 +28,7 @@ def key_issue(
     name: str,
     expires_at: datetime | None = None,
     allowed_models: list[str] | None = None,
-    default_priority: int = 5,
+    default_priority: int = defaults.DEFAULT_PRIORITY,
 ) -> IssuedKey:
     """Create a key for ``tenant`` and return its secret, which the caller must show exactly once."""
     secret = key_generate()

@@ -1,8 +1,8 @@
 """Capacity-aware balancing: the shared state layer (windows, signals, breaker, queue).
 
-``make_state`` builds the backend. ``wait_for_turn`` waits in a queue for one set of candidates;
-the request path's policy (``policy.BalancedDispatcher``) runs its own loop over tiers with
-spill-over on the same primitives. See ``state`` for the definitions both backends implement.
+``make_state`` builds the backend; the request path's policy (``policy.BalancedDispatcher``)
+waits in the model's queue and spills over between tiers on its primitives. See ``contract`` for
+the definitions both backends implement.
 """
 
 from gateway.balancer.contract import (
@@ -14,7 +14,6 @@ from gateway.balancer.contract import (
     Reason,
     StateConfig,
     make_state,
-    wait_for_turn,
 )
 
 __all__ = [
@@ -26,5 +25,4 @@ __all__ = [
     "Reason",
     "StateConfig",
     "make_state",
-    "wait_for_turn",
 ]

@@ -4,7 +4,8 @@ A backend (``memory.MemoryState`` in one process, ``redis_state.RedisState`` acr
 keeps, per deployment: rolling request and token windows, requests in flight, what the
 upstream last said (``x-ratelimit-remaining-*``), a cool-down and a circuit breaker; and per
 queue name: the tickets of requests waiting for capacity. Tier and spill-over policy is *not*
-here: the caller picks the candidates (one tier) and the time it is willing to wait.
+here: the caller (``gateway.balancer.policy``) picks the candidates (one tier) and the time it is
+willing to wait, and runs the waiting loop on these primitives (``poll_pause`` paces it).
 
 Definitions both backends implement identically (the test suite runs against both):
 
@@ -54,8 +55,7 @@ import abc
 import asyncio
 import math
 import secrets
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -78,8 +78,6 @@ class Reason(StrEnum):
     QUEUED = "queued"  # other tickets are ahead in the queue
     NOT_QUEUED = "not_queued"  # the ticket is unknown (left, or its lease expired)
     EVICTED = "evicted"  # a better-priority arrival pushed the ticket out of the full queue
-    QUEUE_FULL = "queue_full"  # the queue is at its maximum depth
-    TIMEOUT = "timeout"  # the wait would exceed (or has exceeded) the caller's deadline
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +141,7 @@ class StateConfig:
     inflight_ttl: float = 900.0  # an unsettled reservation is forgotten after this (dead process)
     lease_seconds: float = 10.0  # default lease of a queue ticket, refreshed by each poll
     queue_max_depth: int = 1000
-    poll_min: float = 0.005  # polling bounds of wait_for_turn when the backend cannot push
+    poll_min: float = 0.005  # polling bounds of a waiter (``poll_pause``) when the backend cannot push
     poll_max: float = 0.1
 
     def __post_init__(self) -> None:
@@ -456,62 +454,3 @@ def poll_pause(state: BalancerState, denied: Denied, attempt: int, remaining: fl
     else:
         pause = min(max(hint, cfg.poll_min * (2 ** min(attempt, 16))), cfg.poll_max)
     return max(min(pause, ceiling), 0.0)
-
-
-async def wait_for_turn(
-    state: BalancerState,
-    queue: str,
-    candidates: Sequence[Capacity],
-    demand_tokens: int,
-    *,
-    priority: int,
-    tenant: str,
-    timeout: float,
-    clock: Callable[[], float] = time.time,
-) -> Grant | Denied:
-    """Acquire capacity on ``candidates``, waiting in ``queue`` for up to ``timeout`` seconds.
-
-    The fast path (nobody waiting, capacity now) is one ``try_acquire_queued``. Otherwise the
-    request takes a ticket and polls until it is at the head and a candidate fits. It gives up
-    early with ``Denied(wait, TIMEOUT)`` once the wait hint shows it cannot be served within
-    ``timeout``, so the caller can spill over to another tier at once. Other outcomes: the
-    Grant; ``Denied(inf, NEVER)``; ``Denied(_, QUEUE_FULL)``. The ticket always leaves the
-    queue, also when the caller is cancelled (client disconnect).
-    """
-    now = clock()
-    deadline = now + timeout
-    result = await state.try_acquire_queued(queue, None, candidates, demand_tokens, now)
-    if isinstance(result, Grant) or result.reason == Reason.NEVER:
-        return result
-    if result.wait_seconds > timeout:
-        return Denied(result.wait_seconds, Reason.TIMEOUT)
-    ticket = new_id()
-    if not await state.enqueue(queue, ticket, priority, tenant, now):
-        return Denied(result.wait_seconds, Reason.QUEUE_FULL)
-    granted = False
-    try:
-        attempt = 0
-        while True:
-            now = clock()
-            result = await state.try_acquire_queued(queue, ticket, candidates, demand_tokens, now)
-            if isinstance(result, Grant):
-                granted = True
-                return result
-            if result.reason == Reason.NEVER:
-                return result
-            if result.reason == Reason.EVICTED:
-                # A request of better priority took our place in a full queue.
-                return Denied(result.wait_seconds, Reason.QUEUE_FULL)
-            if result.reason == Reason.NOT_QUEUED:
-                # Our lease lapsed (the loop was starved for a lease length): rejoin at the back.
-                if not await state.enqueue(queue, ticket, priority, tenant, now):
-                    return Denied(result.wait_seconds, Reason.QUEUE_FULL)
-                continue
-            remaining = deadline - now
-            if remaining <= 0 or result.wait_seconds > remaining:
-                return Denied(max(result.wait_seconds, 0.0), Reason.TIMEOUT)
-            await state.wait_change(queue, ticket, poll_pause(state, result, attempt, remaining))
-            attempt += 1
-    finally:
-        if not granted:
-            await state.leave(queue, ticket)

@@ -16,7 +16,8 @@ import yaml
 from django.db.models import Prefetch
 
 from billing.models import Price
-from gateway.configfile.schema import DEFAULT_AD_AUTHORITY, effective_from_text, secret_env_name
+from gateway import defaults
+from gateway.configfile.schema import effective_from_text, secret_env_name
 from gateway.models import Deployment, Endpoint
 from tenants.models import AccessPolicy, Quota, Tenant
 
@@ -64,7 +65,7 @@ def _endpoint(row: Endpoint, secrets: _SecretNames) -> dict[str, Any]:
     data: dict[str, Any] = {"name": row.name, "kind": row.kind, "base_url": _text(row.base_url), "auth": row.auth}
     if row.api_key:
         data["api_key"] = secrets.reference(row.name, "API_KEY", f"api_key of endpoint {row.name}")
-    if row.ad_tenant_id or row.ad_client_id or row.ad_client_secret or row.ad_authority != DEFAULT_AD_AUTHORITY:
+    if row.ad_tenant_id or row.ad_client_id or row.ad_client_secret or row.ad_authority != defaults.AD_AUTHORITY:
         data["azure_ad"] = {
             "tenant_id": _text(row.ad_tenant_id),
             "client_id": _text(row.ad_client_id),

@@ -1,7 +1,8 @@
 """The gateway configuration file as pydantic models: what ``gateway_apply`` reads and ``gateway_export`` writes.
 
 Every model forbids unknown fields, so a typo is an error instead of a silently ignored line.
-Defaults equal the Django models' defaults, so an omitted field means what it means in the admin.
+Defaults come from ``gateway.defaults``, as the Django models' do, so an omitted field means what it
+means in the admin.
 Bounds mirror the database columns and constraints, so a file that validates cannot fail half-way
 through an apply on a value the database refuses.
 
@@ -21,13 +22,13 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from gateway import defaults
+
 # Column limits of the models (PositiveSmallIntegerField, PositiveIntegerField, PositiveBigIntegerField).
 SMALL_MAX = 32_767
 INT_MAX = 2_147_483_647
 BIG_MAX = 9_223_372_036_854_775_807
 
-DEFAULT_API_VERSION = "2024-10-21"
-DEFAULT_AD_AUTHORITY = "https://login.microsoftonline.com"
 
 Loc = tuple[str | int, ...]
 
@@ -158,9 +159,9 @@ class _Spec(BaseModel):
 
 
 class TimeoutsSpec(_Spec):
-    connect: Seconds = 5.0
-    first_byte: Seconds = 60.0
-    total: Seconds = 600.0
+    connect: Seconds = defaults.CONNECT_TIMEOUT
+    first_byte: Seconds = defaults.FIRST_BYTE_TIMEOUT
+    total: Seconds = defaults.TOTAL_TIMEOUT
 
 
 class AzureADSpec(_Spec):
@@ -169,7 +170,7 @@ class AzureADSpec(_Spec):
     tenant_id: Text100
     client_id: Text100
     client_secret: Secret
-    authority: Annotated[str, Field(max_length=300), AfterValidator(_url)] = DEFAULT_AD_AUTHORITY
+    authority: Annotated[str, Field(max_length=300), AfterValidator(_url)] = defaults.AD_AUTHORITY
 
 
 class DeploymentSpec(_Spec):
@@ -177,15 +178,15 @@ class DeploymentSpec(_Spec):
 
     name: Text200
     model: Text200
-    sku: Literal["standard", "provisioned"] = "standard"
-    tier: Annotated[int, Field(ge=1, le=SMALL_MAX)] = 1
-    max_wait_seconds: NonNegSeconds = 0.0
-    rpm: Count = 0
-    tpm: Count = 0
-    context_window: Annotated[int, Field(ge=1, le=INT_MAX)] = 128_000
-    max_output_tokens: Count = 4096
-    weight: Annotated[int, Field(ge=1, le=SMALL_MAX)] = 1
-    token_estimate: Literal["tiktoken", "fast"] = "tiktoken"
+    sku: Literal["standard", "provisioned"] = defaults.SKU
+    tier: Annotated[int, Field(ge=1, le=SMALL_MAX)] = defaults.TIER
+    max_wait_seconds: NonNegSeconds = defaults.MAX_WAIT_SECONDS
+    rpm: Count = defaults.NO_LIMIT
+    tpm: Count = defaults.NO_LIMIT
+    context_window: Annotated[int, Field(ge=1, le=INT_MAX)] = defaults.CONTEXT_WINDOW
+    max_output_tokens: Count = defaults.MAX_OUTPUT_TOKENS
+    weight: Annotated[int, Field(ge=1, le=SMALL_MAX)] = defaults.WEIGHT
+    token_estimate: Literal["tiktoken", "fast"] = defaults.TOKEN_ESTIMATE
     upstream_model: Annotated[str, Field(max_length=200)] = ""
     enabled: bool = True
 
@@ -198,12 +199,12 @@ class EndpointSpec(_Spec):
     """An Azure OpenAI resource or OpenAI-compatible server, with its deployments."""
 
     name: Slug
-    kind: Literal["azure", "openai"] = "azure"
+    kind: Literal["azure", "openai"] = defaults.ENDPOINT_KIND
     base_url: Url
-    auth: Literal["api_key", "azure_ad"] = "api_key"
+    auth: Literal["api_key", "azure_ad"] = defaults.ENDPOINT_AUTH
     api_key: Secret = ""
     azure_ad: AzureADSpec | None = None
-    api_version: Text40 = DEFAULT_API_VERSION
+    api_version: Text40 = defaults.API_VERSION
     timeouts: TimeoutsSpec = TimeoutsSpec()
     enabled: bool = True
     deployments: list[DeploymentSpec] = Field(default_factory=list)
@@ -235,7 +236,7 @@ class EndpointSpec(_Spec):
             "ad_tenant_id": ad.tenant_id if ad else "",
             "ad_client_id": ad.client_id if ad else "",
             "ad_client_secret": ad.client_secret if ad else "",
-            "ad_authority": ad.authority if ad else DEFAULT_AD_AUTHORITY,
+            "ad_authority": ad.authority if ad else defaults.AD_AUTHORITY,
             "api_version": self.api_version,
             "connect_timeout": self.timeouts.connect,
             "first_byte_timeout": self.timeouts.first_byte,
@@ -250,11 +251,11 @@ class EndpointSpec(_Spec):
 class QuotaSpec(_Spec):
     """The tenant's own limits and budgets (per-key quotas live in the admin). 0 = unlimited."""
 
-    rpm: Count = 0
-    tpm: Count = 0
-    daily_tokens: BigCount = 0
-    monthly_tokens: BigCount = 0
-    monthly_cost: Money = Decimal(0)
+    rpm: Count = defaults.NO_LIMIT
+    tpm: Count = defaults.NO_LIMIT
+    daily_tokens: BigCount = defaults.NO_LIMIT
+    monthly_tokens: BigCount = defaults.NO_LIMIT
+    monthly_cost: Money = Decimal(defaults.NO_LIMIT)
     alert_thresholds: Annotated[list[Annotated[int, Field(gt=0, le=1000)]], AfterValidator(_unique)] = Field(
         default_factory=list
     )
@@ -269,7 +270,7 @@ class PolicySpec(_Spec):
     allowed_models: list[Text200] = Field(default_factory=list)
     ip_allow: list[Cidr] = Field(default_factory=list)
     ip_deny: list[Cidr] = Field(default_factory=list)
-    max_tokens_cap: Count = 0
+    max_tokens_cap: Count = defaults.MAX_TOKENS_CAP
 
     def model_values(self) -> dict[str, Any]:
         return self.model_dump()

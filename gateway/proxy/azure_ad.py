@@ -7,8 +7,16 @@ min(5 minutes, 10% of its lifetime) remains. Concurrent requests share one fetch
 using the current token as long as it is comfortably valid. A failed fetch is remembered for a
 few seconds so that a bad secret does not turn every request into a call to Azure AD.
 
-Error messages never contain the client secret or a token: they name the tenant, the client id
-and Azure AD's own ``error`` / ``error_description``, with the secret redacted defensively.
+Requests go through ``httpx.AsyncClient`` (one per process and event loop, created on first use,
+closed by ``aclose_http_client`` at runtime shutdown), not the upstream client: a token request
+is rare, so httpx's per-request cost does not matter here. Each request gets the endpoint's own
+timeouts: ``connect_timeout`` to connect, ``first_byte_timeout`` per read (and write),
+``total_timeout`` for the whole exchange.
+
+Error messages and log lines never contain the client secret or a token: they name the tenant,
+the client id and Azure AD's own ``error`` / ``error_description`` (or the transport failure),
+with the secret redacted defensively; the transport's exception is not chained, since it holds
+the request, whose form carries the secret.
 """
 
 from __future__ import annotations
@@ -19,10 +27,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
-from gateway.proxy import upstream
-from gateway.proxy.upstream import Timeouts, UpstreamAuthError, UpstreamClient, UpstreamError
+import httpx
+
+from gateway.proxy.upstream import UpstreamAuthError
 from gateway.snapshot.types import EndpointView
 
 logger = logging.getLogger(__name__)
@@ -36,7 +45,6 @@ USABLE_MARGIN_MAX = 30.0
 USABLE_MARGIN_FRACTION = 0.05
 DEFAULT_LIFETIME = 300.0  # when the response names none: short, so we refresh soon
 FAILURE_BACKOFF = 5.0
-TOKEN_TIMEOUTS = Timeouts(connect=5.0, first_byte=15.0, total=30.0)
 MAX_RESPONSE_BYTES = 64 * 1024
 
 
@@ -68,18 +76,25 @@ def _redact(text: str, *secrets: str) -> str:
     return text
 
 
+def _timeout(endpoint: EndpointView) -> httpx.Timeout:
+    return httpx.Timeout(
+        connect=endpoint.connect_timeout,
+        read=endpoint.first_byte_timeout,
+        write=endpoint.first_byte_timeout,
+        pool=endpoint.connect_timeout,
+    )
+
+
 class AzureADTokenProvider:
     """Caches and refreshes client-credentials tokens. One per event loop (its locks are)."""
 
     def __init__(
         self,
-        client: UpstreamClient | None = None,
-        timeouts: Timeouts = TOKEN_TIMEOUTS,
+        client: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.monotonic,
         failure_backoff: float = FAILURE_BACKOFF,
     ) -> None:
-        self._client = client  # None: the process's shared upstream client
-        self._timeouts = timeouts
+        self._client = client  # None: the process's shared token client (``get_http_client``)
         self._clock = clock
         self._failure_backoff = failure_backoff
         self._tokens: dict[CacheKey, _Token] = {}
@@ -121,37 +136,35 @@ class AzureADTokenProvider:
             return fresh.value
 
     async def _fetch(self, endpoint: EndpointView, started: float) -> _Token:
-        client = self._client or upstream.get_client()
+        client = self._client or get_http_client()
         secret = endpoint.ad_client_secret
         where = f"Azure AD token request (tenant {endpoint.ad_tenant_id!r}, client {endpoint.ad_client_id!r})"
-        form = urlencode(
-            {
-                "grant_type": "client_credentials",
-                "client_id": endpoint.ad_client_id,
-                "client_secret": secret,
-                "scope": endpoint.ad_scope,
-            }
-        ).encode()
-        headers = [("content-type", "application/x-www-form-urlencoded"), ("accept", "application/json")]
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": endpoint.ad_client_id,
+            "client_secret": secret,
+            "scope": endpoint.ad_scope,
+        }
         try:
-            response = await client.open_stream("POST", token_url(endpoint), headers, form, self._timeouts)
-            body = await response.aread(MAX_RESPONSE_BYTES)
-        except UpstreamError as exc:
-            raise UpstreamAuthError(_redact(f"{where} failed: {exc}", secret)) from None
+            async with asyncio.timeout(endpoint.total_timeout):
+                status, body = await _post_form(client, token_url(endpoint), form, _timeout(endpoint))
+        except TimeoutError:
+            raise UpstreamAuthError(f"{where} failed: no answer within {endpoint.total_timeout:g}s") from None
+        except (httpx.HTTPError, httpx.InvalidURL, _TooLarge) as exc:
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise UpstreamAuthError(_redact(f"{where} failed: {detail}", secret)) from None
         try:
             payload = json.loads(body)
         except ValueError:
             payload = None
         if not isinstance(payload, dict):
-            raise UpstreamAuthError(f"{where} failed: HTTP {response.status}, not a JSON object")
+            raise UpstreamAuthError(f"{where} failed: HTTP {status}, not a JSON object")
         access_token = payload.get("access_token")
-        if response.status != 200 or not isinstance(access_token, str) or not access_token:
+        if status != 200 or not isinstance(access_token, str) or not access_token:
             error = str(payload.get("error") or "no access_token")
             description = str(payload.get("error_description") or "").splitlines()[0:1]
             detail = f"{error}: {description[0][:300]}" if description else error
-            raise UpstreamAuthError(
-                _redact(f"{where} failed: HTTP {response.status}, {detail}", secret, access_token or "")
-            )
+            raise UpstreamAuthError(_redact(f"{where} failed: HTTP {status}, {detail}", secret, access_token or ""))
         lifetime = _lifetime(payload.get("expires_in"))
         # Expiry counts from when we asked: the token cannot have been issued earlier.
         return _Token(
@@ -159,6 +172,26 @@ class AzureADTokenProvider:
             refresh_at=started + lifetime - min(REFRESH_MARGIN_MAX, REFRESH_MARGIN_FRACTION * lifetime),
             usable_until=started + lifetime - min(USABLE_MARGIN_MAX, USABLE_MARGIN_FRACTION * lifetime),
         )
+
+
+class _TooLarge(Exception):
+    """The token endpoint's answer exceeded ``MAX_RESPONSE_BYTES``."""
+
+
+async def _post_form(
+    client: httpx.AsyncClient, url: str, form: dict[str, str], timeout: httpx.Timeout
+) -> tuple[int, bytes]:
+    """POST ``form`` and return the status and body (at most ``MAX_RESPONSE_BYTES``)."""
+    headers = {"accept": "application/json"}
+    async with client.stream("POST", url, data=form, headers=headers, timeout=timeout) as response:
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise _TooLarge(f"answer larger than {MAX_RESPONSE_BYTES} bytes")
+            parts.append(chunk)
+        return response.status_code, b"".join(parts)
 
 
 def _lifetime(expires_in: object) -> float:
@@ -171,15 +204,45 @@ def _lifetime(expires_in: object) -> float:
 
 
 class _Shared:
+    """The process's token client and provider, bound to the loop that created them (a test
+    suite's fresh loop per test gets fresh ones rather than broken ones)."""
+
     loop: asyncio.AbstractEventLoop | None = None
     provider: AzureADTokenProvider | None = None
+    client: httpx.AsyncClient | None = None
+
+
+def _bind_to_running_loop() -> None:
+    loop = asyncio.get_running_loop()
+    if _Shared.loop is not loop:
+        _Shared.loop, _Shared.provider, _Shared.client = loop, None, None
+
+
+def get_http_client() -> httpx.AsyncClient:
+    """The process's httpx client for token requests, created on first use. Call inside the loop.
+
+    No redirects (a token endpoint answers, it does not redirect a secret elsewhere) and no
+    environment (proxies, ``.netrc``), like the upstream client.
+    """
+    _bind_to_running_loop()
+    if _Shared.client is None:
+        _Shared.client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+    return _Shared.client
+
+
+async def aclose_http_client() -> None:
+    """Close the token client (runtime shutdown). Safe to call when none was created."""
+    loop, client = _Shared.loop, _Shared.client
+    _Shared.client = None
+    if client is not None and loop is asyncio.get_running_loop():
+        await client.aclose()
 
 
 def get_token_provider() -> AzureADTokenProvider:
-    """The process's provider (per event loop), using the shared upstream client."""
-    loop = asyncio.get_running_loop()
-    if _Shared.provider is None or _Shared.loop is not loop:
-        _Shared.loop, _Shared.provider = loop, AzureADTokenProvider()
+    """The process's provider (per event loop), using the shared token client."""
+    _bind_to_running_loop()
+    if _Shared.provider is None:
+        _Shared.provider = AzureADTokenProvider()
     return _Shared.provider
 
 

@@ -1,6 +1,7 @@
 """What a gateway process runs beside the requests: the snapshot refresher, the usage flusher,
-the dispatcher and the upstream client. Started on the first request (or the ASGI lifespan
-startup, where the server has one) and stopped on shutdown, flushing the usage buffer.
+the dispatcher, the upstream client and the Azure AD token client. Started on the first request
+(or the ASGI lifespan startup, where the server has one) and stopped on shutdown, flushing the
+usage buffer.
 """
 
 from __future__ import annotations
@@ -87,9 +88,10 @@ class Runtime:
         if self.refresher is not None:
             await self.refresher.stop()
         await get_sink().stop()
-        from gateway.proxy import upstream
+        from gateway.proxy import azure_ad, upstream
 
         await upstream.aclose_client()
+        await azure_ad.aclose_http_client()
         if self.dispatcher is not None and hasattr(self.dispatcher, "aclose"):
             await self.dispatcher.aclose()
         if self.redis is not None:

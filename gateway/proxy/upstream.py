@@ -15,13 +15,10 @@
   ``UpstreamTimeout`` (with ``phase``) or ``UpstreamProtocolError``; HTTP error statuses are
   *not* exceptions, they are returned like any response.
 
-One client per process (per event loop), with keep-alive pools. The default transport is a
-plain ``aiohttp.ClientSession``; ``httpx-aiohttp`` (httpx's API over aiohttp) and ``httpx``
-(httpx's own transport) are kept behind ``settings.GATEWAY["UPSTREAM_TRANSPORT"]`` for
-comparison. In a spike on one core (32 concurrent small requests to a local upstream) this
-wrapper over aiohttp did about 10,000 req/s, within ~10% of bare aiohttp; httpx over aiohttp
-about 3,000 and httpx's own transport about 800: httpx's request/response layer, not the
-socket, is what costs.
+One client per process (per event loop), with keep-alive pools, on a plain
+``aiohttp.ClientSession``: the request path's only transport. httpx, the project's HTTP client
+elsewhere, costs several times more CPU per request here; ``tests/bench/transports.py``
+measures the difference (figures in docs/architecture.md, "Upstream transport, measured").
 """
 
 from __future__ import annotations
@@ -35,14 +32,9 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
 import aiohttp
-import httpx
 
+from gateway import defaults
 from gateway.snapshot.types import AUTH_AZURE_AD, AZURE, DeploymentView, EndpointView
-
-TRANSPORT_AIOHTTP = "aiohttp"
-TRANSPORT_HTTPX_AIOHTTP = "httpx-aiohttp"
-TRANSPORT_HTTPX = "httpx"
-TRANSPORTS = (TRANSPORT_AIOHTTP, TRANSPORT_HTTPX_AIOHTTP, TRANSPORT_HTTPX)
 
 PHASE_CONNECT = "connect"
 PHASE_FIRST_BYTE = "first_byte"
@@ -198,9 +190,9 @@ def build_headers(
 class Timeouts:
     """Seconds allowed to connect, to receive the response headers, and for the whole exchange."""
 
-    connect: float = 5.0
-    first_byte: float = 60.0
-    total: float = 600.0
+    connect: float = defaults.CONNECT_TIMEOUT
+    first_byte: float = defaults.FIRST_BYTE_TIMEOUT
+    total: float = defaults.TOTAL_TIMEOUT
 
     @classmethod
     def for_endpoint(cls, endpoint: EndpointView) -> Timeouts:
@@ -225,12 +217,14 @@ class UpstreamResponse:
     connection at once.
     """
 
-    __slots__ = ("headers", "reason", "status")
+    __slots__ = ("_resp", "_total", "headers", "reason", "status")
 
-    def __init__(self, status: int, reason: str, headers: list[tuple[bytes, bytes]]) -> None:
-        self.status = status
-        self.reason = reason
-        self.headers = headers
+    def __init__(self, resp: aiohttp.ClientResponse, total: float) -> None:
+        self.status = resp.status
+        self.reason = resp.reason or ""
+        self.headers = [(k.lower(), v) for k, v in resp.raw_headers]
+        self._resp = resp
+        self._total = total
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (any case), decoded, or None."""
@@ -242,66 +236,6 @@ class UpstreamResponse:
 
     def __aiter__(self) -> UpstreamResponse:
         return self
-
-    async def __anext__(self) -> bytes:
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        raise NotImplementedError
-
-    async def aread(self, limit: int = 16 * 1024 * 1024) -> bytes:
-        """Read the whole body (up to ``limit`` bytes, else ``UpstreamProtocolError``), then close."""
-        parts: list[bytes] = []
-        size = 0
-        try:
-            async for chunk in self:
-                size += len(chunk)
-                if size > limit:
-                    raise UpstreamProtocolError(f"upstream response body exceeds {limit} bytes")
-                parts.append(chunk)
-        finally:
-            await self.aclose()
-        return b"".join(parts)
-
-    async def __aenter__(self) -> UpstreamResponse:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-
-class UpstreamClient:
-    """A pooled client; ``open_stream`` is its only request method."""
-
-    async def open_stream(
-        self, method: str, url: str, headers: Headers, content: Content, timeouts: Timeouts
-    ) -> UpstreamResponse:
-        """Send a request and return once the response headers have arrived.
-
-        ``content`` is the body (bytes, an async iterable of bytes for an upload streamed in
-        chunks, or None). Never raises for an HTTP status; raises ``UpstreamConnectError``,
-        ``UpstreamTimeout`` (``connect`` / ``first_byte`` / ``total``) or ``UpstreamProtocolError``.
-        """
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        raise NotImplementedError
-
-
-# --- aiohttp ----------------------------------------------------------------------------------
-
-
-def _lower_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(k.lower(), v) for k, v in raw]
-
-
-class _AiohttpResponse(UpstreamResponse):
-    __slots__ = ("_resp", "_total")
-
-    def __init__(self, resp: aiohttp.ClientResponse, total: float) -> None:
-        super().__init__(resp.status, resp.reason or "", _lower_headers(resp.raw_headers))
-        self._resp = resp
-        self._total = total
 
     async def __anext__(self) -> bytes:
         try:
@@ -325,6 +259,26 @@ class _AiohttpResponse(UpstreamResponse):
         else:
             self._resp.close()  # unfinished: drop the connection so the upstream stops
 
+    async def aread(self, limit: int = 16 * 1024 * 1024) -> bytes:
+        """Read the whole body (up to ``limit`` bytes, else ``UpstreamProtocolError``), then close."""
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in self:
+                size += len(chunk)
+                if size > limit:
+                    raise UpstreamProtocolError(f"upstream response body exceeds {limit} bytes")
+                parts.append(chunk)
+        finally:
+            await self.aclose()
+        return b"".join(parts)
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
 
 @lru_cache(maxsize=256)
 def _aiohttp_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
@@ -333,8 +287,11 @@ def _aiohttp_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=timeouts.total, sock_connect=timeouts.connect)
 
 
-class AiohttpUpstreamClient(UpstreamClient):
-    """``open_stream`` on a plain ``aiohttp.ClientSession`` (the default transport)."""
+class UpstreamClient:
+    """A pooled ``aiohttp.ClientSession``; ``open_stream`` is its only request method.
+
+    Create it inside the event loop that will use it: aiohttp binds its session to that loop.
+    """
 
     def __init__(self, max_connections: int = 512, keepalive_expiry: float = 15.0) -> None:
         connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=keepalive_expiry)
@@ -348,6 +305,12 @@ class AiohttpUpstreamClient(UpstreamClient):
     async def open_stream(
         self, method: str, url: str, headers: Headers, content: Content, timeouts: Timeouts
     ) -> UpstreamResponse:
+        """Send a request and return once the response headers have arrived.
+
+        ``content`` is the body (bytes, an async iterable of bytes for an upload streamed in
+        chunks, or None). Never raises for an HTTP status; raises ``UpstreamConnectError``,
+        ``UpstreamTimeout`` (``connect`` / ``first_byte`` / ``total``) or ``UpstreamProtocolError``.
+        """
         header_seconds, header_phase = _header_timeout_phase(timeouts)
         try:
             async with asyncio.timeout(header_seconds):
@@ -363,116 +326,17 @@ class AiohttpUpstreamClient(UpstreamClient):
             raise UpstreamConnectError(f"cannot connect to upstream: {exc}") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamProtocolError(f"upstream failed before responding: {exc!r}") from exc
-        return _AiohttpResponse(resp, timeouts.total)
+        return UpstreamResponse(resp, timeouts.total)
 
     async def aclose(self) -> None:
         await self._session.close()
 
 
-# --- httpx (its own transport, or httpx-aiohttp's) --------------------------------------------
-
-
-class _HttpxResponse(UpstreamResponse):
-    __slots__ = ("_chunks", "_deadline", "_resp", "_total")
-
-    def __init__(self, resp: httpx.Response, deadline: float, total: float) -> None:
-        super().__init__(resp.status_code, resp.reason_phrase, _lower_headers(resp.headers.raw))
-        self._resp = resp
-        self._chunks = resp.aiter_raw()  # raw: no decompression
-        self._deadline = deadline
-        self._total = total
-
-    async def __anext__(self) -> bytes:
-        try:
-            async with asyncio.timeout_at(self._deadline):
-                return await self._chunks.__anext__()
-        except StopAsyncIteration:
-            raise
-        except BaseException as exc:
-            await self._resp.aclose()
-            if isinstance(exc, TimeoutError):
-                raise UpstreamTimeout(PHASE_TOTAL, self._total) from exc
-            if isinstance(exc, httpx.HTTPError):
-                raise UpstreamProtocolError(f"upstream body broken: {exc!r}") from exc
-            raise
-
-    async def aclose(self) -> None:
-        await self._resp.aclose()
-
-
-def _httpx_connect_failure(exc: httpx.HTTPError) -> bool:
-    # httpx-aiohttp maps aiohttp's ClientConnectorError (refused, DNS) to ConnectTimeout; look
-    # at the original exception to tell a refusal from a timeout.
-    cause = exc.__cause__
-    if isinstance(cause, aiohttp.ClientError):
-        return isinstance(cause, aiohttp.ClientConnectorError) and not isinstance(cause, TimeoutError)
-    return isinstance(exc, (httpx.ConnectError, httpx.UnsupportedProtocol))
-
-
-class HttpxUpstreamClient(UpstreamClient):
-    """``open_stream`` on ``httpx.AsyncClient``, over httpx-aiohttp's transport or httpx's own."""
-
-    def __init__(
-        self, transport: str = TRANSPORT_HTTPX_AIOHTTP, max_connections: int = 512, keepalive_expiry: float = 15.0
-    ) -> None:
-        limits = httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=keepalive_expiry,
-        )
-        if transport == TRANSPORT_HTTPX_AIOHTTP:
-            from httpx_aiohttp import AiohttpTransport
-
-            self._client = httpx.AsyncClient(transport=AiohttpTransport(limits=limits), follow_redirects=False)
-        else:
-            self._client = httpx.AsyncClient(limits=limits, follow_redirects=False)
-
-    async def open_stream(
-        self, method: str, url: str, headers: Headers, content: Content, timeouts: Timeouts
-    ) -> UpstreamResponse:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeouts.total
-        header_seconds, header_phase = _header_timeout_phase(timeouts)
-        request = self._client.build_request(
-            method, url, headers=headers, content=content,
-            timeout=httpx.Timeout(connect=timeouts.connect, read=None, write=None, pool=None),
-        )  # fmt: skip
-        try:
-            async with asyncio.timeout(header_seconds):
-                resp = await self._client.send(request, stream=True)
-        except httpx.ConnectTimeout as exc:
-            if _httpx_connect_failure(exc):
-                raise UpstreamConnectError(f"cannot connect to upstream: {exc}") from exc
-            raise UpstreamTimeout(PHASE_CONNECT, timeouts.connect) from exc
-        except TimeoutError as exc:
-            raise UpstreamTimeout(header_phase, header_seconds) from exc
-        except httpx.HTTPError as exc:
-            if _httpx_connect_failure(exc):
-                raise UpstreamConnectError(f"cannot connect to upstream: {exc}") from exc
-            raise UpstreamProtocolError(f"upstream failed before responding: {exc!r}") from exc
-        return _HttpxResponse(resp, deadline, timeouts.total)
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-
 # --- the shared client ------------------------------------------------------------------------
 
 
-def make_client(
-    transport: str = TRANSPORT_AIOHTTP, max_connections: int = 512, keepalive_expiry: float = 15.0
-) -> UpstreamClient:
-    """A new client on ``transport`` (``aiohttp``, ``httpx-aiohttp`` or ``httpx``). Call it inside
-    the event loop that will use it; aiohttp binds its session to that loop."""
-    if transport == TRANSPORT_AIOHTTP:
-        return AiohttpUpstreamClient(max_connections, keepalive_expiry)
-    if transport in (TRANSPORT_HTTPX_AIOHTTP, TRANSPORT_HTTPX):
-        return HttpxUpstreamClient(transport, max_connections, keepalive_expiry)
-    raise ValueError(f"unknown upstream transport {transport!r}; choose one of {TRANSPORTS}")
-
-
 def client_from_settings() -> UpstreamClient:
-    """``make_client`` configured from ``settings.GATEWAY`` (defaults outside Django)."""
+    """An ``UpstreamClient`` sized from ``settings.GATEWAY`` (defaults outside Django)."""
     config: dict[str, Any] = {}
     try:
         from django.conf import settings
@@ -481,8 +345,7 @@ def client_from_settings() -> UpstreamClient:
             config = getattr(settings, "GATEWAY", {})
     except ImportError:
         pass
-    return make_client(
-        config.get("UPSTREAM_TRANSPORT", TRANSPORT_AIOHTTP),
+    return UpstreamClient(
         max_connections=config.get("UPSTREAM_MAX_CONNECTIONS", 512),
         keepalive_expiry=config.get("UPSTREAM_KEEPALIVE_SECONDS", 15.0),
     )

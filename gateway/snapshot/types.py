@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from ipaddress import IPv4Network, IPv6Network
 
+from gateway import defaults
+
 AZURE = "azure"
 OPENAI = "openai"
 
@@ -32,18 +34,18 @@ class EndpointView:
     name: str
     kind: str  # AZURE or OPENAI
     base_url: str  # e.g. https://res.openai.azure.com or https://api.example.com/v1
-    auth: str = AUTH_API_KEY  # AUTH_API_KEY or AUTH_AZURE_AD
+    auth: str = defaults.ENDPOINT_AUTH  # AUTH_API_KEY or AUTH_AZURE_AD
     api_key: str = field(default="", repr=False)
     ad_tenant_id: str = ""
     ad_client_id: str = ""
     ad_client_secret: str = field(default="", repr=False)
     # Token endpoint base; the token URL is f"{ad_authority}/{ad_tenant_id}/oauth2/v2.0/token".
-    ad_authority: str = "https://login.microsoftonline.com"
-    ad_scope: str = "https://cognitiveservices.azure.com/.default"
-    api_version: str = "2024-10-21"
-    connect_timeout: float = 5.0
-    first_byte_timeout: float = 60.0
-    total_timeout: float = 600.0
+    ad_authority: str = defaults.AD_AUTHORITY
+    ad_scope: str = defaults.AD_SCOPE
+    api_version: str = defaults.API_VERSION
+    connect_timeout: float = defaults.CONNECT_TIMEOUT
+    first_byte_timeout: float = defaults.FIRST_BYTE_TIMEOUT
+    total_timeout: float = defaults.TOTAL_TIMEOUT
     enabled: bool = True
 
 
@@ -55,15 +57,15 @@ class DeploymentView:
     endpoint: EndpointView
     name: str  # the upstream deployment name (Azure path) or upstream model name (OpenAI)
     model: str  # the model name clients ask for
-    sku: str = SKU_STANDARD  # SKU_STANDARD or SKU_PROVISIONED
-    tier: int = 1  # 1 is tried first, then 2, ...
-    max_wait: float = 0.0  # seconds a request may wait for this tier before spilling over
-    rpm: int = 0  # 0 = no limit
-    tpm: int = 0  # 0 = no limit
-    context_window: int = 128_000
-    max_output_tokens: int = 4096
-    weight: int = 1
-    token_estimate: str = ESTIMATE_TIKTOKEN  # ESTIMATE_TIKTOKEN or ESTIMATE_FAST
+    sku: str = defaults.SKU  # SKU_STANDARD or SKU_PROVISIONED
+    tier: int = defaults.TIER  # 1 is tried first, then 2, ...
+    max_wait: float = defaults.MAX_WAIT_SECONDS  # seconds a request may wait for this tier before spilling over
+    rpm: int = defaults.NO_LIMIT  # 0 = no limit
+    tpm: int = defaults.NO_LIMIT  # 0 = no limit
+    context_window: int = defaults.CONTEXT_WINDOW
+    max_output_tokens: int = defaults.MAX_OUTPUT_TOKENS
+    weight: int = defaults.WEIGHT
+    token_estimate: str = defaults.TOKEN_ESTIMATE  # ESTIMATE_TIKTOKEN or ESTIMATE_FAST
     upstream_model: str = ""  # model family for token counting when the names say nothing
     enabled: bool = True
 
@@ -72,11 +74,11 @@ class DeploymentView:
 class QuotaView:
     """A quota (per tenant or per key). 0 or None means unlimited. Enforced by the quotas issue."""
 
-    rpm: int = 0
-    tpm: int = 0
-    daily_tokens: int = 0
-    monthly_tokens: int = 0
-    monthly_cost: float = 0.0
+    rpm: int = defaults.NO_LIMIT
+    tpm: int = defaults.NO_LIMIT
+    daily_tokens: int = defaults.NO_LIMIT
+    monthly_tokens: int = defaults.NO_LIMIT
+    monthly_cost: float = defaults.NO_LIMIT
     alert_thresholds: tuple[int, ...] = ()
 
 
@@ -89,7 +91,7 @@ class TenantView:
     allowed_models: frozenset[str] = frozenset()  # empty = all
     ip_allow: tuple[IPv4Network | IPv6Network, ...] = ()
     ip_deny: tuple[IPv4Network | IPv6Network, ...] = ()
-    max_tokens_cap: int = 0  # 0 = no cap
+    max_tokens_cap: int = defaults.MAX_TOKENS_CAP  # 0 = no cap
     quota: QuotaView = QuotaView()
 
 
@@ -102,5 +104,5 @@ class KeyView:
     expires_at: datetime | None = None
     revoked: bool = False
     allowed_models: frozenset[str] = frozenset()  # empty = whatever the tenant allows
-    default_priority: int = 5
+    default_priority: int = defaults.DEFAULT_PRIORITY
     quota: QuotaView = QuotaView()

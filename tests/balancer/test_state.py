@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.balancer import Candidate, Denied, Grant, Reason, wait_for_turn
+from gateway.balancer import Candidate, Denied, Grant, Reason
 from gateway.balancer.contract import StateConfig
 from gateway.balancer.contract import make_state as build_state
 from gateway.balancer.memory import MemoryState
@@ -28,6 +28,7 @@ from gateway.balancer.windows import request_windows, token_windows
 from .conftest import T0
 
 UNLIMITED = [Candidate(99)]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def approx(x):
@@ -111,7 +112,7 @@ async def test_no_span_ever_holds_more_than_a_limit(make_state):
 def _peak(entries, span, amount) -> int:
     """The most units inside any window [t, t + span) over sorted (t, tokens) entries."""
     best, total, j = 0, 0, 0
-    for i, (t, tokens) in enumerate(entries):
+    for t, tokens in entries:
         total += amount(tokens)
         while entries[j][0] <= t - span:
             total -= amount(entries[j][1])
@@ -514,77 +515,7 @@ async def test_evictions_follow_the_queue_order_and_never_overfill_it(make_state
     assert await serve_order(state, "m", order, now) == order
 
 
-# -- waiting helper (real clock) ----------------------------------------------------------------
-
-
-async def test_waiter_gets_capacity_soon_after_it_is_released(make_state):
-    state = await make_state()
-    c = Candidate(1, tpm=1000)
-    holder = await state.try_acquire([c], 1000)
-    waiter = asyncio.create_task(wait_for_turn(state, "m", [c], 500, priority=1, tenant="A", timeout=10.0))
-    await asyncio.sleep(0.1)
-    assert not waiter.done() and await state.depth("m") == {1: 1}
-    released = time.monotonic()
-    await state.release(holder)
-    grant = await asyncio.wait_for(waiter, 2.0)
-    assert isinstance(grant, Grant) and grant.tokens == 500
-    # Memory wakes the waiter at once; Redis waiters poll at most every poll_max (0.1 s).
-    assert time.monotonic() - released < 0.25
-    assert await state.depth("m") == {}
-
-
-async def test_waiters_are_served_by_priority(make_state):
-    state = await make_state()
-    c = Candidate(1, tpm=1000)
-    holder = await state.try_acquire([c], 1000)
-
-    def wait(priority):
-        return asyncio.create_task(wait_for_turn(state, "m", [c], 1000, priority=priority, tenant="A", timeout=10.0))
-
-    low = wait(5)
-    await asyncio.sleep(0.02)
-    high = wait(1)
-    await asyncio.sleep(0.05)
-    assert await state.depth("m") == {1: 1, 5: 1}
-    await state.release(holder)
-    first = await asyncio.wait_for(high, 2.0)
-    assert isinstance(first, Grant) and not low.done()
-    released = time.monotonic()
-    await state.release(first)
-    assert isinstance(await asyncio.wait_for(low, 2.0), Grant)
-    assert time.monotonic() - released < 0.25
-
-
-async def test_a_queue_drains_at_the_speed_of_capacity_not_of_polling(make_state):
-    """Each served head hands the turn to the next at once (no waiter sleeps out a backoff)."""
-    state = await make_state()
-    c = Candidate(1, tpm=1000)
-    holder = await state.try_acquire([c], 1000)
-    waiters = [
-        asyncio.create_task(wait_for_turn(state, "m", [c], 10, priority=1, tenant=f"t{i}", timeout=10.0))
-        for i in range(12)
-    ]
-    await asyncio.sleep(0.3)  # every waiter is now deep in its backoff (or asleep until woken)
-    assert await state.depth("m") == {1: 12}
-    released = time.monotonic()
-    await state.release(holder)
-    grants = await asyncio.wait_for(asyncio.gather(*waiters), 5.0)
-    assert all(isinstance(g, Grant) for g in grants)
-    # Polling behind the head would take ~poll_max (0.1 s) per hand-over: > 1 s for 12.
-    assert time.monotonic() - released < 0.4
-
-
-async def test_waiter_gives_up_at_once_when_the_wait_exceeds_its_timeout(make_state):
-    state = await make_state()
-    c = Candidate(1, tpm=1000)
-    await state.try_acquire([c], 1000)
-    started = time.monotonic()
-    result = await wait_for_turn(state, "m", [c], 500, priority=1, tenant="A", timeout=1.0)
-    assert result.reason == Reason.TIMEOUT and result.wait_seconds == pytest.approx(6.12, abs=0.05)
-    assert time.monotonic() - started < 0.05
-    never = await wait_for_turn(state, "m", [c], 5000, priority=1, tenant="A", timeout=1.0)
-    assert never == Denied(math.inf, Reason.NEVER)
-    assert await state.depth("m") == {}
+# -- waking waiters (real clock; waiting through the policy: test_policy) -----------------------
 
 
 async def test_an_evicted_waiter_is_woken_at_once(make_state):
@@ -602,42 +533,6 @@ async def test_an_evicted_waiter_is_woken_at_once(make_state):
     assert await state.try_acquire_queued("m", "low", [c], 10) == Denied(0.0, Reason.EVICTED)
     assert await state.depth("m") == {0: 1}
     await state.leave("m", "high")
-
-
-async def test_an_evicted_waiter_answers_queue_full_at_once(make_state):
-    state = await make_state(queue_max_depth=1)
-    c = Candidate(1, tpm=1000)
-    await state.try_acquire([c], 1000)
-
-    def wait(priority, tenant):
-        return asyncio.create_task(wait_for_turn(state, "m", [c], 10, priority=priority, tenant=tenant, timeout=10.0))
-
-    low = wait(9, "A")
-    await asyncio.sleep(0.05)
-    assert await state.depth("m") == {9: 1}
-    started = time.monotonic()
-    high = wait(0, "B")
-    result = await asyncio.wait_for(low, 2.0)
-    assert result.reason == Reason.QUEUE_FULL  # not back in the queue, not waiting it out
-    assert time.monotonic() - started < 0.25
-    await asyncio.sleep(0.02)
-    assert not high.done() and await state.depth("m") == {0: 1}
-    high.cancel()
-    await asyncio.gather(high, return_exceptions=True)
-    assert await state.depth("m") == {}
-
-
-async def test_cancelled_waiter_leaves_the_queue(make_state):
-    state = await make_state()
-    c = Candidate(1, tpm=1000)
-    await state.try_acquire([c], 1000)
-    waiter = asyncio.create_task(wait_for_turn(state, "m", [c], 500, priority=1, tenant="A", timeout=10.0))
-    await asyncio.sleep(0.05)
-    assert await state.depth("m") == {1: 1}
-    waiter.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiter
-    assert await state.depth("m") == {}
 
 
 # -- factory and processes ---------------------------------------------------------------------
@@ -736,7 +631,6 @@ asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]
 async def test_processes_sharing_redis_never_overrun_a_window(redis_url):
     """Two OS processes hammer one deployment for ~2 minutes of 1.2 s; replay every window."""
     prefix = f"test-balancer-xproc-{random.getrandbits(40):x}"
-    root = Path(__file__).resolve().parents[2]
     start, seconds = time.time() + 1.0, 2.6
     procs = [
         await asyncio.create_subprocess_exec(
@@ -748,7 +642,7 @@ async def test_processes_sharing_redis_never_overrun_a_window(redis_url):
             repr(start),
             repr(seconds),
             str(seed),
-            cwd=root,
+            cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -760,7 +654,7 @@ async def test_processes_sharing_redis_never_overrun_a_window(redis_url):
         cleanup = build_state(redis_url, minute=1.2, prefix=prefix)
         await cleanup.reset()
         await cleanup.aclose()
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err.decode()
     per_process = [json.loads(out) for out, _ in outputs]
     assert all(len(kept) > 10 for kept in per_process)  # both got a share

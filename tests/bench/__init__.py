@@ -7,6 +7,7 @@ load-generator process, prints one table and writes ``var/bench/latest.json``.
 Modules: ``runner`` (phases), ``stack`` (database, simulators, gateway processes), ``seed``
 (configuration, run as a child), ``loadgen`` (the generator process) and ``driver`` (running it),
 ``wrk`` (optional cross-check), ``scenarios`` and ``saturation`` (what is measured),
-``profiling``/``profiled`` (where the time goes), ``procs`` (processes and /proc),
+``profiling``/``profiled`` (where the time goes), ``transports`` (the upstream HTTP clients
+compared: ``python -m tests.bench transports``), ``procs`` (processes and /proc),
 ``stats`` and ``report``. Nothing here is named ``test_*``: pytest does not collect it.
 """

@@ -1,16 +1,20 @@
-"""Azure AD client-credentials tokens against a fake token endpoint in the test's loop."""
+"""Azure AD client-credentials tokens (over httpx) against a fake token endpoint in the test's loop."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import time
 from dataclasses import replace
 
+import httpx
 import pytest
 from aiohttp import web
 
-from gateway.proxy import upstream
+from gateway.proxy import azure_ad
 from gateway.proxy.azure_ad import AzureADTokenProvider
+from gateway.proxy.runtime import Runtime
 from gateway.proxy.upstream import UpstreamAuthError
 from gateway.snapshot.types import AUTH_AZURE_AD, AZURE, EndpointView
 
@@ -26,6 +30,7 @@ class FakeAAD:
         self.delay = 0.0
         self.expires_in: object = 3599
         self.status_override: int | None = None
+        self.echo_secret = False  # a token endpoint that quotes the form back in its error
 
     async def token(self, request: web.Request) -> web.Response:
         form = dict(await request.post())
@@ -35,6 +40,8 @@ class FakeAAD:
             await asyncio.sleep(self.delay)
         if self.status_override:
             return web.Response(status=self.status_override, text="<html>upstream broke</html>")
+        if self.echo_secret:
+            return web.json_response({"error": "invalid_request", "error_description": f"bad form: {form}"}, status=400)
         if form.get("client_secret") != SECRET:
             return web.json_response(
                 {
@@ -65,9 +72,8 @@ async def aad():
 
 @pytest.fixture
 async def client():
-    c = upstream.make_client("aiohttp")
-    yield c
-    await c.aclose()
+    async with httpx.AsyncClient(trust_env=False) as c:
+        yield c
 
 
 class Clock:
@@ -78,11 +84,12 @@ class Clock:
         return self.now
 
 
-def endpoint_for(aad: FakeAAD, secret: str = SECRET) -> EndpointView:
+def endpoint_for(aad: FakeAAD, secret: str = SECRET, **timeouts: float) -> EndpointView:
     return EndpointView(
         id=1, name="ad", kind=AZURE, base_url="https://res.openai.azure.com", auth=AUTH_AZURE_AD,
         ad_tenant_id="tenant-1", ad_client_id="client-1", ad_client_secret=secret,
         ad_authority=aad.authority + "/",  # type: ignore[attr-defined]
+        **timeouts,
     )  # fmt: skip
 
 
@@ -195,3 +202,55 @@ async def test_an_unreachable_authority_is_an_auth_error(client):
     with pytest.raises(UpstreamAuthError) as caught:
         await AzureADTokenProvider(client).get_token(endpoint)
     assert SECRET not in str(caught.value)
+
+
+async def test_a_secret_quoted_back_by_azure_ad_reaches_neither_the_error_nor_the_log(aad, client, caplog):
+    clock = Clock()
+    provider = AzureADTokenProvider(client, clock=clock)
+    endpoint = endpoint_for(aad)
+    assert await provider.get_token(endpoint) == "token-1"
+    clock.now += 3400  # due for refresh: the failure is logged and the current token kept
+    aad.echo_secret = True
+    with caplog.at_level(logging.DEBUG):
+        assert await provider.get_token(endpoint) == "token-1"
+        clock.now += 300
+        with pytest.raises(UpstreamAuthError) as caught:
+            await provider.get_token(endpoint)
+    assert "invalid_request" in str(caught.value) and "[redacted]" in str(caught.value)
+    assert "refresh failed" in caplog.text and "[redacted]" in caplog.text
+    assert SECRET not in str(caught.value) and SECRET not in caplog.text
+    assert caught.value.__cause__ is None
+
+
+async def test_the_endpoint_first_byte_timeout_bounds_the_token_request(aad, client):
+    aad.delay = 1.0
+    endpoint = endpoint_for(aad, first_byte_timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(UpstreamAuthError) as caught:
+        await AzureADTokenProvider(client).get_token(endpoint)
+    assert time.monotonic() - started < 1.0
+    assert "ReadTimeout" in str(caught.value) and SECRET not in str(caught.value)
+
+
+async def test_the_endpoint_total_timeout_bounds_the_whole_token_request(aad, client):
+    aad.delay = 1.0
+    endpoint = endpoint_for(aad, first_byte_timeout=30.0, total_timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(UpstreamAuthError) as caught:
+        await AzureADTokenProvider(client).get_token(endpoint)
+    assert time.monotonic() - started < 1.0
+    assert "no answer within 0.3s" in str(caught.value)
+
+
+async def test_the_process_token_client_is_created_once_and_closed_at_runtime_shutdown(aad):
+    first = azure_ad.get_http_client()
+    assert azure_ad.get_http_client() is first and not first.is_closed
+    assert await azure_ad.azure_ad_token(endpoint_for(aad)) == "token-1"  # the provider uses it
+    runtime = Runtime()
+    runtime.started, runtime.loop = True, asyncio.get_running_loop()
+    await runtime.shutdown()
+    assert first.is_closed
+    second = azure_ad.get_http_client()
+    assert second is not first and not second.is_closed
+    await azure_ad.aclose_http_client()
+    assert second.is_closed

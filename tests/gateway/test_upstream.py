@@ -182,9 +182,9 @@ STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-E
 FAST = Timeouts(connect=2, first_byte=5, total=10)
 
 
-@pytest.fixture(params=upstream.TRANSPORTS)
-async def client(request):
-    c = upstream.make_client(request.param)
+@pytest.fixture
+async def client():
+    c = upstream.UpstreamClient()
     yield c
     await c.aclose()
 
@@ -381,8 +381,3 @@ async def test_the_shared_client_is_one_per_loop_and_closes():
     second = upstream.get_client()
     assert second is not first
     await upstream.aclose_client()
-
-
-def test_unknown_transport_is_refused():
-    with pytest.raises(ValueError):
-        upstream.make_client("curl")

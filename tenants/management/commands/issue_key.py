@@ -13,6 +13,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import IntegrityError
 from django.utils import timezone
 
+from gateway import defaults
 from gateway.models import Deployment
 from tenants.models import ClientKey, Tenant
 from tenants.services import key_issue
@@ -36,7 +37,12 @@ class Command(BaseCommand):
         parser.add_argument(
             "--models", default="", help="Comma-separated models this key may use; default: whatever the tenant allows."
         )
-        parser.add_argument("--priority", type=int, default=5, help="Default queue priority, lower first (default 5).")
+        parser.add_argument(
+            "--priority",
+            type=int,
+            default=defaults.DEFAULT_PRIORITY,
+            help=f"Default queue priority, lower first (default {defaults.DEFAULT_PRIORITY}).",
+        )
 
     def handle(
         self, *args: Any, tenant: str, name: str, expires: str | None, models: str, priority: int, **options: Any
