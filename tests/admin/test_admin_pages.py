@@ -220,12 +220,12 @@ def test_endpoint_secret_is_saved_but_never_shown(admin_client):
 def test_blank_secret_keeps_the_stored_one_and_a_typed_one_replaces_it(admin_client, endpoint, ptu_deployment):
     stored = endpoint.api_key
     response = admin_client.post(
-        url(Endpoint, "change", endpoint.pk), endpoint_data(endpoint, base_url="https://e.example.com")
+        url(Endpoint, "change", endpoint.pk), endpoint_data(endpoint, api_version="2025-01-01")
     )
     assert response.status_code == 302, response.context and response.context["adminform"].form.errors
     endpoint.refresh_from_db()
-    assert endpoint.api_key == stored and endpoint.base_url == "https://e.example.com"
-    # "Changed Base url", not "Changed API key": a blank secret is no change.
+    assert endpoint.api_key == stored and endpoint.api_version == "2025-01-01"
+    # "Changed Api version", not "Changed API key": a blank secret is no change.
     assert "API key" not in LogEntry.objects.latest("pk").get_change_message()
 
     admin_client.post(url(Endpoint, "change", endpoint.pk), endpoint_data(endpoint, api_key="sk-rotated"))
