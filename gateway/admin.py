@@ -9,12 +9,13 @@ removes the stored secrets when the endpoint's destination changes and they were
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from django.contrib import admin, messages
 from django.db import models
 from django.db.models import Count, QuerySet
-from django.forms import BaseFormSet
+from django.forms import BaseFormSet, Form
 from django.http import HttpRequest
 from django.utils.text import capfirst
 
@@ -95,7 +96,7 @@ class EndpointAdmin(admin.ModelAdmin):
 
     @admin.display(description="deployments", ordering="deployment_count")
     def deployment_count(self, endpoint: Endpoint) -> int:
-        return endpoint.deployment_count  # type: ignore[attr-defined]  (the annotation)
+        return endpoint.deployment_count  # type: ignore[attr-defined]  # the annotation
 
     def get_fieldsets(self, request: HttpRequest, obj: Endpoint | None = None) -> Any:
         fieldsets = super().get_fieldsets(request, obj)
@@ -114,15 +115,15 @@ class EndpointAdmin(admin.ModelAdmin):
         result = endpoint_update(stored, form.update_values())
         for name in result.changed:
             setattr(obj, name, getattr(stored, name))
-        form.endpoint_update = result  # type: ignore[attr-defined]  (read by construct_change_message)
+        form.saved_update = result
         if result.cleared:
             self.message_user(request, _cleared_message(stored, result, form), messages.WARNING)
 
     def construct_change_message(
-        self, request: HttpRequest, form: EndpointAdminForm, formsets: list[BaseFormSet], add: bool = False
+        self, request: HttpRequest, form: Form, formsets: Iterable[BaseFormSet], add: bool = False
     ) -> list[dict[str, Any]]:
         message = super().construct_change_message(request, form, formsets, add)
-        result: EndpointUpdate | None = getattr(form, "endpoint_update", None)
+        result = form.saved_update if isinstance(form, EndpointAdminForm) else None
         if result and result.cleared:
             # The history names a removed secret like any other changed field: by label, never by value.
             labels = [str(form.fields[name].label) for name in result.cleared]
@@ -146,7 +147,7 @@ def _set_or_not(secret: str) -> str:
     return "set" if secret else "not set"
 
 
-def _without_secrets(fields: tuple[Any, ...]) -> tuple[Any, ...]:
+def _without_secrets(fields: Sequence[Any]) -> tuple[Any, ...]:
     """A fieldset's fields with each secret and its "remove" checkbox left out (their statuses stay)."""
     hidden = {*SECRET_FIELDS, *SECRET_FIELDS.values()}
     kept: list[Any] = []

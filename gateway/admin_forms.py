@@ -19,7 +19,7 @@ from django import forms
 from django.db import models
 
 from gateway.models import Endpoint
-from gateway.services import DESTINATION_FIELDS
+from gateway.services import DESTINATION_FIELDS, EndpointUpdate
 
 KEEP_HELP = (
     "Write-only: never shown. Leave blank to keep the stored value; type a new one to replace it. "
@@ -56,6 +56,9 @@ def _formfield(db_field: models.Field, **kwargs: Any) -> forms.Field | None:
 
 
 class EndpointAdminForm(forms.ModelForm):
+    #: What ``endpoint_update`` did when the admin saved this form (for the history entry).
+    saved_update: EndpointUpdate | None = None
+
     api_key = WriteOnlySecretField(label="API key", max_length=500)
     clear_api_key = forms.BooleanField(label="Remove the stored API key", required=False)
     ad_client_secret = WriteOnlySecretField(label="Azure AD client secret", max_length=500)
@@ -108,7 +111,8 @@ class EndpointAdminForm(forms.ModelForm):
         return values
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data
         for name, clear in SECRET_FIELDS.items():
             if name not in self.fields or name in self.errors:
                 continue
