@@ -164,10 +164,11 @@ def _without_secrets(fields: Sequence[Any]) -> tuple[Any, ...]:
 def _cleared_message(endpoint: Endpoint, result: EndpointUpdate, form: EndpointAdminForm) -> str:
     moved = ", ".join(str(capfirst(form.fields[name].label)) for name in result.moved if name in form.fields)
     secrets = " and ".join(str(form.fields[name].label) for name in result.cleared)
+    one = len(result.cleared) == 1
     return (
-        f"{moved} changed, so the stored {secrets} of “{endpoint.name}” "
-        f"{'was' if len(result.cleared) == 1 else 'were'} removed: a secret is never sent to a new destination. "
-        "Type it again to restore it; until then the endpoint sends none."
+        f"{moved} changed, so the stored {secrets} of “{endpoint.name}” {'was' if one else 'were'} removed: "
+        f"a secret is never sent to a new destination. Type {'it' if one else 'them'} again to restore "
+        f"{'it' if one else 'them'}; until then the endpoint sends none."
     )
 
 
