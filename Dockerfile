@@ -25,5 +25,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s \
     CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"
 # uvicorn with uvloop and httptools: the fastest server measured for this app (see docs/architecture.md);
-# daphne works too: daphne -b 0.0.0.0 -p 8000 gateway.asgi:application
-CMD ["sh", "-c", "python manage.py migrate --noinput && exec uvicorn gateway.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http httptools --lifespan on --proxy-headers --no-access-log"]
+# daphne works too: daphne -b 0.0.0.0 -p 8000 gateway.asgi:application (never with --proxy-headers).
+# --no-proxy-headers: uvicorn must not rewrite the client address from X-Forwarded-For by its own rules;
+# GATEWAY_TRUSTED_PROXIES alone decides whom the gateway believes.
+CMD ["sh", "-c", "python manage.py migrate --noinput && exec uvicorn gateway.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http httptools --lifespan on --no-proxy-headers --no-access-log"]

@@ -2,18 +2,26 @@
 
 Every save here bumps the configuration version (``gateway.snapshot.version``'s signals), so the
 gateway processes pick changes up without a restart. Endpoint secrets are write-only, see
-``gateway.admin_forms``; they are in no list, no page and no log message.
+``gateway.admin_forms``; they are in no list, no page (view-only ones included) and no log
+message. An endpoint's changes are saved through ``gateway.services.endpoint_update``, which
+removes the stored secrets when the endpoint's destination changes and they were not typed again.
 """
 
 from __future__ import annotations
 
-from django.contrib import admin
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from django.contrib import admin, messages
 from django.db import models
 from django.db.models import Count, QuerySet
+from django.forms import BaseFormSet, Form
 from django.http import HttpRequest
+from django.utils.text import capfirst
 
-from gateway.admin_forms import EndpointAdminForm
+from gateway.admin_forms import SECRET_FIELDS, EndpointAdminForm
 from gateway.models import Deployment, Endpoint
+from gateway.services import EndpointUpdate, endpoint_update
 
 admin.site.site_header = "LLM Gateway"
 admin.site.site_title = "LLM Gateway"
@@ -58,6 +66,10 @@ class EndpointAdmin(admin.ModelAdmin):
         (
             "Authentication",
             {
+                "description": (
+                    "Secrets are write-only. Changing the base URL, kind, authentication, or the Azure AD "
+                    "authority or tenant removes the stored secrets unless they are typed again in the same form."
+                ),
                 "fields": (
                     "auth",
                     ("api_key", "api_key_status"),
@@ -84,7 +96,43 @@ class EndpointAdmin(admin.ModelAdmin):
 
     @admin.display(description="deployments", ordering="deployment_count")
     def deployment_count(self, endpoint: Endpoint) -> int:
-        return endpoint.deployment_count  # type: ignore[attr-defined]  (the annotation)
+        return endpoint.deployment_count  # type: ignore[attr-defined]  # the annotation
+
+    def get_fieldsets(self, request: HttpRequest, obj: Endpoint | None = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None or self.has_change_permission(request, obj):
+            return fieldsets
+        # A view-only page renders every listed field read-only from the row itself, which would
+        # print the stored secrets: it gets the "set / not set" statuses instead.
+        return [(name, {**options, "fields": _without_secrets(options["fields"])}) for name, options in fieldsets]
+
+    def save_model(self, request: HttpRequest, obj: Endpoint, form: EndpointAdminForm, change: bool) -> None:
+        if not change:
+            super().save_model(request, obj, form, change)
+            return
+        # The form has already copied its values onto obj; the rule needs the stored row to compare with.
+        stored = Endpoint.objects.select_for_update().get(pk=obj.pk)
+        result = endpoint_update(stored, form.update_values())
+        for name in result.changed:
+            setattr(obj, name, getattr(stored, name))
+        form.saved_update = result
+        if result.cleared:
+            self.message_user(request, _cleared_message(stored, result, form), messages.WARNING)
+
+    def construct_change_message(
+        self, request: HttpRequest, form: Form, formsets: Iterable[BaseFormSet], add: bool = False
+    ) -> list[dict[str, Any]]:
+        message = super().construct_change_message(request, form, formsets, add)
+        result = form.saved_update if isinstance(form, EndpointAdminForm) else None
+        if result and result.cleared:
+            # The history names a removed secret like any other changed field: by label, never by value.
+            labels = [str(form.fields[name].label) for name in result.cleared]
+            if message and "changed" in message[0]:
+                fields = message[0]["changed"]["fields"]
+                fields.extend(label for label in labels if label not in fields)
+            else:
+                message.insert(0, {"changed": {"fields": labels}})
+        return message
 
     @admin.display(description="API key")
     def api_key_status(self, endpoint: Endpoint) -> str:
@@ -97,6 +145,31 @@ class EndpointAdmin(admin.ModelAdmin):
 
 def _set_or_not(secret: str) -> str:
     return "set" if secret else "not set"
+
+
+def _without_secrets(fields: Sequence[Any]) -> tuple[Any, ...]:
+    """A fieldset's fields with each secret and its "remove" checkbox left out (their statuses stay)."""
+    hidden = {*SECRET_FIELDS, *SECRET_FIELDS.values()}
+    kept: list[Any] = []
+    for field in fields:
+        if isinstance(field, tuple | list):
+            row = tuple(name for name in field if name not in hidden)
+            if row:
+                kept.append(row if len(row) > 1 else row[0])
+        elif field not in hidden:
+            kept.append(field)
+    return tuple(kept)
+
+
+def _cleared_message(endpoint: Endpoint, result: EndpointUpdate, form: EndpointAdminForm) -> str:
+    moved = ", ".join(str(capfirst(form.fields[name].label)) for name in result.moved if name in form.fields)
+    secrets = " and ".join(str(form.fields[name].label) for name in result.cleared)
+    one = len(result.cleared) == 1
+    return (
+        f"{moved} changed, so the stored {secrets} of “{endpoint.name}” {'was' if one else 'were'} removed: "
+        f"a secret is never sent to a new destination. Type {'it' if one else 'them'} again to restore "
+        f"{'it' if one else 'them'}; until then the endpoint sends none."
+    )
 
 
 @admin.register(Deployment)

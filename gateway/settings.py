@@ -8,9 +8,11 @@ that share limits, queues, the config version and the usage stream.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -19,12 +21,49 @@ env = environ.Env()
 if (BASE_DIR / ".env").exists():
     environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
+
+def _networks(name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A comma-separated list of CIDRs (a bare address is a /32 or /128), parsed once here.
+
+    Strict: ``10.0.0.1/8`` is refused rather than read as 10.0.0.0/8, since widening a trusted
+    network by a typo is exactly the mistake this setting must not make quietly.
+    """
+    try:
+        values = [value.strip() for value in env.list(name, default=[])]
+        return tuple(ipaddress.ip_network(value, strict=True) for value in values if value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name}: {exc}") from None
+
+
+def _proxy_ssl_header(name: str) -> tuple[str, str] | None:
+    """``X-Forwarded-Proto`` (meaning ``=https``) or ``Header-Name=value`` -> Django's ``(META key, value)``."""
+    text = env.str(name, default="").strip()
+    if not text:
+        return None
+    header, _, value = text.partition("=")
+    key = header.strip().upper().replace("-", "_")
+    return (key if key.startswith("HTTP_") else f"HTTP_{key}", value.strip() or "https")
+
+
 DEBUG = env.bool("DEBUG", default=False)
-# The default key is for the embedded demo only; gateway.system_checks warns when it is used with DEBUG off.
+# The default key is for the embedded demo only; gateway.system_checks makes `check --deploy` fail
+# when it (or docker-compose.yml's default) is used with DEBUG off.
 INSECURE_DEFAULT_SECRET_KEY = "insecure-dev-key-change-me-0123456789abcdefghijklmnopqrstuvwxyz"
 SECRET_KEY = env.str("SECRET_KEY", default=INSECURE_DEFAULT_SECRET_KEY)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+# HTTPS, for the admin console and the other Django pages (the proxy API does not go through
+# Django's middleware). Every default is off so that `make run` works on plain http; behind TLS
+# turn them on. SECURE_PROXY_SSL_HEADER makes Django believe that header from any peer: set it
+# only when every request reaches the gateway through a proxy that sets it.
+SECURE_PROXY_SSL_HEADER = _proxy_ssl_header("SECURE_PROXY_SSL_HEADER")
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
 
 VAR_DIR = Path(env.str("GATEWAY_VAR_DIR", default=str(BASE_DIR / "var")))
 # The embedded SQLite database and the tiktoken cache live here; SQLite cannot create its folder.
@@ -132,6 +171,10 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 
 # The request path's knobs. Each has a default a production gateway would start with.
 GATEWAY = {
+    # Proxies whose X-Forwarded-For is believed (CIDRs; none by default): see gateway.proxy.client_address.
+    # The ASGI server's own proxy-header handling must be off (uvicorn --no-proxy-headers; daphne
+    # without --proxy-headers), so this is the only thing that decides.
+    "TRUSTED_PROXIES": _networks("GATEWAY_TRUSTED_PROXIES"),
     # Largest request body accepted, in bytes (base64 images make chat bodies large).
     "MAX_BODY_BYTES": env.int("GATEWAY_MAX_BODY_BYTES", default=20 * 1024 * 1024),
     # How often the in-memory snapshot checks the config version (seconds).

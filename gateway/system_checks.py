@@ -2,18 +2,46 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
-from django.core.checks import Tags, Warning, register
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
+
+#: docker-compose.yml's ``${SECRET_KEY:-...}`` default (a test keeps the two equal).
+COMPOSE_DEFAULT_SECRET_KEY = "change-me-to-a-long-random-string"
 
 
 @register(Tags.security, deploy=True)
-def check_secret_key(app_configs, **kwargs):
-    if settings.SECRET_KEY == settings.INSECURE_DEFAULT_SECRET_KEY:
+def check_secret_key(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
+    """A published key signs sessions and CSRF tokens anyone can forge: an error, not a warning."""
+    if settings.DEBUG:
+        return []
+    known = {
+        settings.INSECURE_DEFAULT_SECRET_KEY: "the built-in development key",
+        COMPOSE_DEFAULT_SECRET_KEY: "docker-compose.yml's default",
+    }
+    if settings.SECRET_KEY in known:
+        return [
+            Error(
+                f"SECRET_KEY is {known[settings.SECRET_KEY]}, which is published.",
+                hint="Set the SECRET_KEY environment variable to a long random value, e.g. the output of "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(50))'`.",
+                id="gateway.E010",
+            )
+        ]
+    return []
+
+
+@register(Tags.security, deploy=True)
+def check_trusted_proxies(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
+    """Trusting every address as a proxy lets any client choose the address the IP policy checks."""
+    everyone = [str(net) for net in settings.GATEWAY["TRUSTED_PROXIES"] if net.prefixlen == 0]
+    if everyone:
         return [
             Warning(
-                "SECRET_KEY is the built-in development key.",
-                hint="Set the SECRET_KEY environment variable to a long random value.",
-                id="gateway.W001",
+                f"GATEWAY_TRUSTED_PROXIES includes {', '.join(everyone)}: every client's X-Forwarded-For is believed.",
+                hint="List only the networks of your load balancers or reverse proxies.",
+                id="gateway.W010",
             )
         ]
     return []

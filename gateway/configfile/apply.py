@@ -27,6 +27,7 @@ from gateway.configfile.schema import (
     effective_from_text,
 )
 from gateway.models import Deployment, Endpoint
+from gateway.services import SECRET_FIELDS, endpoint_update
 from tenants.models import AccessPolicy, Quota, Tenant
 
 
@@ -59,7 +60,7 @@ class Change:
         if self.action is Action.CREATE:
             return f"+ {self.kind} {self.label}" + (f" ({self.note})" if self.note else "")
         if self.action is Action.UPDATE:
-            return f"~ {self.kind} {self.label}: {', '.join(self.fields)}"
+            return f"~ {self.kind} {self.label}: {', '.join(self.fields)}" + (f" ({self.note})" if self.note else "")
         if self.action is Action.DEACTIVATE:
             return (
                 f"- {self.kind} {self.label}: deactivated, not deleted "
@@ -154,17 +155,19 @@ def _plan_endpoints(plan: ApplyPlan, specs: list[EndpointSpec], prune: bool) -> 
         deployments[row.endpoint_id][row.name] = row
     for spec in specs:
         current = endpoints.pop(spec.name, None)
-        endpoint = _plan_row(
-            plan,
-            "endpoint",
-            spec.name,
-            current,
-            spec.model_values(),
-            create=Endpoint,
-            identity={"name": spec.name},
-            names=EndpointSpec.FIELD_NAMES,
-            note=f"{spec.kind}, {spec.base_url}",
-        )
+        if current is None:
+            endpoint = _plan_row(
+                plan,
+                "endpoint",
+                spec.name,
+                None,
+                spec.model_values(),
+                create=Endpoint,
+                identity={"name": spec.name},
+                note=f"{spec.kind}, {spec.base_url}",
+            )
+        else:
+            endpoint = _plan_endpoint_update(plan, spec, current)
         existing = deployments.pop(current.pk, {}) if current else {}
         for deployment in spec.deployments:
             _plan_row(
@@ -190,6 +193,37 @@ def _plan_endpoints(plan: ApplyPlan, specs: list[EndpointSpec], prune: bool) -> 
                 note=f"model {deployment_row.model}",
             )
         _plan_leftover(plan, "endpoint", name, row, prune)
+
+
+def _plan_endpoint_update(plan: ApplyPlan, spec: EndpointSpec, row: Endpoint) -> Endpoint:
+    """An endpoint the database has, under the admin's secrets rule (``endpoint_update``).
+
+    The file states every secret, so one it leaves out is removed either way; what the rule adds
+    is saying so when the endpoint's destination changed, since that is when the secret most
+    likely went missing by mistake.
+    """
+    result = endpoint_update(row, spec.model_values(), save=False)
+    if not result.changed:
+        plan.unchanged.append(f"endpoint {spec.name}")
+        return row
+    names = EndpointSpec.FIELD_NAMES
+    # A secret the file leaves out is removed; say so, as "api_key" alone could also be a rotation.
+    removed = " and ".join(
+        names.get(name, name) for name in SECRET_FIELDS if name in result.changed and not getattr(row, name)
+    )
+    note = ""
+    if result.cleared:
+        moved = ", ".join(names.get(name, name) for name in result.moved)
+        note = f"{removed} removed: {moved} changed and the file does not give {_it(result.cleared)} again"
+    elif removed:
+        note = f"{removed} removed: the file gives none"
+    fields = tuple(names.get(name, name) for name in result.changed)
+    plan.changes.append(Change(Action.UPDATE, "endpoint", spec.name, row, fields, result.changed, note=note))
+    return row
+
+
+def _it(items: tuple[str, ...]) -> str:
+    return "it" if len(items) == 1 else "them"
 
 
 def _plan_tenants(plan: ApplyPlan, specs: list[TenantSpec], prune: bool) -> None:
@@ -271,7 +305,6 @@ def _plan_row(
     *,
     create: type[models.Model],
     identity: dict[str, Any],
-    names: dict[str, str] | None = None,
     note: str = "",
 ) -> Any:
     """Plan one row the file names: create it, update the columns that differ, or count it unchanged."""
@@ -285,8 +318,7 @@ def _plan_row(
         return row
     for column in changed:
         setattr(row, column, values[column])
-    fields = tuple((names or {}).get(column, column) for column in changed)
-    plan.changes.append(Change(Action.UPDATE, kind, label, row, fields, tuple(changed)))
+    plan.changes.append(Change(Action.UPDATE, kind, label, row, tuple(changed), tuple(changed)))
     return row
 
 

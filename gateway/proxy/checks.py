@@ -7,7 +7,6 @@ the tenant's cap, the prompt within a deployment's context window. Then the dema
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ from django.conf import settings
 
 from gateway.balancer.dispatcher import Demand
 from gateway.proxy import errors, tokens
+from gateway.proxy.client_address import address_parse
 from gateway.proxy.context import RequestContext
 from gateway.proxy.routes import CHAT, COMPLETIONS, EMBEDDINGS, Route
 from gateway.snapshot.types import DeploymentView
@@ -116,13 +116,19 @@ class RequestChecks:
         return (not tenant_models or model in tenant_models) and (not key_models or model in key_models)
 
     def check_client_address(self) -> None:
+        """403 unless the tenant's networks admit the client. With an allow or a deny list, an
+        address that cannot be known (no peer, or a trusted proxy's unreadable X-Forwarded-For)
+        is refused too: the policy cannot be checked, so it fails closed."""
         tenant = self.key.tenant
-        if not (tenant.ip_allow or tenant.ip_deny) or not self.ctx.client_ip:
+        if not (tenant.ip_allow or tenant.ip_deny):
             return
-        try:
-            address = ipaddress.ip_address(self.ctx.client_ip)
-        except ValueError:
-            return
+        address = address_parse(self.ctx.client_ip) if self.ctx.client_ip else None
+        if address is None:
+            raise errors.forbidden(
+                "The client address could not be determined, and this team accepts requests only from "
+                "the networks it lists.",
+                code="ip_not_allowed",
+            )
         if any(address in net for net in tenant.ip_deny) or (
             tenant.ip_allow and not any(address in net for net in tenant.ip_allow)
         ):

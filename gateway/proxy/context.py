@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from billing.prices import cost_of, price_for
+from gateway.proxy.client_address import client_address
 
 # Request ids: a random per-process prefix and a counter. Unique across processes and restarts
 # (64 random bits), ordered within a process, and without uuid4's system call per request.
@@ -57,12 +58,13 @@ class RequestContext:
 
     @classmethod
     def begin(cls, scope) -> RequestContext:
-        client = scope.get("client")
+        """A new request's context. The client address is worked out here, once per request:
+        the TCP peer, or the address trusted proxies forwarded (``client_address``)."""
         return cls(
             request_id=new_request_id(),
             started_at=datetime.now(UTC),
             t0=time.monotonic(),
-            client_ip=client[0] if client else None,
+            client_ip=client_address(scope),
         )
 
     def usage_record(self, prices_by_model) -> dict:

@@ -31,21 +31,21 @@ def url(model, view: str, *args) -> str:
 
 
 def usage_record(n: int, *, tenant=None, key=None, started_at=None, **fields) -> UsageRecord:
-    defaults = dict(
-        request_id=f"req-{n}",
-        tenant=tenant,
-        key=key,
-        model="gpt-4o",
-        deployment_name="east/gpt4o-ptu",
-        route="chat",
-        status=200,
-        outcome=UsageRecord.Outcome.OK,
-        prompt_tokens=10,
-        completion_tokens=5,
-        cost=Decimal("0.0001"),
-        latency_ms=120.0,
-        started_at=started_at or timezone.now(),
-    )
+    defaults = {
+        "request_id": f"req-{n}",
+        "tenant": tenant,
+        "key": key,
+        "model": "gpt-4o",
+        "deployment_name": "east/gpt4o-ptu",
+        "route": "chat",
+        "status": 200,
+        "outcome": UsageRecord.Outcome.OK,
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "cost": Decimal("0.0001"),
+        "latency_ms": 120.0,
+        "started_at": started_at or timezone.now(),
+    }
     return UsageRecord.objects.create(**{**defaults, **fields})
 
 
@@ -87,7 +87,9 @@ def test_config_version_is_not_editable_in_the_admin():
     assert ConfigVersion not in admin.site._registry
 
 
-@pytest.mark.parametrize("model,model_admin", registered(), ids=lambda v: getattr(v, "_meta", None) and v._meta.label)
+@pytest.mark.parametrize(
+    ("model", "model_admin"), registered(), ids=lambda v: getattr(v, "_meta", None) and v._meta.label
+)
 def test_every_changelist_add_and_change_page_renders(admin_client, admin_user, one_of_each, model, model_admin):
     assert admin_client.get(url(model, "changelist")).status_code == 200
 
@@ -103,7 +105,9 @@ def test_every_changelist_add_and_change_page_renders(admin_client, admin_user, 
     assert escape(str(obj)) in change.content.decode()
 
 
-@pytest.mark.parametrize("model,model_admin", registered(), ids=lambda v: getattr(v, "_meta", None) and v._meta.label)
+@pytest.mark.parametrize(
+    ("model", "model_admin"), registered(), ids=lambda v: getattr(v, "_meta", None) and v._meta.label
+)
 def test_every_autocomplete_field_answers(admin_client, one_of_each, model, model_admin):
     for field_name in model_admin.autocomplete_fields:
         params = {"app_label": model._meta.app_label, "model_name": model._meta.model_name, "field_name": field_name}
@@ -220,12 +224,12 @@ def test_endpoint_secret_is_saved_but_never_shown(admin_client):
 def test_blank_secret_keeps_the_stored_one_and_a_typed_one_replaces_it(admin_client, endpoint, ptu_deployment):
     stored = endpoint.api_key
     response = admin_client.post(
-        url(Endpoint, "change", endpoint.pk), endpoint_data(endpoint, base_url="https://e.example.com")
+        url(Endpoint, "change", endpoint.pk), endpoint_data(endpoint, api_version="2025-01-01")
     )
     assert response.status_code == 302, response.context and response.context["adminform"].form.errors
     endpoint.refresh_from_db()
-    assert endpoint.api_key == stored and endpoint.base_url == "https://e.example.com"
-    # "Changed Base url", not "Changed API key": a blank secret is no change.
+    assert endpoint.api_key == stored and endpoint.api_version == "2025-01-01"
+    # "Changed Api version", not "Changed API key": a blank secret is no change.
     assert "API key" not in LogEntry.objects.latest("pk").get_change_message()
 
     admin_client.post(url(Endpoint, "change", endpoint.pk), endpoint_data(endpoint, api_key="sk-rotated"))
@@ -318,7 +322,7 @@ def make_usage(start: int, stop: int) -> None:
         usage_record(i, tenant=tenant, key=key_issue(tenant, name="k").key)
 
 
-@pytest.mark.parametrize("model,make", [(Deployment, make_deployments), (UsageRecord, make_usage)])
+@pytest.mark.parametrize(("model", "make"), [(Deployment, make_deployments), (UsageRecord, make_usage)])
 def test_changelist_queries_do_not_grow_with_rows(admin_client, model, make):
     make(0, 3)
     few = queries_for(admin_client, url(model, "changelist"))

@@ -208,6 +208,40 @@ def test_a_changed_field_is_updated_and_reported_by_name_only(tmp_path: Path, mo
     assert Tenant.objects.get(slug="team-a").updated_at == tenant_stamp  # unchanged rows are not saved
 
 
+@pytest.mark.django_db
+def test_a_file_that_moves_an_endpoint_without_its_key_leaves_it_keyless_and_says_so(tmp_path: Path) -> None:
+    apply(write(tmp_path, BASE))
+    moved = BASE.replace("https://east.openai.azure.com", "https://east2.openai.azure.com").replace(
+        "    api_key: ${AZURE_EAST_KEY}\n", ""
+    )
+
+    planned = apply(write(tmp_path, moved), "--dry-run")
+    assert Endpoint.objects.get(name="east").api_key == SECRET  # a dry run writes nothing
+    output = apply(write(tmp_path, moved))
+
+    line = "~ endpoint east: base_url, api_key (api_key removed: base_url changed and the file does not give it again)"
+    assert line in planned and line in output
+    assert SECRET not in output
+    endpoint = Endpoint.objects.get(name="east")
+    assert (endpoint.base_url, endpoint.api_key) == ("https://east2.openai.azure.com", "")
+
+
+@pytest.mark.django_db
+def test_a_file_that_drops_a_key_without_moving_the_endpoint_says_it_is_removed(tmp_path: Path) -> None:
+    apply(write(tmp_path, BASE))
+    output = apply(write(tmp_path, BASE.replace("    api_key: ${AZURE_EAST_KEY}\n", "")))
+    assert "~ endpoint east: api_key (api_key removed: the file gives none)" in output
+    assert Endpoint.objects.get(name="east").api_key == ""
+
+
+@pytest.mark.django_db
+def test_a_file_that_moves_an_endpoint_and_gives_its_key_keeps_it(tmp_path: Path) -> None:
+    apply(write(tmp_path, BASE))
+    output = apply(write(tmp_path, BASE.replace("https://east.openai.azure.com", "https://east2.openai.azure.com")))
+    assert "~ endpoint east: base_url\n" in output and "removed" not in output
+    assert Endpoint.objects.get(name="east").api_key == SECRET
+
+
 # --- pruning ---------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,177 @@
+"""What an operator relies on: `check --deploy` refuses published keys, HTTPS settings and trusted
+proxies come from the environment, and the compose file and image keep their promises."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from ipaddress import ip_network
+from pathlib import Path
+
+import pytest
+import yaml
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+
+from gateway import settings as gateway_settings
+from gateway.system_checks import COMPOSE_DEFAULT_SECRET_KEY, check_secret_key, check_trusted_proxies
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+# --- check --deploy ------------------------------------------------------------------------------
+
+
+def test_the_check_knows_the_compose_files_default_key():
+    value = compose()["x-gateway-env"]["SECRET_KEY"]
+    assert re.fullmatch(r"\$\{SECRET_KEY:-(.+)\}", value).group(1) == COMPOSE_DEFAULT_SECRET_KEY
+
+
+@pytest.mark.parametrize("key", [COMPOSE_DEFAULT_SECRET_KEY, gateway_settings.INSECURE_DEFAULT_SECRET_KEY])
+def test_check_deploy_fails_on_a_published_secret_key(settings, key):
+    settings.DEBUG, settings.SECRET_KEY = False, key
+    with pytest.raises(SystemCheckError, match=r"gateway\.E010"):
+        call_command("check", deploy=True, stdout=io.StringIO())
+
+
+def test_check_deploy_passes_a_real_key(settings):
+    settings.DEBUG, settings.SECRET_KEY = False, "k9Q2-" + "x7Lm" * 15
+    call_command("check", deploy=True, stdout=io.StringIO())
+    assert check_secret_key(None) == []
+
+
+def test_a_published_key_is_fine_while_debugging(settings):
+    settings.DEBUG, settings.SECRET_KEY = True, COMPOSE_DEFAULT_SECRET_KEY
+    assert check_secret_key(None) == []
+
+
+def test_trusting_every_address_as_a_proxy_is_warned_about(settings):
+    settings.GATEWAY = {**settings.GATEWAY, "TRUSTED_PROXIES": (ip_network("10.0.0.0/8"),)}
+    assert check_trusted_proxies(None) == []
+    settings.GATEWAY = {**settings.GATEWAY, "TRUSTED_PROXIES": (ip_network("10.0.0.0/8"), ip_network("::/0"))}
+    (warning,) = check_trusted_proxies(None)
+    assert warning.id == "gateway.W010" and "::/0" in warning.msg
+
+
+# --- settings from the environment ---------------------------------------------------------------
+
+
+def test_trusted_proxies_are_parsed_strictly(monkeypatch):
+    monkeypatch.setenv("GATEWAY_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.7,fd00::/8")
+    assert gateway_settings._networks("GATEWAY_TRUSTED_PROXIES") == (
+        ip_network("10.0.0.0/8"),
+        ip_network("192.168.1.7/32"),
+        ip_network("fd00::/8"),
+    )
+    monkeypatch.setenv("GATEWAY_TRUSTED_PROXIES", "10.0.0.1/8")  # host bits set: a typo, not 10.0.0.0/8
+    with pytest.raises(ImproperlyConfigured, match="GATEWAY_TRUSTED_PROXIES"):
+        gateway_settings._networks("GATEWAY_TRUSTED_PROXIES")
+    monkeypatch.delenv("GATEWAY_TRUSTED_PROXIES")
+    assert gateway_settings._networks("GATEWAY_TRUSTED_PROXIES") == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("", None),
+        ("X-Forwarded-Proto", ("HTTP_X_FORWARDED_PROTO", "https")),
+        ("X-Forwarded-Ssl=on", ("HTTP_X_FORWARDED_SSL", "on")),
+        ("HTTP_X_FORWARDED_PROTO=https", ("HTTP_X_FORWARDED_PROTO", "https")),
+    ],
+)
+def test_the_proxy_ssl_header_is_read_as_a_header_name(monkeypatch, value, expected):
+    monkeypatch.setenv("SECURE_PROXY_SSL_HEADER", value)
+    assert gateway_settings._proxy_ssl_header("SECURE_PROXY_SSL_HEADER") == expected
+
+
+NAMES = (
+    "SESSION_COOKIE_SECURE",
+    "CSRF_COOKIE_SECURE",
+    "SECURE_SSL_REDIRECT",
+    "SECURE_HSTS_SECONDS",
+    "SECURE_HSTS_INCLUDE_SUBDOMAINS",
+    "SECURE_HSTS_PRELOAD",
+    "SECURE_PROXY_SSL_HEADER",
+)
+
+
+def settings_in_a_fresh_process(**environ: str) -> dict:
+    code = (
+        "import django, json; django.setup(); from django.conf import settings as s; "
+        f"print(json.dumps({{n: getattr(s, n) for n in {NAMES!r}}} | "
+        "{'TRUSTED_PROXIES': [str(n) for n in s.GATEWAY['TRUSTED_PROXIES']]}))"
+    )
+    env = {key: value for key, value in os.environ.items() if key not in NAMES}
+    env.update(DJANGO_SETTINGS_MODULE="gateway.settings", **environ)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_https_settings_default_off_and_come_from_the_environment():
+    assert settings_in_a_fresh_process(GATEWAY_TRUSTED_PROXIES="") == {
+        "SESSION_COOKIE_SECURE": False,
+        "CSRF_COOKIE_SECURE": False,
+        "SECURE_SSL_REDIRECT": False,
+        "SECURE_HSTS_SECONDS": 0,
+        "SECURE_HSTS_INCLUDE_SUBDOMAINS": False,
+        "SECURE_HSTS_PRELOAD": False,
+        "SECURE_PROXY_SSL_HEADER": None,
+        "TRUSTED_PROXIES": [],
+    }
+    assert settings_in_a_fresh_process(
+        SESSION_COOKIE_SECURE="true",
+        CSRF_COOKIE_SECURE="true",
+        SECURE_SSL_REDIRECT="true",
+        SECURE_HSTS_SECONDS="31536000",
+        SECURE_HSTS_INCLUDE_SUBDOMAINS="true",
+        SECURE_HSTS_PRELOAD="true",
+        SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto",
+        GATEWAY_TRUSTED_PROXIES="10.0.0.0/8",
+    ) == {
+        "SESSION_COOKIE_SECURE": True,
+        "CSRF_COOKIE_SECURE": True,
+        "SECURE_SSL_REDIRECT": True,
+        "SECURE_HSTS_SECONDS": 31536000,
+        "SECURE_HSTS_INCLUDE_SUBDOMAINS": True,
+        "SECURE_HSTS_PRELOAD": True,
+        "SECURE_PROXY_SSL_HEADER": ["HTTP_X_FORWARDED_PROTO", "https"],
+        "TRUSTED_PROXIES": ["10.0.0.0/8"],
+    }
+
+
+# --- the image and the compose file --------------------------------------------------------------
+
+
+def test_the_image_leaves_dot_env_out():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".env" in ignored
+
+
+def test_the_image_runs_uvicorn_without_its_own_proxy_headers():
+    cmd = re.search(r"^CMD (.+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE).group(1)
+    assert "--no-proxy-headers" in cmd and "--forwarded-allow-ips" not in cmd
+
+
+def test_every_long_running_compose_service_has_a_health_check():
+    services = compose()["services"]
+    for name in ("postgres", "redis", "worker", "beat"):
+        assert "healthcheck" in services[name], name
+    # The gateway's is the image's HEALTHCHECK; the worker and beat share the image, so theirs
+    # must replace it (they serve no HTTP).
+    assert "inspect ping --destination celery@" in " ".join(services["worker"]["healthcheck"]["test"])
+    # Beat answers pings only with remote control on (and stops answering when its loop stalls).
+    assert "inspect ping --destination celerybeat@" in " ".join(services["beat"]["healthcheck"]["test"])
+    assert "--enable-remote-control" in services["beat"]["command"]
+
+
+def test_compose_waits_longer_than_the_gateways_shutdown_grace():
+    assert compose()["services"]["gateway"]["stop_grace_period"] == "35s"  # grace 30 s + flush
