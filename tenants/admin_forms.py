@@ -82,7 +82,7 @@ class ClientKeyForm(forms.ModelForm):
 
     class Meta:
         model = ClientKey
-        fields = ("name", "expires_at", "allowed_models", "default_priority")
+        fields: tuple[str, ...] = ("name", "expires_at", "allowed_models", "default_priority")
 
 
 class ClientKeyIssueForm(ClientKeyForm):
@@ -110,7 +110,7 @@ class QuotaForm(forms.ModelForm):
         fields = "__all__"
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        cleaned = super().clean() or {}
         key, tenant = cleaned.get("key"), cleaned.get("tenant")
         if key is not None and tenant is not None and key.tenant_id != tenant.pk:
             self.add_error("key", "This key belongs to another tenant.")

@@ -182,8 +182,8 @@ def _plan_endpoints(plan: ApplyPlan, specs: list[EndpointSpec], prune: bool) -> 
             )
         for name, row in sorted(existing.items()):
             _plan_leftover(plan, "deployment", f"{spec.name}/{name}", row, prune, note=f"model {row.model}")
-    for name, row in sorted(endpoints.items()):
-        for deployment_name, deployment_row in sorted(deployments.get(row.pk, {}).items()):
+    for name, endpoint_row in sorted(endpoints.items()):
+        for deployment_name, deployment_row in sorted(deployments.get(endpoint_row.pk, {}).items()):
             _plan_leftover(
                 plan,
                 "deployment",
@@ -192,7 +192,7 @@ def _plan_endpoints(plan: ApplyPlan, specs: list[EndpointSpec], prune: bool) -> 
                 prune,
                 note=f"model {deployment_row.model}",
             )
-        _plan_leftover(plan, "endpoint", name, row, prune)
+        _plan_leftover(plan, "endpoint", name, endpoint_row, prune)
 
 
 def _plan_endpoint_update(plan: ApplyPlan, spec: EndpointSpec, row: Endpoint) -> Endpoint:
@@ -243,9 +243,10 @@ def _plan_tenants(plan: ApplyPlan, specs: list[TenantSpec], prune: bool) -> None
             identity={"slug": spec.slug},
             note=spec.name,
         )
-        pk = current.pk if current else None
-        _plan_tenant_part(plan, "quota", spec.slug, quotas.get(pk), spec.quota, Quota, tenant, prune)
-        _plan_tenant_part(plan, "policy", spec.slug, policies.get(pk), spec.policy, AccessPolicy, tenant, prune)
+        quota = quotas.get(current.pk) if current else None
+        policy = policies.get(current.pk) if current else None
+        _plan_tenant_part(plan, "quota", spec.slug, quota, spec.quota, Quota, tenant, prune)
+        _plan_tenant_part(plan, "policy", spec.slug, policy, spec.policy, AccessPolicy, tenant, prune)
     for slug, row in sorted(tenants.items()):
         if not prune:
             plan.untouched.append(f"tenant {slug}")

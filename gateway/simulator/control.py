@@ -42,8 +42,8 @@ async def handle_control(state: SimulatorState, request: web.BaseRequest, route:
         if route.startswith("deployments/"):
             name, _, sub = route[len("deployments/") :].partition("/")
             if name and sub == "" and method == "PUT":
-                dep, created = state.upsert(name, await read_json(request))
-                return _control_json(dep.config.to_dict(), 201 if created else 200)
+                upserted, created = state.upsert(name, await read_json(request))
+                return _control_json(upserted.config.to_dict(), 201 if created else 200)
             if name and sub == "faults":
                 dep = state.deployments.get(name)
                 if dep is None:

@@ -180,13 +180,13 @@ class StandardLimiter:
             if w > wait:
                 wait, reason = w, "requests"
         for window in self.token_windows:
-            w = log.wait_for_tokens(now, window, tokens)
-            if w is None:
+            token_wait = log.wait_for_tokens(now, window, tokens)
+            if token_wait is None:
                 # Larger than the whole limit: it can never fit. Azure still answers 429;
                 # a hint of one full window keeps clients from hammering.
                 return Decision(window.seconds + RETRY_SLACK_S, "tokens")
-            if w > wait:
-                wait, reason = w, "tokens"
+            if token_wait > wait:
+                wait, reason = token_wait, "tokens"
         if reason:
             return Decision(wait + RETRY_SLACK_S, reason)
         log.add(now, tokens)

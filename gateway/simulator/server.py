@@ -196,7 +196,7 @@ class SimulatorApp:
         decision = dep.admit(now, counted)
         headers.update(dep.limit_headers(now))
         if not decision.admitted:
-            return self._too_many(stats, kind, api_version, decision.reason, decision.retry_after, headers)
+            return self._too_many(stats, kind, api_version, decision.reason, decision.retry_after or 0.0, headers)
 
         stats.tokens_counted += counted
         stats.prompt_tokens += prompt

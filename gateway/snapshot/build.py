@@ -64,9 +64,9 @@ def snapshot_build() -> Snapshot:
             )
         )
     by_model: dict[str, list[DeploymentView]] = {}
-    for d in deployments:
-        if d.enabled:
-            by_model.setdefault(d.model, []).append(d)
+    for view in deployments:
+        if view.enabled:
+            by_model.setdefault(view.model, []).append(view)
 
     tenant_quotas = {q.tenant_id: q for q in Quota.objects.filter(key__isnull=True)}
     key_quotas = {q.key_id: q for q in Quota.objects.filter(key__isnull=False)}

@@ -30,6 +30,6 @@ class Command(BaseCommand):
             paths = encodings.seed(target)
         except (encodings.EncodingDataError, OSError) as exc:
             raise CommandError(f"seeding {target} failed: {exc}") from exc
-        for name, path in zip(encodings.SUPPORTED_ENCODINGS, paths):
+        for name, path in zip(encodings.SUPPORTED_ENCODINGS, paths, strict=True):
             self.stdout.write(f"{name}: {path}")
         self.stdout.write(self.style.SUCCESS(f"tiktoken encodings seeded in {target}"))
