@@ -27,6 +27,7 @@ from gateway.balancer.windows import request_windows, token_windows
 
 from .conftest import T0
 
+ROOT = Path(__file__).resolve().parents[2]
 UNLIMITED = [Candidate(99)]
 
 
@@ -111,7 +112,7 @@ async def test_no_span_ever_holds_more_than_a_limit(make_state):
 def _peak(entries, span, amount) -> int:
     """The most units inside any window [t, t + span) over sorted (t, tokens) entries."""
     best, total, j = 0, 0, 0
-    for i, (t, tokens) in enumerate(entries):
+    for t, tokens in entries:
         total += amount(tokens)
         while entries[j][0] <= t - span:
             total -= amount(entries[j][1])
@@ -733,10 +734,10 @@ asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]
 """
 
 
+@pytest.mark.e2e  # starts two OS processes
 async def test_processes_sharing_redis_never_overrun_a_window(redis_url):
     """Two OS processes hammer one deployment for ~2 minutes of 1.2 s; replay every window."""
     prefix = f"test-balancer-xproc-{random.getrandbits(40):x}"
-    root = Path(__file__).resolve().parents[2]
     start, seconds = time.time() + 1.0, 2.6
     procs = [
         await asyncio.create_subprocess_exec(
@@ -748,7 +749,7 @@ async def test_processes_sharing_redis_never_overrun_a_window(redis_url):
             repr(start),
             repr(seconds),
             str(seed),
-            cwd=root,
+            cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -760,7 +761,7 @@ async def test_processes_sharing_redis_never_overrun_a_window(redis_url):
         cleanup = build_state(redis_url, minute=1.2, prefix=prefix)
         await cleanup.reset()
         await cleanup.aclose()
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err.decode()
     per_process = [json.loads(out) for out, _ in outputs]
     assert all(len(kept) > 10 for kept in per_process)  # both got a share

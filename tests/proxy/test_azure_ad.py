@@ -64,7 +64,7 @@ async def aad():
 
 
 @pytest.fixture
-async def client():
+async def upstream_client():
     c = upstream.make_client("aiohttp")
     yield c
     await c.aclose()
@@ -86,8 +86,8 @@ def endpoint_for(aad: FakeAAD, secret: str = SECRET) -> EndpointView:
     )  # fmt: skip
 
 
-async def test_token_is_fetched_once_and_cached(aad, client):
-    provider = AzureADTokenProvider(client)
+async def test_token_is_fetched_once_and_cached(aad, upstream_client):
+    provider = AzureADTokenProvider(upstream_client)
     endpoint = endpoint_for(aad)
     tokens = [await provider.get_token(endpoint) for _ in range(100)]
     assert set(tokens) == {"token-1"}
@@ -101,17 +101,17 @@ async def test_token_is_fetched_once_and_cached(aad, client):
     }
 
 
-async def test_concurrent_first_calls_share_one_fetch(aad, client):
+async def test_concurrent_first_calls_share_one_fetch(aad, upstream_client):
     aad.delay = 0.2
-    provider = AzureADTokenProvider(client)
+    provider = AzureADTokenProvider(upstream_client)
     endpoint = endpoint_for(aad)
     tokens = await asyncio.gather(*(provider.get_token(endpoint) for _ in range(50)))
     assert set(tokens) == {"token-1"}
     assert len(aad.calls) == 1
 
 
-async def test_each_client_and_scope_has_its_own_token(aad, client):
-    provider = AzureADTokenProvider(client)
+async def test_each_client_and_scope_has_its_own_token(aad, upstream_client):
+    provider = AzureADTokenProvider(upstream_client)
     endpoint = endpoint_for(aad)
     assert await provider.get_token(endpoint) == "token-1"
     assert await provider.get_token(replace(endpoint, ad_scope="api://other/.default")) == "token-2"
@@ -119,10 +119,10 @@ async def test_each_client_and_scope_has_its_own_token(aad, client):
 
 
 @pytest.mark.parametrize(("lifetime", "refresh_after"), [(3600, 3300), (100, 90), ("3600", 3300)])
-async def test_token_is_refreshed_before_it_expires(aad, client, lifetime, refresh_after):
+async def test_token_is_refreshed_before_it_expires(aad, upstream_client, lifetime, refresh_after):
     aad.expires_in = lifetime
     clock = Clock()
-    provider = AzureADTokenProvider(client, clock=clock)
+    provider = AzureADTokenProvider(upstream_client, clock=clock)
     endpoint = endpoint_for(aad)
     assert await provider.get_token(endpoint) == "token-1"
     clock.now += refresh_after - 1
@@ -132,9 +132,9 @@ async def test_token_is_refreshed_before_it_expires(aad, client, lifetime, refre
     assert len(aad.calls) == 2
 
 
-async def test_callers_keep_the_current_token_while_a_refresh_is_in_flight(aad, client):
+async def test_callers_keep_the_current_token_while_a_refresh_is_in_flight(aad, upstream_client):
     clock = Clock()
-    provider = AzureADTokenProvider(client, clock=clock)
+    provider = AzureADTokenProvider(upstream_client, clock=clock)
     endpoint = endpoint_for(aad)
     await provider.get_token(endpoint)
     clock.now += 3400  # due for refresh, still valid
@@ -145,8 +145,8 @@ async def test_callers_keep_the_current_token_while_a_refresh_is_in_flight(aad, 
     assert await refresher == "token-2"
 
 
-async def test_bad_credentials_raise_without_the_secret(aad, client):
-    provider = AzureADTokenProvider(client)
+async def test_bad_credentials_raise_without_the_secret(aad, upstream_client):
+    provider = AzureADTokenProvider(upstream_client)
     wrong = "wrong-secret-do-not-log"
     with pytest.raises(UpstreamAuthError) as caught:
         await provider.get_token(endpoint_for(aad, secret=wrong))
@@ -156,9 +156,9 @@ async def test_bad_credentials_raise_without_the_secret(aad, client):
     assert caught.value.__cause__ is None
 
 
-async def test_a_failure_is_remembered_briefly_instead_of_hammering_azure_ad(aad, client):
+async def test_a_failure_is_remembered_briefly_instead_of_hammering_azure_ad(aad, upstream_client):
     clock = Clock()
-    provider = AzureADTokenProvider(client, clock=clock, failure_backoff=5)
+    provider = AzureADTokenProvider(upstream_client, clock=clock, failure_backoff=5)
     endpoint = endpoint_for(aad, secret="wrong")
     for _ in range(10):
         with pytest.raises(UpstreamAuthError):
@@ -170,9 +170,9 @@ async def test_a_failure_is_remembered_briefly_instead_of_hammering_azure_ad(aad
     assert len(aad.calls) == 2
 
 
-async def test_a_failed_refresh_keeps_serving_the_still_valid_token(aad, client):
+async def test_a_failed_refresh_keeps_serving_the_still_valid_token(aad, upstream_client):
     clock = Clock()
-    provider = AzureADTokenProvider(client, clock=clock)
+    provider = AzureADTokenProvider(upstream_client, clock=clock)
     endpoint = endpoint_for(aad)
     assert await provider.get_token(endpoint) == "token-1"
     clock.now += 3400
@@ -184,7 +184,7 @@ async def test_a_failed_refresh_keeps_serving_the_still_valid_token(aad, client)
     assert "503" in str(caught.value) and SECRET not in str(caught.value)
 
 
-async def test_an_unreachable_authority_is_an_auth_error(client):
+async def test_an_unreachable_authority_is_an_auth_error(upstream_client):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -193,5 +193,5 @@ async def test_an_unreachable_authority_is_an_auth_error(client):
         ad_client_id="c", ad_client_secret=SECRET, ad_authority=f"http://127.0.0.1:{port}",
     )  # fmt: skip
     with pytest.raises(UpstreamAuthError) as caught:
-        await AzureADTokenProvider(client).get_token(endpoint)
+        await AzureADTokenProvider(upstream_client).get_token(endpoint)
     assert SECRET not in str(caught.value)
