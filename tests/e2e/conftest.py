@@ -86,8 +86,13 @@ def upstream(transactional_db, endpoint, sim) -> Endpoint:
 
 
 @pytest.fixture
-def gateway(upstream, key_a, settings) -> Iterator[ThreadGateway]:
-    settings.GATEWAY = {**settings.GATEWAY, "SNAPSHOT_POLL_SECONDS": 0.05, "USAGE_FLUSH_SECONDS": 0.05}
+def gateway(upstream, key_a, settings, balancer_prefix) -> Iterator[ThreadGateway]:
+    settings.GATEWAY = {
+        **settings.GATEWAY,
+        "SNAPSHOT_POLL_SECONDS": 0.05,
+        "USAGE_FLUSH_SECONDS": 0.05,
+        "BALANCER_REDIS_PREFIX": balancer_prefix,
+    }
     server = ThreadGateway().start()
     yield server
     server.stop()
