@@ -1,26 +1,37 @@
 """The shared cast: two tenants with keys and quotas, an exhausted tenant, and an endpoint with a
-provisioned (PTU) and a standard deployment of the same model."""
+provisioned (PTU) and a standard deployment of the same model. Tests add what they need to it
+(the e2e SDK cast points the endpoint at a simulator; tests/proxy points it at one in-process).
+
+Every fixture here is function-scoped and asks for ``db``: in a test marked
+``django_db(transaction=True)`` (or asking for ``transactional_db``) the rows are committed,
+so worker threads (the snapshot loader, the usage flusher) see them.
+"""
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
 
 from gateway.models import Deployment, Endpoint
 from tenants.models import AccessPolicy, Quota, Tenant
-from tenants.services import key_issue
+from tenants.services import IssuedKey, key_issue
 
 
 @pytest.fixture
-def endpoint(db):
+def endpoint(db) -> Endpoint:
+    """An Azure endpoint; it points nowhere (port 9, discard) until a test points it at an upstream."""
     return Endpoint.objects.create(
         name="east", kind=Endpoint.Kind.AZURE, base_url="http://127.0.0.1:9/", api_key="upstream-secret-east"
     )
 
 
 @pytest.fixture
-def ptu_deployment(endpoint):
+def ptu_deployment(endpoint: Endpoint) -> Deployment:
+    """gpt-4o on provisioned throughput: tier 1, tried first, waited for up to a second."""
     return Deployment.objects.create(
         endpoint=endpoint,
         name="gpt4o-ptu",
@@ -34,7 +45,8 @@ def ptu_deployment(endpoint):
 
 
 @pytest.fixture
-def standard_deployment(endpoint):
+def standard_deployment(endpoint: Endpoint) -> Deployment:
+    """gpt-4o pay-as-you-go: tier 2, where the PTU spills over."""
     return Deployment.objects.create(
         endpoint=endpoint,
         name="gpt4o-paygo",
@@ -47,7 +59,8 @@ def standard_deployment(endpoint):
 
 
 @pytest.fixture
-def tenant_a(db):
+def tenant_a(db) -> Tenant:
+    """A team with request, token and monthly cost quotas and an access policy (open by default)."""
     tenant = Tenant.objects.create(slug="team-a", name="Team A")
     Quota.objects.create(tenant=tenant, rpm=600, tpm=100_000, monthly_cost=Decimal("100"))
     AccessPolicy.objects.create(tenant=tenant)
@@ -55,25 +68,48 @@ def tenant_a(db):
 
 
 @pytest.fixture
-def tenant_b(db):
+def tenant_b(db) -> Tenant:
+    """A second team with smaller quotas and no access policy."""
     tenant = Tenant.objects.create(slug="team-b", name="Team B")
     Quota.objects.create(tenant=tenant, rpm=60, tpm=10_000)
     return tenant
 
 
 @pytest.fixture
-def exhausted_tenant(db):
+def exhausted_tenant(db) -> Tenant:
+    """A team whose monthly token budget (1 token) is spent by any request."""
     tenant = Tenant.objects.create(slug="team-broke", name="Team Broke")
     Quota.objects.create(tenant=tenant, monthly_tokens=1)
     return tenant
 
 
 @pytest.fixture
-def key_a(tenant_a):
+def key_a(tenant_a: Tenant) -> IssuedKey:
     """The issued key for tenant A: ``.key`` is the row, ``.secret`` the one-time secret."""
     return key_issue(tenant_a, name="app-a")
 
 
 @pytest.fixture
-def key_b(tenant_b):
+def key_b(tenant_b: Tenant) -> IssuedKey:
     return key_issue(tenant_b, name="app-b")
+
+
+@pytest.fixture
+def balancer_prefix() -> Iterator[str]:
+    """A fresh BALANCER_REDIS_PREFIX, so a test's windows and queues start empty in a shared
+    Redis; its keys are deleted afterwards (they would expire anyway)."""
+    prefix = f"test-bal-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    url = os.environ.get("REDIS_URL")
+    if url:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        try:
+            keys = list(client.scan_iter(match=f"{prefix}:*", count=500))
+            if keys:
+                client.delete(*keys)
+        except redis.RedisError:
+            pass
+        finally:
+            client.close()

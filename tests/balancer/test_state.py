@@ -628,6 +628,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]
 """
 
 
+@pytest.mark.e2e  # starts two OS processes
 async def test_processes_sharing_redis_never_overrun_a_window(redis_url):
     """Two OS processes hammer one deployment for ~2 minutes of 1.2 s; replay every window."""
     prefix = f"test-balancer-xproc-{random.getrandbits(40):x}"

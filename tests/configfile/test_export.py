@@ -32,7 +32,7 @@ def apply(path: Path, *args: str) -> str:
 
 
 @pytest.fixture
-def cast(endpoint, ptu_deployment, standard_deployment, tenant_a, tenant_b, key_a) -> None:
+def cast(endpoint, ptu_deployment, standard_deployment, tenant_a, tenant_b, exhausted_tenant, key_a) -> None:
     """The shared cast, plus what exercises every corner of the format."""
     Endpoint.objects.create(
         name="west-ad",
@@ -110,6 +110,7 @@ def test_export_apply_to_an_empty_database_export_gives_the_same_text(cast, secr
     assert export()[0] == first
     assert Endpoint.objects.get(name="east").api_key == "upstream-secret-east"
     assert Endpoint.objects.get(name="west-ad").ad_client_secret == AD_SECRET
+    assert Quota.objects.get(tenant__slug="team-broke").monthly_tokens == 1  # a spent budget stays spent
 
 
 @pytest.mark.django_db

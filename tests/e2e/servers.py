@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -27,6 +30,14 @@ class ThreadGateway:
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="test-gateway", daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's loop, once it runs
+        serve = self.server.serve
+
+        async def serve_noting_loop(*args, **kwargs):
+            self.loop = asyncio.get_running_loop()
+            return await serve(*args, **kwargs)
+
+        self.server.serve = serve_noting_loop  # type: ignore[method-assign]
 
     def start(self) -> ThreadGateway:
         self.thread.start()
@@ -42,6 +53,35 @@ class ThreadGateway:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
+
+
+def stop_thread_gateway(server: ThreadGateway, timeout: float = 20.0) -> None:
+    """Stop a ThreadGateway and make sure it has stopped before the next test starts one.
+
+    The gateway's runtime (``gateway.proxy.runtime.runtime``, the usage sink) is global to the
+    process: a gateway still shutting down while the next one starts takes the new one's Redis
+    client and flusher with it, and that test loses its usage records. Its shutdown can hang: it
+    cancels the snapshot refresher and awaits it, and redis-py's asyncio client sometimes loses
+    a cancellation that lands during a command (see the report of the balancer tests), so the
+    refresher runs on. Cancelling again the tasks still "cancelling" lets the shutdown finish.
+    """
+    server.server.should_exit = True
+    server.thread.join(timeout=5)
+    deadline = time.monotonic() + timeout
+    while server.thread.is_alive() and time.monotonic() < deadline:
+        loop = server.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(_cancel_again, loop)
+        server.thread.join(timeout=0.5)
+    assert not server.thread.is_alive(), "the test gateway did not stop"
+
+
+def _cancel_again(loop: asyncio.AbstractEventLoop) -> None:
+    for task in asyncio.all_tasks(loop):
+        if task.cancelling():
+            logging.getLogger(__name__).warning("gateway shutdown stuck on %r: cancelling it again", task)
+            task.cancel()
 
 
 def free_port() -> int:

@@ -7,8 +7,6 @@ import pytest
 from openai import OpenAI
 
 from gateway.models import Deployment, Endpoint
-from tenants.models import Tenant
-from tenants.services import key_issue
 from tests.e2e.servers import ThreadGateway
 from tests.fakes.simulator import start_simulator
 
@@ -33,22 +31,18 @@ def ad_sim():
     sim.stop()
 
 
-def test_requests_carry_a_cached_azure_ad_token(ad_sim, transactional_db):
-    endpoint = Endpoint.objects.create(
-        name="ad",
-        kind=Endpoint.Kind.AZURE,
-        base_url=ad_sim.url,
-        auth=Endpoint.Auth.AZURE_AD,
-        ad_tenant_id="contoso",
-        ad_client_id="gateway-app",
-        ad_client_secret="ad-secret",
-        ad_authority=ad_sim.url,
-    )
+def test_requests_carry_a_cached_azure_ad_token(ad_sim, endpoint, key_a):
+    """The shared endpoint, switched to Azure AD on the simulator's token endpoint."""
+    endpoint.base_url = ad_sim.url
+    endpoint.auth = Endpoint.Auth.AZURE_AD
+    endpoint.ad_tenant_id, endpoint.ad_client_id, endpoint.ad_client_secret = "contoso", "gateway-app", "ad-secret"
+    endpoint.ad_authority = ad_sim.url
+    endpoint.api_key = ""  # the token is all it needs
+    endpoint.save()
     Deployment.objects.create(endpoint=endpoint, name="gpt-4o-ad", model="gpt-4o")
-    issued = key_issue(Tenant.objects.create(slug="ad-team", name="AD team"), name="app")
     gateway = ThreadGateway().start()
     try:
-        client = OpenAI(base_url=gateway.url + "/v1", api_key=issued.secret, max_retries=0)
+        client = OpenAI(base_url=gateway.url + "/v1", api_key=key_a.secret, max_retries=0)
         for _ in range(5):
             reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
             assert reply.choices[0].message.content

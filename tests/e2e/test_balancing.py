@@ -16,23 +16,16 @@ import time
 import pytest
 
 from gateway.proxy.tokens import count_prompt_tokens
-from tests.e2e.balancing_fixtures import (  # noqa: F401  (fixtures are used by name)
+from tests.e2e.balancing import (
     MINUTE,
     MODEL,
     PROMPT_TOKENS,
     Shot,
     assert_within_limits,
-    backend,
-    balancer_prefix,
     chat_body,
-    deploy,
     failures,
-    knobs,
     median,
     run_load,
-    start_gateway,
-    start_sim,
-    tenant_key,
 )
 from tests.e2e.usage import wait_for_records
 from tests.fakes.prompts import EVERYTHING_CHAT, TOOLS_AND_LOW_DETAIL_IMAGE_CHAT

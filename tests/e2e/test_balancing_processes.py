@@ -10,20 +10,15 @@ from __future__ import annotations
 import pytest
 from django.conf import settings
 
-from tests.e2e.balancing_fixtures import (  # noqa: F401  (fixtures are used by name)
+from tests.e2e.balancing import (
     MINUTE,
     PROMPT_TOKENS,
     Shot,
     assert_within_limits,
-    balancer_prefix,
     chat_body,
-    deploy,
     failures,
     median,
     run_load,
-    start_process_gateway,
-    start_sim,
-    tenant_key,
 )
 from tests.e2e.usage import wait_for_records
 

@@ -18,8 +18,8 @@ def staff_cookie(transactional_db):
     return {"sessionid": django_client.cookies["sessionid"].value}
 
 
-def test_status_api_reports_window_use_after_a_request(client, gateway, staff_cookie):
-    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
+def test_status_api_reports_window_use_after_a_request(sdk_client, gateway, staff_cookie):
+    sdk_client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
     data = httpx.get(gateway.url + "/api/status/deployments", cookies=staff_cookie).json()
     [row] = [d for d in data["deployments"] if d["name"] == "chat-a"]
     assert row["model"] == "gpt-4o" and row["in_flight"] == 0
@@ -27,7 +27,7 @@ def test_status_api_reports_window_use_after_a_request(client, gateway, staff_co
     assert data["queues"]["gpt-4o"]["total"] == 0
 
 
-def test_status_api_with_limits_shows_use(gateway, staff_cookie, upstream, client):
+def test_status_api_with_limits_shows_use(gateway, staff_cookie, upstream, sdk_client):
     from gateway.models import Deployment
 
     Deployment.objects.filter(name="chat-a").update(rpm=600, tpm=100_000)
@@ -35,7 +35,7 @@ def test_status_api_with_limits_shows_use(gateway, staff_cookie, upstream, clien
     import time
 
     time.sleep(0.5)
-    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
+    sdk_client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
     data = httpx.get(gateway.url + "/api/status/deployments", cookies=staff_cookie).json()
     [row] = [d for d in data["deployments"] if d["name"] == "chat-a"]
     minute_requests = [w for w in row["windows"] if w["unit"] == "requests" and w["limit"] == 600]

@@ -42,20 +42,20 @@ async def _mixed_run(url: str, secret: str) -> list:
     auth = {"Authorization": f"Bearer {secret}"}
     calls = []
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-        for i in range(8):
+        for _ in range(8):
             calls.append(http.post("/v1/chat/completions", headers=auth, json={"model": "gpt-4o", "messages": HELLO}))
             calls.append(http.post("/v1/chat/completions", headers=auth, content=b"{broken"))
             calls.append(http.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": HELLO}))
             calls.append(http.post("/v1/embeddings", headers=auth, json={"model": "nope", "input": "x"}))
-        for i in range(3):
+        for _ in range(3):
             calls.append(_disconnect_mid_stream(http, auth))
             calls.append(_disconnect_while_waiting(http, auth))
         return await asyncio.gather(*calls, return_exceptions=True)
 
 
-def test_records_equal_requests_after_a_mixed_run(gateway, team, sim):
+def test_records_equal_requests_after_a_mixed_run(gateway, key_a, sim):
     sim.inject("chat-a", {"kind": "probability", "status": 500, "p": 0.3})
-    results = asyncio.run(_mixed_run(gateway.url, team.secret))
+    results = asyncio.run(_mixed_run(gateway.url, key_a.secret))
     assert not [r for r in results if isinstance(r, Exception)], results
     records = wait_for_records(len(results), timeout=10)
     outcomes = {}
@@ -66,9 +66,9 @@ def test_records_equal_requests_after_a_mixed_run(gateway, team, sim):
     assert len({r.request_id for r in records}) == len(records)
 
 
-def test_disconnect_cancels_the_upstream_stream(gateway, team, sim):
+def test_disconnect_cancels_the_upstream_stream(gateway, key_a, sim):
     asyncio.run(
-        _disconnect_mid_stream(httpx.AsyncClient(base_url=gateway.url), {"Authorization": f"Bearer {team.secret}"})
+        _disconnect_mid_stream(httpx.AsyncClient(base_url=gateway.url), {"Authorization": f"Bearer {key_a.secret}"})
     )
     [record] = wait_for_records(1)
     assert record.outcome == "client_disconnect" and record.streamed
@@ -79,10 +79,10 @@ def test_disconnect_cancels_the_upstream_stream(gateway, team, sim):
     assert record.completion_tokens < 10
 
 
-def test_graceful_shutdown_finishes_streams_and_flushes_usage(upstream, team):
+def test_graceful_shutdown_finishes_streams_and_flushes_usage(upstream, key_a):
     gateway = ProcessGateway({"GATEWAY_USAGE_FLUSH_SECONDS": "30"}).start()  # only shutdown flushes
     try:
-        auth = {"Authorization": f"Bearer {team.secret}"}
+        auth = {"Authorization": f"Bearer {key_a.secret}"}
         with httpx.Client(base_url=gateway.url, timeout=10) as http:
             for _ in range(3):
                 assert (

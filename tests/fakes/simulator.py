@@ -23,6 +23,10 @@ or ``with start_simulator(cfg) as sim: ...``.
   simulator then shares the test process's CPU and GIL.
 * :func:`start_simulator_process` runs ``python -m gateway.simulator`` as a **subprocess**
   (optionally pinned to CPUs), for benchmarks and multi-process tests.
+* :func:`serve_simulator_here` serves it on the **running loop** (no thread), for tests that
+  drive the gateway's ASGI application in that same loop; it also notes every model call it
+  receives (``sim.calls``: deployment, api-version and the body as sent), so a test can see what
+  the gateway forwarded. Its state is read directly (``sim.state``), not through HTTP.
 
 Both bind an ephemeral port by default and return a handle with the same control methods,
 which go through the HTTP control API (``/_sim/...``) so they work across threads and
@@ -32,21 +36,28 @@ processes alike and never touch the server's state from the wrong thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+from aiohttp import web
 
 from gateway.simulator.config import SimConfig
+from gateway.simulator.server import SimulatorApp
+from gateway.simulator.state import SimulatorState
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _BANNER = re.compile(r"simulated upstream listening on (http://\S+) \((\d+) deployments?\)")
@@ -252,3 +263,60 @@ def _wait_for_banner(process: subprocess.Popen, log_path: Path, timeout: float) 
         if time.monotonic() > deadline:
             raise SimulatorError(f"simulator did not start within {timeout} s:\n{text}")
         time.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """One model call as the simulator received it."""
+
+    deployment: str  # the deployment named in the path (Azure) or the body's model (OpenAI)
+    kind: str  # "chat", "completions" or "embeddings"
+    api_version: str | None  # the Azure api-version query parameter (None on /v1 routes)
+    body: dict[str, Any]  # the parsed JSON body, copied before the simulator reads it
+
+
+class _NotingSimulatorApp(SimulatorApp):
+    """The simulator's request handling, noting each model call before answering it."""
+
+    def __init__(self, state: SimulatorState, calls: list[ModelCall]) -> None:
+        super().__init__(state)
+        self.calls = calls
+
+    async def _model_call(
+        self, request: web.BaseRequest, kind: str, name: str, body: dict, api_version: str | None
+    ) -> web.StreamResponse:
+        self.calls.append(ModelCall(name, kind, api_version, copy.deepcopy(body)))
+        return await super()._model_call(request, kind, name, body, api_version)
+
+
+@dataclass
+class InLoopSimulator:
+    """A simulator served by the running event loop: its URL, state and the calls it received."""
+
+    url: str
+    state: SimulatorState
+    calls: list[ModelCall] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def serve_simulator_here(
+    config: SimConfig | Mapping[str, Any] | None = None, host: str = "127.0.0.1"
+) -> AsyncIterator[InLoopSimulator]:
+    """Serve ``config`` on the running loop, on an ephemeral port, until the block ends."""
+    state = SimulatorState(SimConfig.coerce(config))
+    # Warm the encodings first (process-wide, so only the first test pays for them).
+    await asyncio.gather(*(state.encodings.load(n) for n in state.needed_encodings()))
+    calls: list[ModelCall] = []
+    app = _NotingSimulatorApp(state, calls)
+    runner = web.ServerRunner(
+        web.Server(app.handle, handler_cancellation=True, access_log=None), handle_signals=False, shutdown_timeout=1.0
+    )
+    await runner.setup()
+    sock = socket.create_server((host, 0))
+    sock.setblocking(False)
+    try:
+        await web.SockSite(runner, sock).start()
+        yield InLoopSimulator(f"http://{host}:{sock.getsockname()[1]}", state, calls)
+    finally:
+        await runner.cleanup()
+        sock.close()

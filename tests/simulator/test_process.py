@@ -16,6 +16,8 @@ from tests.fakes.simulator import start_simulator_process
 
 REPO = Path(__file__).resolve().parents[2]
 
+pytestmark = pytest.mark.e2e  # every test here starts the simulator as a subprocess
+
 
 def test_process_helper_serves_and_stops():
     config = {"api_key": "k", "deployments": [{"name": "gpt-4o", "completion_tokens": 2}]}

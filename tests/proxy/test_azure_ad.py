@@ -71,7 +71,7 @@ async def aad():
 
 
 @pytest.fixture
-async def client():
+async def token_http():
     async with httpx.AsyncClient(trust_env=False) as c:
         yield c
 
@@ -93,8 +93,8 @@ def endpoint_for(aad: FakeAAD, secret: str = SECRET, **timeouts: float) -> Endpo
     )  # fmt: skip
 
 
-async def test_token_is_fetched_once_and_cached(aad, client):
-    provider = AzureADTokenProvider(client)
+async def test_token_is_fetched_once_and_cached(aad, token_http):
+    provider = AzureADTokenProvider(token_http)
     endpoint = endpoint_for(aad)
     tokens = [await provider.get_token(endpoint) for _ in range(100)]
     assert set(tokens) == {"token-1"}
@@ -108,17 +108,17 @@ async def test_token_is_fetched_once_and_cached(aad, client):
     }
 
 
-async def test_concurrent_first_calls_share_one_fetch(aad, client):
+async def test_concurrent_first_calls_share_one_fetch(aad, token_http):
     aad.delay = 0.2
-    provider = AzureADTokenProvider(client)
+    provider = AzureADTokenProvider(token_http)
     endpoint = endpoint_for(aad)
     tokens = await asyncio.gather(*(provider.get_token(endpoint) for _ in range(50)))
     assert set(tokens) == {"token-1"}
     assert len(aad.calls) == 1
 
 
-async def test_each_client_and_scope_has_its_own_token(aad, client):
-    provider = AzureADTokenProvider(client)
+async def test_each_client_and_scope_has_its_own_token(aad, token_http):
+    provider = AzureADTokenProvider(token_http)
     endpoint = endpoint_for(aad)
     assert await provider.get_token(endpoint) == "token-1"
     assert await provider.get_token(replace(endpoint, ad_scope="api://other/.default")) == "token-2"
@@ -126,10 +126,10 @@ async def test_each_client_and_scope_has_its_own_token(aad, client):
 
 
 @pytest.mark.parametrize(("lifetime", "refresh_after"), [(3600, 3300), (100, 90), ("3600", 3300)])
-async def test_token_is_refreshed_before_it_expires(aad, client, lifetime, refresh_after):
+async def test_token_is_refreshed_before_it_expires(aad, token_http, lifetime, refresh_after):
     aad.expires_in = lifetime
     clock = Clock()
-    provider = AzureADTokenProvider(client, clock=clock)
+    provider = AzureADTokenProvider(token_http, clock=clock)
     endpoint = endpoint_for(aad)
     assert await provider.get_token(endpoint) == "token-1"
     clock.now += refresh_after - 1
@@ -139,9 +139,9 @@ async def test_token_is_refreshed_before_it_expires(aad, client, lifetime, refre
     assert len(aad.calls) == 2
 
 
-async def test_callers_keep_the_current_token_while_a_refresh_is_in_flight(aad, client):
+async def test_callers_keep_the_current_token_while_a_refresh_is_in_flight(aad, token_http):
     clock = Clock()
-    provider = AzureADTokenProvider(client, clock=clock)
+    provider = AzureADTokenProvider(token_http, clock=clock)
     endpoint = endpoint_for(aad)
     await provider.get_token(endpoint)
     clock.now += 3400  # due for refresh, still valid
@@ -152,8 +152,8 @@ async def test_callers_keep_the_current_token_while_a_refresh_is_in_flight(aad, 
     assert await refresher == "token-2"
 
 
-async def test_bad_credentials_raise_without_the_secret(aad, client):
-    provider = AzureADTokenProvider(client)
+async def test_bad_credentials_raise_without_the_secret(aad, token_http):
+    provider = AzureADTokenProvider(token_http)
     wrong = "wrong-secret-do-not-log"
     with pytest.raises(UpstreamAuthError) as caught:
         await provider.get_token(endpoint_for(aad, secret=wrong))
@@ -163,9 +163,9 @@ async def test_bad_credentials_raise_without_the_secret(aad, client):
     assert caught.value.__cause__ is None
 
 
-async def test_a_failure_is_remembered_briefly_instead_of_hammering_azure_ad(aad, client):
+async def test_a_failure_is_remembered_briefly_instead_of_hammering_azure_ad(aad, token_http):
     clock = Clock()
-    provider = AzureADTokenProvider(client, clock=clock, failure_backoff=5)
+    provider = AzureADTokenProvider(token_http, clock=clock, failure_backoff=5)
     endpoint = endpoint_for(aad, secret="wrong")
     for _ in range(10):
         with pytest.raises(UpstreamAuthError):
@@ -177,9 +177,9 @@ async def test_a_failure_is_remembered_briefly_instead_of_hammering_azure_ad(aad
     assert len(aad.calls) == 2
 
 
-async def test_a_failed_refresh_keeps_serving_the_still_valid_token(aad, client):
+async def test_a_failed_refresh_keeps_serving_the_still_valid_token(aad, token_http):
     clock = Clock()
-    provider = AzureADTokenProvider(client, clock=clock)
+    provider = AzureADTokenProvider(token_http, clock=clock)
     endpoint = endpoint_for(aad)
     assert await provider.get_token(endpoint) == "token-1"
     clock.now += 3400
@@ -191,7 +191,7 @@ async def test_a_failed_refresh_keeps_serving_the_still_valid_token(aad, client)
     assert "503" in str(caught.value) and SECRET not in str(caught.value)
 
 
-async def test_an_unreachable_authority_is_an_auth_error(client):
+async def test_an_unreachable_authority_is_an_auth_error(token_http):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -200,13 +200,13 @@ async def test_an_unreachable_authority_is_an_auth_error(client):
         ad_client_id="c", ad_client_secret=SECRET, ad_authority=f"http://127.0.0.1:{port}",
     )  # fmt: skip
     with pytest.raises(UpstreamAuthError) as caught:
-        await AzureADTokenProvider(client).get_token(endpoint)
+        await AzureADTokenProvider(token_http).get_token(endpoint)
     assert SECRET not in str(caught.value)
 
 
-async def test_a_secret_quoted_back_by_azure_ad_reaches_neither_the_error_nor_the_log(aad, client, caplog):
+async def test_a_secret_quoted_back_by_azure_ad_reaches_neither_the_error_nor_the_log(aad, token_http, caplog):
     clock = Clock()
-    provider = AzureADTokenProvider(client, clock=clock)
+    provider = AzureADTokenProvider(token_http, clock=clock)
     endpoint = endpoint_for(aad)
     assert await provider.get_token(endpoint) == "token-1"
     clock.now += 3400  # due for refresh: the failure is logged and the current token kept
@@ -222,22 +222,22 @@ async def test_a_secret_quoted_back_by_azure_ad_reaches_neither_the_error_nor_th
     assert caught.value.__cause__ is None
 
 
-async def test_the_endpoint_first_byte_timeout_bounds_the_token_request(aad, client):
+async def test_the_endpoint_first_byte_timeout_bounds_the_token_request(aad, token_http):
     aad.delay = 1.0
     endpoint = endpoint_for(aad, first_byte_timeout=0.2)
     started = time.monotonic()
     with pytest.raises(UpstreamAuthError) as caught:
-        await AzureADTokenProvider(client).get_token(endpoint)
+        await AzureADTokenProvider(token_http).get_token(endpoint)
     assert time.monotonic() - started < 1.0
     assert "ReadTimeout" in str(caught.value) and SECRET not in str(caught.value)
 
 
-async def test_the_endpoint_total_timeout_bounds_the_whole_token_request(aad, client):
+async def test_the_endpoint_total_timeout_bounds_the_whole_token_request(aad, token_http):
     aad.delay = 1.0
     endpoint = endpoint_for(aad, first_byte_timeout=30.0, total_timeout=0.3)
     started = time.monotonic()
     with pytest.raises(UpstreamAuthError) as caught:
-        await AzureADTokenProvider(client).get_token(endpoint)
+        await AzureADTokenProvider(token_http).get_token(endpoint)
     assert time.monotonic() - started < 1.0
     assert "no answer within 0.3s" in str(caught.value)
 

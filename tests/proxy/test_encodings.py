@@ -87,7 +87,7 @@ def test_a_good_cache_file_is_used_without_reading_the_package(tmp_path, monkeyp
 
 def test_mismatching_bundled_data_fails_loudly(tmp_path, monkeypatch):
     monkeypatch.setattr(encodings, "_bundled_bytes", lambda name: b"dGVzdA== 0\n")
-    with pytest.raises(EncodingDataError, match="sha256.*tiktoken expects"):
+    with pytest.raises(EncodingDataError, match=r"sha256.*tiktoken expects"):
         encodings.load_encoding("o200k_base", tmp_path)
     assert not (tmp_path / CACHE_NAMES["o200k_base"]).exists()
 

@@ -178,7 +178,7 @@ def test_tool_calls_and_tool_results_are_counted():
     }
     result = {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}
     without = count_prompt_tokens("chat", {"messages": COOKBOOK_TOOL_MESSAGES}, "gpt-4o")
-    with_calls = count_prompt_tokens("chat", {"messages": COOKBOOK_TOOL_MESSAGES + [call, result]}, "gpt-4o")
+    with_calls = count_prompt_tokens("chat", {"messages": [*COOKBOOK_TOOL_MESSAGES, call, result]}, "gpt-4o")
     assert with_calls - without >= 3 + 3 + 5 + 3 + 5  # two messages, name + arguments, result
 
 

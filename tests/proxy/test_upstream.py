@@ -183,13 +183,13 @@ FAST = Timeouts(connect=2, first_byte=5, total=10)
 
 
 @pytest.fixture
-async def client():
+async def upstream_client():
     c = upstream.UpstreamClient()
     yield c
     await c.aclose()
 
 
-async def test_the_upstream_receives_no_client_credentials(client):
+async def test_the_upstream_receives_no_client_credentials(upstream_client):
     seen: dict[str, bytes] = {}
 
     async def handler(reader, writer):
@@ -199,7 +199,7 @@ async def test_the_upstream_receives_no_client_credentials(client):
 
     async with serve(handler) as base:
         headers = upstream.build_headers(CLIENT_HEADERS, AZURE_EP)
-        response = await client.open_stream("POST", base + "/x", headers, b'{"a":1}', FAST)
+        response = await upstream_client.open_stream("POST", base + "/x", headers, b'{"a":1}', FAST)
         assert response.status == 200 and response.header("x-request-id") == "r1"
         assert await response.aread() == b"ok"
     head = seen["head"].lower()
@@ -211,27 +211,27 @@ async def test_the_upstream_receives_no_client_credentials(client):
     assert seen["body"] == b'{"a":1}'
 
 
-async def test_http_error_statuses_are_responses_not_exceptions(client):
+async def test_http_error_statuses_are_responses_not_exceptions(upstream_client):
     async def handler(reader, writer):
         await read_request(reader)
         writer.write(b'HTTP/1.1 429 Too Many Requests\r\nRetry-After-Ms: 250\r\nContent-Length: 11\r\n\r\n{"error":1}')
         await writer.drain()
 
     async with serve(handler) as base:
-        response = await client.open_stream("POST", base, [], b"{}", FAST)
+        response = await upstream_client.open_stream("POST", base, [], b"{}", FAST)
         assert response.status == 429 and response.header("retry-after-ms") == "250"
         assert await response.aread() == b'{"error":1}'
 
 
-async def test_connection_refused_is_a_connect_error(client):
+async def test_connection_refused_is_a_connect_error(upstream_client):
     with socket.socket() as sock:  # a port that was free a moment ago and has no listener
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(UpstreamConnectError):
-        await client.open_stream("POST", f"http://127.0.0.1:{port}/", [], b"{}", FAST)
+        await upstream_client.open_stream("POST", f"http://127.0.0.1:{port}/", [], b"{}", FAST)
 
 
-async def test_a_silent_upstream_times_out_in_the_first_byte_phase(client):
+async def test_a_silent_upstream_times_out_in_the_first_byte_phase(upstream_client):
     async def handler(reader, writer):
         await read_request(reader)
         await asyncio.sleep(30)
@@ -240,12 +240,12 @@ async def test_a_silent_upstream_times_out_in_the_first_byte_phase(client):
         loop = asyncio.get_running_loop()
         start = loop.time()
         with pytest.raises(UpstreamTimeout) as caught:
-            await client.open_stream("POST", base, [], b"{}", Timeouts(connect=2, first_byte=0.3, total=10))
+            await upstream_client.open_stream("POST", base, [], b"{}", Timeouts(connect=2, first_byte=0.3, total=10))
         assert caught.value.phase == "first_byte"
         assert loop.time() - start < 2
 
 
-async def test_a_stalled_body_hits_the_total_timeout(client):
+async def test_a_stalled_body_hits_the_total_timeout(upstream_client):
     async def handler(reader, writer):
         await read_request(reader)
         writer.write(STREAM_HEAD + chunk(b"data: 1\n\n"))
@@ -253,7 +253,9 @@ async def test_a_stalled_body_hits_the_total_timeout(client):
         await asyncio.sleep(30)
 
     async with serve(handler) as base:
-        response = await client.open_stream("POST", base, [], b"{}", Timeouts(connect=2, first_byte=0.5, total=0.6))
+        response = await upstream_client.open_stream(
+            "POST", base, [], b"{}", Timeouts(connect=2, first_byte=0.5, total=0.6)
+        )
         assert await response.__anext__() == b"data: 1\n\n"
         with pytest.raises(UpstreamTimeout) as caught:
             await response.__anext__()
@@ -261,7 +263,7 @@ async def test_a_stalled_body_hits_the_total_timeout(client):
         await response.aclose()
 
 
-async def test_chunks_arrive_as_they_are_sent(client):
+async def test_chunks_arrive_as_they_are_sent(upstream_client):
     got_first = asyncio.Event()
     last_written = asyncio.Event()
 
@@ -274,7 +276,7 @@ async def test_chunks_arrive_as_they_are_sent(client):
         await writer.drain()
         last_written.set()
 
-    async with serve(handler) as base, await client.open_stream("POST", base, [], b"{}", FAST) as response:
+    async with serve(handler) as base, await upstream_client.open_stream("POST", base, [], b"{}", FAST) as response:
         chunks = []
         async for data in response:
             if not chunks:
@@ -285,7 +287,7 @@ async def test_chunks_arrive_as_they_are_sent(client):
     assert chunks[0] == b"data: first\n\n"
 
 
-async def test_compressed_bodies_pass_through_undecoded(client):
+async def test_compressed_bodies_pass_through_undecoded(upstream_client):
     payload = gzip.compress(b'{"ok":true}')
 
     async def handler(reader, writer):
@@ -296,12 +298,12 @@ async def test_compressed_bodies_pass_through_undecoded(client):
         await writer.drain()
 
     async with serve(handler) as base:
-        response = await client.open_stream("GET", base, [], None, FAST)
+        response = await upstream_client.open_stream("GET", base, [], None, FAST)
         assert response.header("content-encoding") == "gzip"
         assert await response.aread() == payload
 
 
-async def test_cancelling_the_consumer_closes_the_upstream_connection(client):
+async def test_cancelling_the_consumer_closes_the_upstream_connection(upstream_client):
     upstream_closed = asyncio.Event()
     reading = asyncio.Event()
 
@@ -321,7 +323,7 @@ async def test_cancelling_the_consumer_closes_the_upstream_connection(client):
         upstream_closed.set()
 
     async def consume(base: str) -> None:
-        response = await client.open_stream("POST", base, [], b"{}", FAST)
+        response = await upstream_client.open_stream("POST", base, [], b"{}", FAST)
         try:
             async for _ in response:
                 reading.set()
@@ -337,7 +339,7 @@ async def test_cancelling_the_consumer_closes_the_upstream_connection(client):
         await asyncio.wait_for(upstream_closed.wait(), 2)
 
 
-async def test_cancelling_while_waiting_for_headers_closes_the_upstream_connection(client):
+async def test_cancelling_while_waiting_for_headers_closes_the_upstream_connection(upstream_client):
     request_seen = asyncio.Event()
     upstream_closed = asyncio.Event()
 
@@ -348,7 +350,7 @@ async def test_cancelling_while_waiting_for_headers_closes_the_upstream_connecti
         upstream_closed.set()
 
     async with serve(handler) as base:
-        task = asyncio.create_task(client.open_stream("POST", base, [], b"{}", FAST))
+        task = asyncio.create_task(upstream_client.open_stream("POST", base, [], b"{}", FAST))
         await asyncio.wait_for(request_seen.wait(), 5)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -356,7 +358,7 @@ async def test_cancelling_while_waiting_for_headers_closes_the_upstream_connecti
         await asyncio.wait_for(upstream_closed.wait(), 2)
 
 
-async def test_a_fully_read_response_returns_its_connection_to_the_pool(client):
+async def test_a_fully_read_response_returns_its_connection_to_the_pool(upstream_client):
     connections = 0
 
     async def handler(reader, writer):
@@ -369,7 +371,7 @@ async def test_a_fully_read_response_returns_its_connection_to_the_pool(client):
 
     async with serve(handler) as base:
         for _ in range(3):
-            response = await client.open_stream("POST", base, [], b"{}", FAST)
+            response = await upstream_client.open_stream("POST", base, [], b"{}", FAST)
             assert await response.aread() == b"ok"
     assert connections == 1
 
