@@ -66,7 +66,7 @@ def issue_through_admin(client, tenant: Tenant, **overrides):
 def test_issuing_a_key_renders_its_secret_once_and_stores_only_the_hash(admin_client, tenant_a):
     response = issue_through_admin(admin_client, tenant_a)
 
-    assert [t.name for t in response.templates][0] == "admin/tenants/clientkey/issued.html"
+    assert response.templates[0].name == "admin/tenants/clientkey/issued.html"
     secret = response.context["secret"]
     content = response.content.decode()
     assert secret in content

@@ -44,10 +44,13 @@ def _statuses(run: dict | None) -> str:
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(
-        c.ljust(w) if i in (0, 1, len(r) - 1) else c.rjust(w)  # noqa: E731
-        for i, (c, w) in enumerate(zip(r, widths))
-    ).rstrip()
+
+    def line(r: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i in (0, 1, len(r) - 1) else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), rule, *map(line, rows)])
 
@@ -350,7 +353,7 @@ def render(results: dict[str, Any]) -> str:
         out += ["", _table(targets, ["issue 3 target (uvicorn, in-process)", "measured", "target", ""])]
     profile = profile_lines(results)
     if profile:
-        out += [""] + profile
+        out += ["", *profile]
     for name, run in [
         *results.get("gateways", {}).items(),
         *((f"saturation {n}", r) for n, r in results.get("saturation", {}).items()),

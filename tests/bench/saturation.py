@@ -19,6 +19,7 @@ Measured:
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import threading
 import time
@@ -130,7 +131,7 @@ class StatsSampler:
             return 0.0
         if moment <= samples[0][0]:
             return float(samples[0][column])
-        for before, after in zip(samples, samples[1:]):
+        for before, after in itertools.pairwise(samples):
             if before[0] <= moment <= after[0]:
                 share = (moment - before[0]) / (after[0] - before[0]) if after[0] > before[0] else 0.0
                 return before[column] + (after[column] - before[column]) * share
