@@ -102,5 +102,6 @@ class KeyView:
     expires_at: datetime | None = None
     revoked: bool = False
     allowed_models: frozenset[str] = frozenset()  # empty = whatever the tenant allows
-    default_priority: int = 5
+    default_priority: int = 5  # when a request names no priority (lower is served first)
+    best_priority: int = 5  # the best a request may ask for; better asks are served at this one
     quota: QuotaView = QuotaView()
