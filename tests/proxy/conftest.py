@@ -10,6 +10,7 @@ settings name (in process, or Redis under a fresh key prefix).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import uuid
 from collections.abc import Iterator, Sequence
@@ -185,6 +186,10 @@ async def gateway_runtime(upstream, secret):
     await runtime.ensure_started()
     yield runtime
     await runtime.shutdown()
+    # The snapshot and usage threads each opened a database connection; ending the threads and
+    # collecting closes them (dozens of tests would otherwise exhaust PostgreSQL's connections).
+    await asyncio.get_running_loop().shutdown_default_executor()
+    gc.collect()
 
 
 async def reload_snapshot() -> None:
