@@ -16,6 +16,7 @@ with a 3 s minute the request windows are 0.05 s, 0.5 s and 3 s, the token windo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import statistics
@@ -203,10 +204,8 @@ def stop_thread_gateway(server: ThreadGateway, timeout: float = 20.0) -> None:
     while server.thread.is_alive() and time.monotonic() < deadline:
         loop = getattr(server, "loop", None)
         if loop is not None and not loop.is_closed():
-            try:
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
                 loop.call_soon_threadsafe(_cancel_again, loop)
-            except RuntimeError:  # closed meanwhile
-                pass
         server.thread.join(timeout=0.5)
     assert not server.thread.is_alive(), "the test gateway did not stop"
 
