@@ -8,6 +8,7 @@ import json
 import pytest
 
 from gateway.proxy import consumer as consumer_module
+from gateway.proxy import jsonbody
 from tests.proxy.conftest import HELLO, in_flight, post_json
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -192,7 +193,8 @@ async def test_big_bodies_are_prepared_off_the_event_loop(gateway_runtime, secre
 
 
 async def test_the_forwarded_body_keeps_unknown_fields_byte_for_byte(gateway_runtime, secret, records, monkeypatch):
-    """The forwarded body is the client's, with only the gateway's own changes spliced in."""
+    """A large forwarded body is the client's, with only the gateway's own changes spliced in."""
+    monkeypatch.setattr(jsonbody, "SPLICE_MIN_BYTES", 0)  # as if this body were large
     sent = []
     from gateway.proxy import forward
 
