@@ -119,7 +119,7 @@ class ProxyConsumer(AsyncHttpConsumer):
         if route.operation == MODELS:
             return await self.send_json(ctx, 200, models_list(key))
         if route.operation == MODEL:
-            return await self.send_json(ctx, 200, model_object(key, route.model))
+            return await self.send_json(ctx, 200, model_object(key, route.model or ""))
         reader = BodyReader(self.asgi_receive, scope["headers"])
         try:
             plan = await self.prepare(ctx, route, key, await reader.read())

@@ -55,8 +55,8 @@ def _parse_constant(name: str) -> float:
 
 
 _DECODER = json.JSONDecoder(parse_float=_parse_float, parse_constant=_parse_constant)
-_scan_once = _DECODER.scan_once
-_scan_string = json.decoder.scanstring
+_scan_once = _DECODER.scan_once  # type: ignore[attr-defined]  # the C scanner, not in the stubs
+_scan_string = json.decoder.scanstring  # type: ignore[attr-defined]
 
 DELETED = object()  # a member to remove when the body is rebuilt
 
