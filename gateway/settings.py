@@ -88,6 +88,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "gateway.middleware.api_errors_middleware",  # 404/405 outside the admin as OpenAI-shaped JSON
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -177,6 +178,15 @@ GATEWAY = {
     "TRUSTED_PROXIES": _networks("GATEWAY_TRUSTED_PROXIES"),
     # Largest request body accepted, in bytes (base64 images make chat bodies large).
     "MAX_BODY_BYTES": env.int("GATEWAY_MAX_BODY_BYTES", default=20 * 1024 * 1024),
+    # The whole body must arrive within this many seconds of the headers (else 408): slow senders
+    # cannot hold connections and buffers open for ever.
+    "BODY_READ_TIMEOUT_SECONDS": env.float("GATEWAY_BODY_READ_TIMEOUT_SECONDS", default=30.0),
+    # Bytes of request bodies one process may hold before they are admitted (read, not yet
+    # checked and handed to the balancer); beyond it, 503 with Retry-After.
+    "MAX_BUFFERED_BODY_BYTES": env.int("GATEWAY_MAX_BUFFERED_BODY_BYTES", default=256 * 1024 * 1024),
+    # Bodies larger than this are parsed and their tokens counted in a worker thread, off the
+    # event loop (a 5 MB prompt takes ~100 ms to count); smaller ones inline (a thread hop costs more).
+    "OFFLOAD_BODY_BYTES": env.int("GATEWAY_OFFLOAD_BODY_BYTES", default=256 * 1024),
     # How often the in-memory snapshot checks the config version (seconds).
     "SNAPSHOT_POLL_SECONDS": env.float("GATEWAY_SNAPSHOT_POLL_SECONDS", default=0.5),
     # Usage buffer: flush when this many records wait, or this often.

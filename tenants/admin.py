@@ -157,6 +157,7 @@ class ClientKeyAdmin(admin.ModelAdmin):
         "status",
         "last_used_at",
         "default_priority",
+        "best_priority",
     )
     list_display_links = ("name",)
     list_filter = ("tenant", RevokedFilter, ExpiredFilter)
@@ -167,10 +168,15 @@ class ClientKeyAdmin(admin.ModelAdmin):
     actions = ("revoke_keys", "expire_keys")
     fieldsets = (
         (None, {"fields": ("tenant", "name", "prefix", "status")}),
-        ("Use", {"fields": ("allowed_models", "default_priority", "last_used_at")}),
+        ("Use", {"fields": ("allowed_models", "default_priority", "best_priority", "last_used_at")}),
         ("Lifetime", {"fields": ("created_at", "expires_at", "revoked_at")}),
     )
-    add_fieldsets = ((None, {"fields": ("tenant", "name", "expires_at", "allowed_models", "default_priority")}),)
+    add_fieldsets = (
+        (
+            None,
+            {"fields": ("tenant", "name", "expires_at", "allowed_models", "default_priority", "best_priority")},
+        ),
+    )
     change_readonly_fields = ("tenant", "prefix", "status", "last_used_at", "created_at", "revoked_at")
 
     # The add page issues a key; the change page edits what may change after.
@@ -214,6 +220,7 @@ class ClientKeyAdmin(admin.ModelAdmin):
             expires_at=obj.expires_at,
             allowed_models=obj.allowed_models,
             default_priority=obj.default_priority,
+            best_priority=obj.best_priority,
         )
         # The admin goes on with ``obj`` (history entry, response): make it the row just created.
         for field in ClientKey._meta.concrete_fields:

@@ -82,14 +82,14 @@ class ClientKeyForm(forms.ModelForm):
 
     class Meta:
         model = ClientKey
-        fields: tuple[str, ...] = ("name", "expires_at", "allowed_models", "default_priority")
+        fields: tuple[str, ...] = ("name", "expires_at", "allowed_models", "default_priority", "best_priority")
 
 
 class ClientKeyIssueForm(ClientKeyForm):
     """What issuing a key asks for. The admin hands the cleaned data to ``key_issue``."""
 
     class Meta(ClientKeyForm.Meta):
-        fields = ("tenant", "name", "expires_at", "allowed_models", "default_priority")
+        fields = ("tenant", "name", "expires_at", "allowed_models", "default_priority", "best_priority")
 
     def clean_expires_at(self):
         expires_at = self.cleaned_data.get("expires_at")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from gateway import defaults
@@ -43,15 +43,33 @@ class ClientKey(models.Model):
     default_priority = models.PositiveSmallIntegerField(
         default=defaults.DEFAULT_PRIORITY, help_text="Queue priority when a request names none (lower is served first)."
     )
+    best_priority = models.PositiveSmallIntegerField(
+        null=True,
+        blank=True,
+        help_text=(
+            "The best (lowest) priority a request with this key may ask for in its 'priority' field; a better "
+            "ask is served at this one. Empty = the default priority: the key cannot jump its own queue."
+        ),
+    )
 
     class Meta:
         ordering = ["tenant__slug", "name"]
         constraints = [
             models.UniqueConstraint(fields=["tenant", "name"], name="client_key_name_unique_per_tenant"),
+            models.CheckConstraint(
+                condition=Q(best_priority__isnull=True) | Q(best_priority__lte=F("default_priority")),
+                name="client_key_best_priority_not_worse_than_default",
+                violation_error_message="The best priority cannot be worse (higher) than the default priority.",
+            ),
         ]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def effective_best_priority(self) -> int:
+        """The best priority requests may ask for (the default priority when none is set)."""
+        return self.default_priority if self.best_priority is None else self.best_priority
 
     @property
     def revoked(self) -> bool:

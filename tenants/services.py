@@ -29,8 +29,12 @@ def key_issue(
     expires_at: datetime | None = None,
     allowed_models: list[str] | None = None,
     default_priority: int = defaults.DEFAULT_PRIORITY,
+    best_priority: int | None = None,
 ) -> IssuedKey:
-    """Create a key for ``tenant`` and return its secret, which the caller must show exactly once."""
+    """Create a key for ``tenant`` and return its secret, which the caller must show exactly once.
+
+    ``best_priority``: the best priority its requests may ask for (None: ``default_priority``).
+    """
     secret = key_generate()
     key = ClientKey.objects.create(
         tenant=tenant,
@@ -40,6 +44,7 @@ def key_issue(
         expires_at=expires_at,
         allowed_models=list(allowed_models or []),
         default_priority=default_priority,
+        best_priority=best_priority,
     )
     return IssuedKey(key=key, secret=secret)
 

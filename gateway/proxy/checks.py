@@ -1,13 +1,14 @@
 """Checks a proxied request must pass before it may take capacity, and the plan to forward it.
 
-Model known and allowed, client address allowed, required fields present, ``max_tokens`` within
-the tenant's cap, the prompt within a deployment's context window. Then the demand to reserve
+Model known and allowed, client address allowed, the fields the gateway relies on usable
+(``gateway.proxy.fields``), the priority within the key's privilege, ``max_tokens`` within the
+tenant's cap, the prompt within a deployment's context window. Then the demand to reserve
 (prompt tokens + completion allowance) and the body to send upstream.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -16,11 +17,10 @@ from gateway.balancer.dispatcher import Demand
 from gateway.proxy import errors, tokens
 from gateway.proxy.client_address import address_parse
 from gateway.proxy.context import RequestContext
-from gateway.proxy.routes import CHAT, COMPLETIONS, EMBEDDINGS, Route
-from gateway.snapshot.types import DeploymentView
-
-REQUIRED_FIELD = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}
-MAX_PRIORITY = 255
+from gateway.proxy.fields import PROMPT_FIELD, check_fields
+from gateway.proxy.jsonbody import JsonBody
+from gateway.proxy.routes import CHAT, EMBEDDINGS, Route
+from gateway.snapshot.types import DeploymentView, KeyView
 
 
 @dataclass(slots=True)
@@ -36,12 +36,14 @@ class ForwardPlan:
 
 
 class RequestChecks:
-    def __init__(self, route: Route, key, payload: dict, ctx: RequestContext, headers=()) -> None:
-        self.route, self.key, self.payload, self.ctx = route, key, payload, ctx
-        self.headers = headers  # the client's (name, value) pairs, names lower-case
-        self.priority_taken = False
+    """The rules of one request, in order; pure (no I/O), so big bodies can run them in a thread."""
 
-    def run(self, snap, raw_body: bytes) -> ForwardPlan:
+    def __init__(self, route: Route, key: KeyView, body: JsonBody, ctx: RequestContext, headers=()) -> None:
+        self.route, self.key, self.body, self.ctx = route, key, body, ctx
+        self.payload = body.payload
+        self.headers = headers  # the client's (name, value) pairs, names lower-case
+
+    def run(self, snap) -> ForwardPlan:
         """The forward plan, or a GatewayError (400/403/404) naming what is wrong."""
         route, payload, ctx = self.route, self.payload, self.ctx
         model = route.model or payload.get("model")
@@ -54,29 +56,20 @@ class RequestChecks:
                 f"The model '{model}' does not exist or you do not have access to it.", code="model_not_found"
             )
         self.check_client_address()
-        field = REQUIRED_FIELD[route.operation]
-        if field not in payload:
-            raise errors.bad_request(
-                f"Missing required parameter: '{field}'.", param=field, code="missing_required_parameter"
-            )
-        if route.operation == CHAT and not isinstance(payload["messages"], list):
-            raise errors.bad_request(
-                "'messages' must be an array of message objects.", param="messages", code="invalid_type"
-            )
+        check_fields(route.operation, payload)
 
         ctx.priority = self.take_priority()
         stream = payload.get("stream") is True and route.operation != EMBEDDINGS
         ctx.streamed = stream
-        changed = self.priority_taken
-        changed |= self.apply_token_cap()
-        client_wants_usage = bool((payload.get("stream_options") or {}).get("include_usage")) if stream else True
+        self.apply_token_cap()
+        options = payload.get("stream_options")  # an object or None: check_fields made sure
+        client_wants_usage = bool(options and options.get("include_usage")) if stream else True
         if stream and not client_wants_usage:
             # Always learn the usage from the upstream; the extra chunk is removed on the way back.
-            options = payload.get("stream_options")
-            payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-            changed = True
+            self.body.set("stream_options", {**(options or {}), "include_usage": True})
 
         first = deployments[0]
+        field = PROMPT_FIELD[route.operation]
         try:
             prompt = tokens.count_prompt_tokens(
                 route.operation, payload, model, mode=first.token_estimate, family_hint=first.upstream_model
@@ -108,8 +101,7 @@ class RequestChecks:
             tenant=self.key.tenant.slug,
             timeout=self.queue_timeout(),
         )
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() if changed else raw_body
-        return ForwardPlan(route, model, payload, body, fits, demand, stream, client_wants_usage)
+        return ForwardPlan(route, model, payload, self.body.encoded(), fits, demand, stream, client_wants_usage)
 
     def model_allowed(self, model: str) -> bool:
         tenant_models, key_models = self.key.tenant.allowed_models, self.key.allowed_models
@@ -135,16 +127,17 @@ class RequestChecks:
             raise errors.forbidden(f"Requests from {address} are not allowed for this team.", code="ip_not_allowed")
 
     def take_priority(self) -> int:
-        """The queue priority: the body's ``priority`` (removed before forwarding) or the key's default."""
-        self.priority_taken = "priority" in self.payload
-        if not self.priority_taken:
-            return self.key.default_priority
-        value = self.payload.pop("priority")
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_PRIORITY:
-            raise errors.bad_request(
-                f"'priority' must be an integer from 0 (first) to {MAX_PRIORITY}.", param="priority"
-            )
-        return value
+        """The queue priority (lower is served first): the body's ``priority``, removed before
+        forwarding, but never better than the key's ``best_priority`` (a better ask is served at the
+        key's best: a client cannot buy its way past other tenants, nor evict their waiting
+        requests from a full queue); without one, the key's default."""
+        key = self.key
+        if "priority" not in self.payload:
+            return key.default_priority
+        value = self.body.pop("priority")  # an int in range or None: check_fields made sure
+        if value is None:
+            return key.default_priority
+        return max(value, key.best_priority)
 
     def explicit_completion_tokens(self) -> int:
         """Completion tokens the client asked for explicitly (for the context-window check)."""
@@ -153,23 +146,22 @@ class RequestChecks:
         value = self.payload.get("max_completion_tokens") or self.payload.get("max_tokens") or 0
         return value if isinstance(value, int) and value > 0 else 0
 
-    def apply_token_cap(self) -> bool:
+    def apply_token_cap(self) -> None:
         """Hold max_tokens within the tenant's cap: refuse a larger ask, set the cap when none is given."""
         cap = self.key.tenant.max_tokens_cap
         if not cap or self.route.operation == EMBEDDINGS:
-            return False
+            return
         for field in ("max_completion_tokens", "max_tokens"):
             value = self.payload.get(field)
             if value is not None:
-                if isinstance(value, int) and value > cap:
+                if value > cap:  # a positive int: check_fields made sure
                     raise errors.bad_request(
                         f"'{field}' is {value}, above this team's cap of {cap}.",
                         param=field,
                         code="max_tokens_above_cap",
                     )
-                return False
-        self.payload["max_completion_tokens" if self.route.operation == CHAT else "max_tokens"] = cap
-        return True
+                return
+        self.body.set("max_completion_tokens" if self.route.operation == CHAT else "max_tokens", cap)
 
     def queue_timeout(self) -> float:
         """How long the request may wait for capacity: the configured limit, and never longer than
@@ -177,8 +169,6 @@ class RequestChecks:
         timeout = settings.GATEWAY["QUEUE_TIMEOUT_SECONDS"]
         for name, value in self.headers:
             if name == b"x-stainless-read-timeout":
-                try:
+                with contextlib.suppress(ValueError):
                     timeout = min(timeout, max(float(value) - 1.0, 0.0))
-                except ValueError:
-                    pass
         return timeout

@@ -1,6 +1,6 @@
 """The proxy consumer: the OpenAI- and Azure-compatible API, one request at a time.
 
-``handle`` reads as the steps of DESIGN.md: authenticate -> check -> estimate -> balance ->
+``serve`` reads as the steps of DESIGN.md: authenticate -> check -> estimate -> balance ->
 forward -> settle -> record. Nothing here queries the database: keys, tenants and deployments
 come from the in-memory snapshot, usage goes to a non-blocking buffer.
 """
@@ -11,20 +11,21 @@ import json
 import logging
 from datetime import UTC, datetime
 
-from channels.consumer import get_handler_name
-from channels.exceptions import StopConsumer
 from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
 
 from billing.usage_sink import record_usage
 from gateway import snapshot
 from gateway.proxy import errors
-from gateway.proxy.checks import RequestChecks
+from gateway.proxy.body import BodyReader, ClientLeft, offload
+from gateway.proxy.checks import ForwardPlan, RequestChecks
 from gateway.proxy.context import RequestContext
 from gateway.proxy.errors import GatewayError
 from gateway.proxy.forward import ClientDisconnected, Forwarder
-from gateway.proxy.routes import MODEL, MODELS, query_param, route_for
+from gateway.proxy.jsonbody import parse_json_body
+from gateway.proxy.routes import MODEL, MODELS, Route, query_param, route_for
 from gateway.proxy.runtime import runtime
+from gateway.snapshot.types import KeyView
 from tenants.auth import AuthFailure, authenticate, key_from_headers
 
 log = logging.getLogger(__name__)
@@ -41,84 +42,34 @@ CORS_HEADERS = [
 
 
 class ProxyConsumer(AsyncHttpConsumer):
-    """Serves ``/v1/...`` and ``/openai/...``; every other path goes to Django."""
+    """Serves ``/v1/...`` and ``/openai/...``; every other path goes to Django.
 
-    # The proxy never talks to other consumers. Without a channel layer Channels creates no
-    # channel and no second receive task for each request (a measurable cost per request).
-    channel_layer_alias = "__the_proxy_has_no_channel_layer__"
+    It reads the request itself rather than through Channels' message dispatch, so that the key
+    is checked from the headers before a byte of the body is read (an unknown key costs the
+    gateway no buffer), and the body is read under a deadline and a per-process memory budget
+    (``gateway.proxy.body``). Channels' response helpers (``send_headers``, ``send_body``) stay;
+    its channel layer, message dispatch and per-message ``close_old_connections`` (two thread
+    hops per request, ~12 % of the gateway's CPU when measured) are not used: the proxy talks
+    to no other consumer and uses no database connection.
+    """
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope, receive, send) -> None:
+        self.scope, self.base_send = scope, send
         # Kept so the forwarder can notice a client that disconnects while we wait upstream.
         self.asgi_receive = receive
-        self.body_size = 0
-        self.refused = False
         self.headers_sent = False
         self.response_done = False
-        await super().__call__(scope, receive, send)
-
-    async def dispatch(self, message):
-        """Channels' dispatch without its ``aclose_old_connections()``: that closes stale database
-        connections around every message, two hops to a worker thread and back per request
-        (measured at ~12% of the gateway's CPU), and the proxy uses no database connection."""
-        handler = getattr(self, get_handler_name(message), None)
-        if handler is None:
-            raise ValueError(f"No handler for message type {message['type']}")
-        await handler(message)
-
-    async def http_disconnect(self, message):
-        await self.disconnect()
-        raise StopConsumer()
-
-    async def send_body(self, body, *, more_body=False):
-        await super().send_body(body, more_body=more_body)
-        if not more_body:
-            # Servers report http.disconnect once the response is complete; that is not the
-            # client leaving, and the settling that follows must not be cancelled for it.
-            self.response_done = True
-
-    async def http_request(self, message):
-        """Collect the body, refusing it with 413 as soon as it passes the configured limit."""
-        limit = settings.GATEWAY["MAX_BODY_BYTES"]
-        if not self.refused:
-            chunk = message.get("body", b"")
-            self.body_size += len(chunk)
-            if self.body_size > limit or (self.body_size == len(chunk) and _declared_length(self.scope) > limit):
-                self.refused = True
-                self.body = []
-                await self.respond_once(errors.too_large(limit))
-            else:
-                self.body.append(chunk)
-        if message.get("more_body"):
-            return
-        if not self.refused:
-            try:
-                await self.handle(b"".join(self.body))
-            finally:
-                await self.disconnect()
-        raise StopConsumer()
-
-    async def respond_once(self, err: GatewayError) -> None:
-        """Answer a body that is too large and record it; the rest of the body is discarded."""
-        await runtime.ensure_started()
-        ctx = RequestContext.begin(self.scope)
-        route = route_for(self.scope["path"])
-        ctx.route = route.operation if route else "unknown"
-        self.attribute_key(ctx)
-        await self.send_error(ctx, err)
-        record_usage(ctx.usage_record(snapshot.current().prices_by_model))
-
-    async def handle(self, body: bytes) -> None:
-        if self.scope["method"] == "OPTIONS":
+        if scope["method"] == "OPTIONS":
             # CORS preflight: no key, no accounting (it is not an API call).
             await self.send_response(204, b"", headers=CORS_HEADERS)
             return
         await runtime.ensure_started()
-        ctx = RequestContext.begin(self.scope)
+        ctx = RequestContext.begin(scope)
         try:
-            await self.serve(ctx, body)
+            await self.serve(ctx)
         except GatewayError as err:
             await self.send_error(ctx, err)
-        except ClientDisconnected:
+        except (ClientDisconnected, ClientLeft):
             ctx.outcome, ctx.status = "client_disconnect", 499
         except Exception:
             log.exception("request %s failed inside the gateway", ctx.request_id)
@@ -135,8 +86,16 @@ class ProxyConsumer(AsyncHttpConsumer):
         finally:
             record_usage(ctx.usage_record(snapshot.current().prices_by_model))
 
-    async def serve(self, ctx: RequestContext, body: bytes) -> None:
-        """Route, authenticate, then answer locally (models) or forward upstream."""
+    async def send_body(self, body, *, more_body=False):
+        await super().send_body(body, more_body=more_body)
+        if not more_body:
+            # Servers report http.disconnect once the response is complete; that is not the
+            # client leaving, and the settling that follows must not be cancelled for it.
+            self.response_done = True
+
+    async def serve(self, ctx: RequestContext) -> None:
+        """The steps of one request: from the headers route, authenticate (both before the body is
+        read), then read the body, check and count it, and forward it (or answer the models list)."""
         scope = self.scope
         route = route_for(scope["path"])
         if route is None:
@@ -146,22 +105,42 @@ class ProxyConsumer(AsyncHttpConsumer):
         if scope["method"] not in route.methods:
             raise errors.method_not_allowed(scope["method"], route.methods)
         key = self.authenticated_key(ctx)
-        if scope["path"].startswith("/openai/") and not scope["path"].startswith("/openai/v1/"):
-            if not query_param(scope.get("query_string", b""), "api-version"):
-                raise errors.bad_request(
-                    "The api-version query parameter (?api-version=) is required.",
-                    param="api-version",
-                    code="missing_api_version",
-                )
+        path = scope["path"]
+        if (
+            path.startswith("/openai/")
+            and not path.startswith("/openai/v1/")
+            and not query_param(scope.get("query_string", b""), "api-version")
+        ):
+            raise errors.bad_request(
+                "The api-version query parameter (?api-version=) is required.",
+                param="api-version",
+                code="missing_api_version",
+            )
         if route.operation == MODELS:
             return await self.send_json(ctx, 200, models_list(key))
         if route.operation == MODEL:
-            return await self.send_json(ctx, 200, model_object(key, route.model))
-        payload = parse_json_object(body)
-        checks = RequestChecks(route, key, payload, ctx, scope["headers"])
-        plan = checks.run(snapshot.current(), body)
-        forwarder = Forwarder(self, ctx, plan, runtime.dispatcher)
-        await forwarder.run()
+            return await self.send_json(ctx, 200, model_object(key, route.model or ""))
+        reader = BodyReader(self.asgi_receive, scope["headers"])
+        try:
+            plan = await self.prepare(ctx, route, key, await reader.read())
+        finally:
+            reader.release()  # admitted or refused: the body no longer counts as waiting
+        await Forwarder(self, ctx, plan, runtime.dispatcher).run()
+
+    async def prepare(self, ctx: RequestContext, route: Route, key: KeyView, raw: bytes) -> ForwardPlan:
+        """Parse, check and count the body: the forward plan, or a GatewayError.
+
+        Bodies above ``OFFLOAD_BODY_BYTES`` do this in a worker thread (``body.offload``); it is
+        pure work on the body and the snapshot, and the event loop keeps serving other streams.
+        """
+        snap, headers = snapshot.current(), self.scope["headers"]
+
+        def work() -> ForwardPlan:
+            return RequestChecks(route, key, parse_json_body(raw), ctx, headers).run(snap)
+
+        if len(raw) > settings.GATEWAY["OFFLOAD_BODY_BYTES"]:
+            return await offload(work)
+        return work()
 
     # -- authentication ------------------------------------------------------------------------
 
@@ -174,7 +153,7 @@ class ProxyConsumer(AsyncHttpConsumer):
                 api_key = value
         return key_from_headers(authorization, api_key)
 
-    def authenticated_key(self, ctx: RequestContext):
+    def authenticated_key(self, ctx: RequestContext) -> KeyView:
         """The caller's KeyView from the snapshot, or a 401 the SDK raises as AuthenticationError."""
         try:
             key = authenticate(self.presented_secret(), snapshot.current().keys_by_hash, datetime.now(UTC))
@@ -182,13 +161,6 @@ class ProxyConsumer(AsyncHttpConsumer):
             raise errors.unauthorized(str(failure)) from None
         ctx.tenant_id, ctx.key_id, ctx.priority = key.tenant.id, key.id, key.default_priority
         return key
-
-    def attribute_key(self, ctx: RequestContext) -> None:
-        """Attribute a refused request to its key when the key is valid; never raises."""
-        try:
-            self.authenticated_key(ctx)
-        except GatewayError:
-            pass
 
     # -- responses -----------------------------------------------------------------------------
 
@@ -207,29 +179,6 @@ class ProxyConsumer(AsyncHttpConsumer):
             return
         self.headers_sent = True
         await self.send_response(err.status, err.body(), headers=self.base_headers(ctx) + err.headers)
-
-
-def _declared_length(scope) -> int:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return 0
-    return 0
-
-
-def parse_json_object(body: bytes) -> dict:
-    """The request body as a JSON object, or a 400 saying what is wrong with it."""
-    if not body:
-        raise errors.bad_request("The request body is empty; expected a JSON object.", code="invalid_json")
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise errors.bad_request(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
-    if not isinstance(payload, dict):
-        raise errors.bad_request("The request body must be a JSON object.", code="invalid_json")
-    return payload
 
 
 def allowed_models(key) -> list[str]:

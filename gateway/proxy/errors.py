@@ -50,8 +50,8 @@ def retry_headers(seconds: float, *, should_retry: bool = True) -> list[tuple[by
     """Headers telling the SDK when to retry: ms precision for new SDKs, whole seconds for old ones."""
     seconds = max(seconds, 0.001)
     headers = [
-        (b"retry-after-ms", str(int(math.ceil(seconds * 1000))).encode()),
-        (b"retry-after", str(int(math.ceil(seconds))).encode()),
+        (b"retry-after-ms", str(math.ceil(seconds * 1000)).encode()),
+        (b"retry-after", str(math.ceil(seconds)).encode()),
     ]
     if not should_retry:
         headers.append((b"x-should-retry", b"false"))
@@ -84,6 +84,22 @@ def method_not_allowed(method: str, allowed: tuple[str, ...]) -> GatewayError:
 
 def too_large(limit: int) -> GatewayError:
     return GatewayError(413, f"Request body is larger than the limit of {limit} bytes.", code="request_too_large")
+
+
+def body_timeout(seconds: float) -> GatewayError:
+    return GatewayError(408, f"The request body did not arrive within {seconds:g} seconds.", code="request_timeout")
+
+
+def overloaded(retry_after: float = 1.0) -> GatewayError:
+    """The process holds as many unadmitted request bodies as it may: come back shortly."""
+    return GatewayError(
+        503,
+        "The gateway is busy receiving other requests; retry shortly.",
+        type="api_error",
+        code="gateway_overloaded",
+        outcome="rate_limited",
+        headers=retry_headers(retry_after),
+    )
 
 
 def rate_limited(

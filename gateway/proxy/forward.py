@@ -213,7 +213,7 @@ class Forwarder:
     async def relay_stream(self, response) -> None:
         """Pass the event stream on as it arrives; count usage; end cleanly if the upstream breaks."""
         ctx, consumer = self.ctx, self.consumer
-        relay = SseRelay(self.plan.client_wants_usage)
+        relay = SseRelay(self.plan.client_wants_usage, counter=self.stream_token_counter)
         ctx.status = response.status
         consumer.headers_sent = True
         await consumer.send_headers(
@@ -262,12 +262,12 @@ class Forwarder:
         if relay.usage:
             self.take_usage(relay.usage)
             return
-        first = self.plan.candidates[0]
-        counter = StreamTokenCounter(self.plan.model, family_hint=first.upstream_model, mode=first.token_estimate)
-        for chunk in relay.parsed_payloads():
-            counter.feed(chunk)
-        self.ctx.completion_tokens = counter.completion_tokens()
+        self.ctx.completion_tokens = relay.counted_completion_tokens()
         self.ctx.tokens_estimated = True
+
+    def stream_token_counter(self) -> StreamTokenCounter:
+        first = self.plan.candidates[0]
+        return StreamTokenCounter(self.plan.model, family_hint=first.upstream_model, mode=first.token_estimate)
 
 
 async def _until_disconnect(receive) -> None:

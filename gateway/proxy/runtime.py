@@ -97,6 +97,9 @@ class Runtime:
         if self.redis is not None:
             await self.redis.aclose()
             self.redis = None
+        # Undo start's gc.freeze(): what this runtime leaves behind (a test suite starts one per
+        # event loop) must stay collectable, or the database connections it opened never close.
+        gc.unfreeze()
         log.info("gateway runtime stopped")
 
 

@@ -87,6 +87,9 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 _SHORT = 24  # strings this short (roles, names, enum items) are memoised per encoding
 _SHORT_CACHE_MAX = 8192
+# Longer texts are encoded in pieces: tiktoken encodes without the GIL but builds its result list
+# with it, and a 5 MB prompt's list of ~1 M tokens held it for ~20 ms, a stall for the event loop.
+_PIECE_CHARS = 65_536
 
 
 def _encoding_name(model_name: str) -> str | None:
@@ -136,7 +139,7 @@ def _tiktoken_counter(encoding_name: str) -> Callable[[str], int]:
 
     def count(text: str) -> int:
         if len(text) > _SHORT:
-            return len(encode(text))
+            return len(encode(text)) if len(text) <= _PIECE_CHARS else _count_in_pieces(text, encode)
         n = short.get(text)
         if n is None:
             if len(short) >= _SHORT_CACHE_MAX:
@@ -145,6 +148,21 @@ def _tiktoken_counter(encoding_name: str) -> Callable[[str], int]:
         return n
 
     return count
+
+
+def _count_in_pieces(text: str, encode: Callable[[str], list[int]]) -> int:
+    """Tokens of a long text, encoded piece by piece. Each piece ends before a space, which starts
+    a new pre-token in both encodings, so the sum equals the whole count (a run of several spaces
+    cut in its middle can differ by one)."""
+    total, start, end = 0, 0, len(text)
+    while start < end:
+        stop = start + _PIECE_CHARS
+        if stop < end:
+            cut = text.rfind(" ", start + 1, stop)
+            stop = cut if cut > start else stop
+        total += len(encode(text[start:stop]))
+        start = stop
+    return total
 
 
 @lru_cache(maxsize=64)

@@ -82,6 +82,7 @@ def snapshot_build() -> Snapshot:
             revoked=k.revoked_at is not None,
             allowed_models=frozenset(k.allowed_models or ()),
             default_priority=k.default_priority,
+            best_priority=k.effective_best_priority,
             quota=_quota_view(key_quotas.get(k.id)),
         )
         for k in ClientKey.objects.all()

@@ -105,4 +105,5 @@ class KeyView:
     revoked: bool = False
     allowed_models: frozenset[str] = frozenset()  # empty = whatever the tenant allows
     default_priority: int = defaults.DEFAULT_PRIORITY
+    best_priority: int = defaults.DEFAULT_PRIORITY  # the best a request may ask for; better asks are clamped to it
     quota: QuotaView = QuotaView()

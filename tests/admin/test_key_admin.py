@@ -112,8 +112,30 @@ def test_the_add_page_is_the_issue_form(admin_client, tenant_a):
         "expires_at",
         "allowed_models",
         "default_priority",
+        "best_priority",
     }
     assert "Issue a new key" in admin_client.get(CHANGELIST).content.decode()
+
+
+def test_the_best_priority_is_issued_shown_and_editable(admin_client, tenant_a):
+    issue_through_admin(admin_client, tenant_a, best_priority="1")
+    key = ClientKey.objects.get(tenant=tenant_a, name="ci-bot")
+    assert (key.default_priority, key.best_priority) == (3, 1)
+    assert 'name="best_priority"' in admin_client.get(change_url(key)).content.decode()
+
+    response = admin_client.post(change_url(key), change_data(key, best_priority="0"))
+    assert response.status_code == 302
+    key.refresh_from_db()
+    assert key.best_priority == 0
+
+
+def test_a_best_priority_worse_than_the_default_is_refused(admin_client, tenant_a, key_a):
+    key = key_a.key
+    response = admin_client.post(change_url(key), change_data(key, best_priority=str(key.default_priority + 1)))
+    assert response.status_code == 200
+    assert "cannot be worse (higher) than the default priority" in response.content.decode()
+    key.refresh_from_db()
+    assert key.best_priority is None
 
 
 def test_an_invalid_issue_form_issues_nothing(admin_client, tenant_a, key_a):

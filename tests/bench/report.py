@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tests.bench.bigprompts import big_prompt_lines
+
 # Issue 3's performance targets for one gateway process.
 TARGET_ADDED_P50_MS = 1.5
 TARGET_ADDED_TTFT_MS = 2.0
@@ -351,12 +353,16 @@ def render(results: dict[str, Any]) -> str:
     targets = target_rows(results)
     if targets:
         out += ["", _table(targets, ["issue 3 target (uvicorn, in-process)", "measured", "target", ""])]
+    big = big_prompt_lines(results)
+    if big:
+        out += ["", *big]
     profile = profile_lines(results)
     if profile:
         out += ["", *profile]
     for name, run in [
         *results.get("gateways", {}).items(),
         *((f"saturation {n}", r) for n, r in results.get("saturation", {}).items()),
+        *([("big prompts", results["bigprompts"])] if results.get("bigprompts") else []),
     ]:
         if run.get("log_errors"):
             out += ["", f"Gateway log ({name}), {run.get('log_lines')} lines at warning or above, first ones verbatim:"]

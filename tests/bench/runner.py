@@ -9,7 +9,8 @@
    beside the generator): uvicorn (every scenario), daphne (c=32), and with ``--redis`` uvicorn
    on Redis state.
 6. Saturation on a gateway with short windows (and again on Redis with ``--redis``).
-7. With ``--profile``: one more uvicorn process, profiled during a c=32 run.
+7. Big prompts: stream gaps while 5 MB prompts arrive at 2/s (``tests.bench.bigprompts``).
+8. With ``--profile``: one more uvicorn process, profiled during a c=32 run.
 
 A phase that fails is reported (its error verbatim) and the next one still runs.
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench import report, wrk
+from tests.bench.bigprompts import big_gateway_deployment, big_upstream, run_big_prompts
 from tests.bench.loadgen import GENERATOR_NAME
 from tests.bench.procs import ProcessGroup, pin, usable_cpus
 from tests.bench.saturation import SaturationConfig, run_saturation
@@ -50,7 +52,7 @@ from tests.bench.stack import REPO, SIM_API_KEY, BenchEnv, start_simulator
 
 OUTPUT = REPO / "var" / "bench" / "latest.json"
 STREAM_TOKEN_DELAY_MS = 5.0
-PHASES = ("direct", "uvicorn", "daphne", "saturation")
+PHASES = ("direct", "uvicorn", "daphne", "saturation", "bigprompts")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -167,7 +169,8 @@ def _run(
     env.prepare_database()
     sim = start_simulator(group, _fast_upstream(), pinning.upstream_direct)
     sat_sim = start_simulator(group, _saturation_upstream(sat_config), pinning.upstream_with_gateway)
-    keys = env.seed(_gateway_config(sim.url, sat_sim.url, sat_config))
+    big_sim = start_simulator(group, big_upstream(SIM_API_KEY), pinning.upstream_with_gateway)
+    keys = env.seed(_gateway_config(sim.url, sat_sim.url, big_sim.url, sat_config))
     key = keys["bench-a/app"]
 
     if "direct" in args.only:
@@ -221,6 +224,12 @@ def _run(
             )
         results["saturation"] = {k: v for k, v in results["saturation"].items() if v}
 
+    if "bigprompts" in args.only:
+        results["bigprompts"] = phase(
+            "big prompts beside streams",
+            lambda: run_big_prompts(group, env, key, pinning, window=4.0 if args.quick else 8.0),
+        )
+
     if args.profile:
         from tests.bench.profiling import run_profile
 
@@ -256,8 +265,9 @@ def _saturation_upstream(config: SaturationConfig) -> dict[str, Any]:
     }
 
 
-def _gateway_config(sim_url: str, sat_url: str, sat_config: SaturationConfig) -> dict[str, Any]:
-    """The gateway's side: unlimited deployments on the fast upstream, the limited pair on the other.
+def _gateway_config(sim_url: str, sat_url: str, big_url: str, sat_config: SaturationConfig) -> dict[str, Any]:
+    """The gateway's side: unlimited deployments on the fast upstream, the limited pair on the other,
+    the big-prompt deployment on a third.
 
     Token counting stays on (tiktoken, o200k through ``upstream_model``), as in production.
     """
@@ -274,6 +284,7 @@ def _gateway_config(sim_url: str, sat_url: str, sat_config: SaturationConfig) ->
                 "api_key": SIM_API_KEY,
                 "deployments": sat_config.gateway_deployments(),
             },
+            {"name": "sim-big", "base_url": big_url, "api_key": SIM_API_KEY, "deployments": [big_gateway_deployment()]},
         ],
         "tenants": [{"slug": "bench-a", "keys": ["app"]}, {"slug": "bench-b", "keys": ["app"]}],
     }

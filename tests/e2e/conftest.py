@@ -192,11 +192,12 @@ def deploy(transactional_db) -> Callable[..., dict[str, Deployment]]:
 
 @pytest.fixture
 def tenant_key(transactional_db) -> Callable[..., str]:
-    """``tenant_key(slug)`` -> the secret of a new key of a new tenant ``slug`` (no quotas)."""
+    """``tenant_key(slug)`` -> the secret of a new key of a new tenant ``slug`` (no quotas), entitled
+    to every priority (the tests send priorities from 0)."""
 
     def create(slug: str, default_priority: int = 5) -> str:
         tenant = Tenant.objects.create(slug=slug, name=slug.title())
-        return key_issue(tenant, name=f"{slug}-app", default_priority=default_priority).secret
+        return key_issue(tenant, name=f"{slug}-app", default_priority=default_priority, best_priority=0).secret
 
     return create
 

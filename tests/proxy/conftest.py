@@ -11,8 +11,11 @@ snapshot and the usage records are read and written by worker threads, as in pro
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import gc
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -20,9 +23,12 @@ from django.db import connections
 
 from billing.usage_sink import get_sink
 from gateway.models import Deployment, Endpoint
+from gateway.proxy import consumer as consumer_module
 from gateway.proxy.runtime import runtime
-from tenants.services import IssuedKey
-from tests.fakes.simulator import InLoopSimulator, serve_simulator_here
+from tenants.models import Tenant
+from tenants.services import IssuedKey, key_issue
+from tests.fakes.simulator import InLoopSimulator, serve_simulator_here, start_simulator
+from tests.proxy.asgi_call import SIM_KEY
 from tests.proxy.asgi_client import COMPLETION_TOKENS, GatewayHTTP
 
 
@@ -67,3 +73,75 @@ async def gateway_http(
     await runtime.shutdown()
     await loop.run_in_executor(None, connections.close_all)
     await sync_to_async(connections.close_all)()  # the thread of the tests' own ORM calls
+
+
+# -- raw ASGI calls (tests/proxy/asgi_call.py): an upstream of their own, with an Azure and an
+# OpenAI-compatible endpoint, an embedding model, and a tenant whose key may not raise its priority.
+
+
+@pytest.fixture
+def records(monkeypatch) -> list[dict[str, Any]]:
+    """Every usage record the consumer makes during the test, in order."""
+    made: list[dict[str, Any]] = []
+    monkeypatch.setattr(consumer_module, "record_usage", made.append)
+    return made
+
+
+@pytest.fixture
+def sim() -> Iterator[Any]:
+    handle = start_simulator(
+        {
+            "api_key": SIM_KEY,
+            "deployments": [
+                {"name": "chat-a", "model": "gpt-4o", "completion_tokens": 4},
+                {"name": "embed-a", "model": "text-embedding-3-small", "embedding_dims": 4},
+            ],
+        }
+    )
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def proxy_settings(settings):
+    """Short polls and a private Redis key prefix (when Redis state is configured)."""
+    settings.GATEWAY = {
+        **settings.GATEWAY,
+        "SNAPSHOT_POLL_SECONDS": 0.05,
+        "BALANCER_REDIS_PREFIX": f"test-proxy-{uuid.uuid4().hex[:12]}",
+    }
+    return settings
+
+
+@pytest.fixture
+def upstream(transactional_db, sim, proxy_settings):
+    """An Azure endpoint on the simulator with ``gpt-4o`` (chat, completions) and an embedding model,
+    and an OpenAI-compatible one with ``gpt-4o-oai`` (its bodies are re-serialised with the
+    upstream's model name)."""
+    endpoint = Endpoint.objects.create(name="sim", kind=Endpoint.Kind.AZURE, base_url=sim.url, api_key=SIM_KEY)
+    Deployment.objects.create(endpoint=endpoint, name="chat-a", model="gpt-4o", upstream_model="gpt-4o")
+    Deployment.objects.create(endpoint=endpoint, name="embed-a", model="text-embedding-3-small")
+    compatible = Endpoint.objects.create(
+        name="sim-openai", kind=Endpoint.Kind.OPENAI, base_url=sim.url + "/v1", api_key=SIM_KEY
+    )
+    Deployment.objects.create(endpoint=compatible, name="chat-a", model="gpt-4o-oai", upstream_model="gpt-4o")
+    return endpoint
+
+
+@pytest.fixture
+def secret(upstream) -> str:
+    """A key of a fresh tenant (default priority 5, no better priority allowed)."""
+    tenant = Tenant.objects.create(slug="proxy", name="Proxy tests")
+    return key_issue(tenant, name="app").secret
+
+
+@pytest.fixture
+async def gateway_runtime(upstream, secret):
+    """The runtime started on this test's loop (after the cast exists), stopped (usage flushed) afterwards."""
+    await runtime.ensure_started()
+    yield runtime
+    await runtime.shutdown()
+    # The snapshot and usage threads each opened a database connection; ending the threads and
+    # collecting closes them (dozens of tests would otherwise exhaust PostgreSQL's connections).
+    await asyncio.get_running_loop().shutdown_default_executor()
+    gc.collect()

@@ -13,6 +13,7 @@ from asgiref.sync import sync_to_async
 from billing.models import UsageRecord
 from gateway.proxy import errors
 from gateway.proxy.checks import RequestChecks
+from gateway.proxy.jsonbody import parse_json_body
 from gateway.proxy.client_address import address_parse, client_address, forwarded_client
 from gateway.proxy.context import RequestContext
 from gateway.proxy.routes import route_for
@@ -101,7 +102,7 @@ def checks_for(client_ip: str | None, *, allow=(), deny=()) -> RequestChecks:
     tenant = SimpleNamespace(ip_allow=tuple(map(ip_network, allow)), ip_deny=tuple(map(ip_network, deny)))
     ctx = RequestContext.begin({"client": None})
     ctx.client_ip = client_ip
-    return RequestChecks(route_for("/v1/chat/completions"), SimpleNamespace(tenant=tenant), {}, ctx)
+    return RequestChecks(route_for("/v1/chat/completions"), SimpleNamespace(tenant=tenant), parse_json_body(b"{}"), ctx)
 
 
 @pytest.mark.parametrize("lists", [{"allow": ["10.0.0.0/8"]}, {"deny": ["6.6.6.0/24"]}], ids=["allow", "deny"])

@@ -180,12 +180,21 @@ async def test_a_request_too_large_for_every_window_is_refused_with_context_leng
 async def test_the_priority_field_orders_the_request_and_is_not_forwarded(
     gateway_http: GatewayHTTP, recording_sim: InLoopSimulator
 ):
-    response = await gateway_http.post(CHAT_PATH, chat(max_tokens=10, priority=0))
+    response = await gateway_http.post(CHAT_PATH, chat(max_tokens=10, priority=9))
 
     assert response.status_code == 200, response.text
     [call] = recording_sim.calls
     assert call.body == chat(max_tokens=10)
-    assert (await gateway_http.the_usage_record()).priority == 0
+    assert (await gateway_http.the_usage_record()).priority == 9
+
+
+async def test_a_priority_better_than_the_keys_best_is_served_at_the_keys_best(
+    key_a, gateway_http: GatewayHTTP, recording_sim: InLoopSimulator
+):
+    response = await gateway_http.post(CHAT_PATH, chat(max_tokens=10, priority=0))
+
+    assert response.status_code == 200, response.text
+    assert (await gateway_http.the_usage_record()).priority == key_a.key.default_priority
 
 
 async def test_without_a_priority_field_the_keys_default_priority_applies(
@@ -197,7 +206,7 @@ async def test_without_a_priority_field_the_keys_default_priority_applies(
     assert (await gateway_http.the_usage_record()).priority == key_a.key.default_priority
 
 
-@pytest.mark.parametrize("priority", [-1, 256, 2.5, "high", True, None])
+@pytest.mark.parametrize("priority", [-1, 256, 2.5, "high", True])
 async def test_a_priority_out_of_range_is_refused_with_400_naming_priority(
     gateway_http: GatewayHTTP, recording_sim: InLoopSimulator, priority: Any
 ):

@@ -328,3 +328,16 @@ def test_stream_counter_on_a_long_stream_matches_encoding_the_whole_text():
     fast = StreamTokenCounter("gpt-4o", mode="fast")
     fast.feed(chat_chunk(text))
     assert abs(fast.completion_tokens() - len(text) / 4) <= 4  # rounded up per flushed piece
+
+
+@pytest.mark.parametrize("encoding", ["o200k_base", "cl100k_base"])
+def test_a_long_text_counted_in_pieces_matches_encoding_it_whole(encoding):
+    """Texts above 64 Ki characters are encoded in pieces (the GIL is released between them)."""
+    import random
+
+    rng = random.Random(3)
+    words = ["alpha", "beta,", "gamma.", "Delta", "x\n", "école", "1234", "“quoted”", "tab\tbed"]
+    text = " ".join(rng.choice(words) for _ in range(60_000))
+    assert len(text) > 4 * tokens._PIECE_CHARS
+    whole = len(encodings.get_encoding(encoding).encode_ordinary(text))
+    assert count_prompt_tokens("completions", {"prompt": text}, encoding) == whole

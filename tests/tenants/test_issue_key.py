@@ -50,6 +50,23 @@ def test_expiry_models_and_priority_are_stored(tenant_a, ptu_deployment) -> None
 
 
 @pytest.mark.django_db
+def test_best_priority_is_stored_and_defaults_to_the_priority(tenant_a) -> None:
+    issue("team-a", "--name", "urgent", "--priority", "5", "--best-priority", "1")
+    issue("team-a", "--name", "plain", "--priority", "4")
+
+    urgent, plain = ClientKey.objects.get(name="urgent"), ClientKey.objects.get(name="plain")
+    assert (urgent.best_priority, urgent.effective_best_priority) == (1, 1)
+    assert (plain.best_priority, plain.effective_best_priority) == (None, 4)
+
+
+@pytest.mark.django_db
+def test_a_best_priority_worse_than_the_priority_is_refused(tenant_a) -> None:
+    with pytest.raises(CommandError, match=r"--best-priority must be between 0 and the --priority \(5\), got 6"):
+        issue("team-a", "--name", "odd", "--priority", "5", "--best-priority", "6")
+    assert not ClientKey.objects.exists()
+
+
+@pytest.mark.django_db
 def test_expiry_accepts_an_iso_datetime(tenant_a) -> None:
     issue("team-a", "--name", "timed", "--expires", "2999-06-01T18:00:00+02:00")
 

@@ -1,4 +1,4 @@
-"""``manage.py issue_key TENANT --name NAME [--expires WHEN] [--models m1,m2] [--priority N]``.
+"""``manage.py issue_key TENANT --name NAME [--expires WHEN] [--models m1,m2] [--priority N] [--best-priority N]``.
 
 Issues a client key through ``tenants.services.key_issue`` (the same service the admin uses) and
 prints its secret exactly once: only its hash is stored, so it can never be shown again.
@@ -43,9 +43,23 @@ class Command(BaseCommand):
             default=defaults.DEFAULT_PRIORITY,
             help=f"Default queue priority, lower first (default {defaults.DEFAULT_PRIORITY}).",
         )
+        parser.add_argument(
+            "--best-priority",
+            type=int,
+            default=None,
+            help="The best priority a request may ask for in its body (default: the --priority).",
+        )
 
     def handle(
-        self, *args: Any, tenant: str, name: str, expires: str | None, models: str, priority: int, **options: Any
+        self,
+        *args: Any,
+        tenant: str,
+        name: str,
+        expires: str | None,
+        models: str,
+        priority: int,
+        best_priority: int | None,
+        **options: Any,
     ) -> None:
         owner = _tenant(tenant)
         name = name.strip()
@@ -53,6 +67,10 @@ class Command(BaseCommand):
             raise CommandError("--name must not be empty")
         if not 0 <= priority <= PRIORITY_MAX:
             raise CommandError(f"--priority must be between 0 and {PRIORITY_MAX}, got {priority}")
+        if best_priority is not None and not 0 <= best_priority <= priority:
+            raise CommandError(
+                f"--best-priority must be between 0 and the --priority ({priority}), got {best_priority}"
+            )
         expires_at = _expiry(expires) if expires else None
         allowed = [model.strip() for model in models.split(",") if model.strip()]
         taken = f"tenant {owner.slug!r} already has a key named {name!r}; choose another --name"
@@ -60,7 +78,12 @@ class Command(BaseCommand):
             raise CommandError(taken)
         try:
             issued = key_issue(
-                owner, name=name, expires_at=expires_at, allowed_models=allowed, default_priority=priority
+                owner,
+                name=name,
+                expires_at=expires_at,
+                allowed_models=allowed,
+                default_priority=priority,
+                best_priority=best_priority,
             )
         except IntegrityError:
             # Someone issued a key with this name between the check above and now.
