@@ -13,9 +13,9 @@ from asgiref.sync import sync_to_async
 from billing.models import UsageRecord
 from gateway.proxy import errors
 from gateway.proxy.checks import RequestChecks
-from gateway.proxy.jsonbody import parse_json_body
 from gateway.proxy.client_address import address_parse, client_address, forwarded_client
 from gateway.proxy.context import RequestContext
+from gateway.proxy.jsonbody import parse_json_body
 from gateway.proxy.routes import route_for
 from gateway.proxy.runtime import runtime
 from tenants.models import AccessPolicy
