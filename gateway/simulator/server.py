@@ -180,7 +180,11 @@ class SimulatorApp:
                 if fault.kind == RATE_LIMIT:
                     return self._too_many(stats, kind, api_version, "injected", fault.retry_after_ms / 1000, headers)
                 stats.status(fault.status)
-                return json_response(fault.status, responses.status_error(fault.status), headers)
+                message = fault.message
+                if message is not None and "{credential}" in message:
+                    message = message.replace("{credential}", state.auth.presented(request.headers))
+                body = responses.status_error(fault.status, message, fault.type, fault.code, fault.param)
+                return json_response(fault.status, body, headers)
 
         cfg = dep.config
         encoding = None
@@ -343,7 +347,8 @@ class SimulatorApp:
         if transport is None:
             return
         deadline = time.monotonic() + _DROP_FLUSH_TIMEOUT_S
-        while transport.get_write_buffer_size() and time.monotonic() < deadline:
+        # The transport signals nothing when its buffer drains, so poll it.
+        while transport.get_write_buffer_size() and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.001)
         transport.abort()
 
@@ -423,9 +428,8 @@ def _problem(kind: str, body: dict) -> str | None:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return "'messages' must be a non-empty array."
-    elif kind == EMBEDDINGS:
-        if "input" not in body or body["input"] in ("", []):
-            return "'input' is a required property and must not be empty."
+    elif kind == EMBEDDINGS and ("input" not in body or body["input"] in ("", [])):
+        return "'input' is a required property and must not be empty."
     return None
 
 
