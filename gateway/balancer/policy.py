@@ -16,7 +16,9 @@
   so a deployment that keeps answering 429 with a short ``retry-after`` cannot hold a request
   on its tier past that tier's allowance.
 * An upstream 429 releases the reservation (the upstream did not count it) and cools the
-  deployment until its ``retry-after``; 5xx, connect errors and timeouts feed the breaker.
+  deployment until its ``retry-after``; 5xx, connect errors, timeouts and refusals of the
+  gateway (401/403/404) feed the breaker, and the failure's reason is noted for the status page
+  (``gateway.balancer.failures``).
   ``x-ratelimit-remaining-*`` is passed to the state only for a limit the deployment does not
   configure (see ``_observe``).
 """
@@ -27,8 +29,10 @@ import asyncio
 import itertools
 import time
 
+from gateway.balancer.breaker import OPEN
 from gateway.balancer.contract import BalancerState, Denied, Grant, Reason, new_id, poll_pause
 from gateway.balancer.dispatcher import Demand, Lease, NoCapacity
+from gateway.balancer.failures import FailureNotes
 from gateway.snapshot.types import DeploymentView
 
 # Cool-down after a 429 that names no retry-after: short, since the SDKs' own first backoff is ~0.5 s.
@@ -53,9 +57,10 @@ class _Waits:
 
 
 class BalancedDispatcher:
-    def __init__(self, state: BalancerState, *, clock=time.time) -> None:
+    def __init__(self, state: BalancerState, *, clock=time.time, notes: FailureNotes | None = None) -> None:
         self.state = state
         self.clock = clock
+        self.notes = notes or FailureNotes()
         # Requests between their first acquire and their end, by id(demand). A 429 or a failure
         # sends a request back to ``acquire``; a tier's max wait and the queue timeout are the
         # request's, so the time its earlier attempts waited counts (see ``acquire``).
@@ -256,14 +261,16 @@ class BalancedDispatcher:
         )
         await self._observe(lease, headers)
 
-    async def failed(self, lease: Lease, *, reached_upstream: bool) -> None:
+    async def failed(self, lease: Lease, *, reached_upstream: bool, reason: str = "") -> bool:
         grant = lease.grant
         if reached_upstream:
             # It may have been counted upstream (a timeout, a 5xx after admission): keep it.
             await self.state.settle(grant, grant.tokens)
         else:
             await self.state.release(grant)
-        await self.state.record_failure(grant.deployment_id)
+        if reason:
+            await self.notes.note(grant.deployment_id, reason)
+        return await self.state.record_failure(grant.deployment_id) == OPEN
 
     async def abandoned(self, lease: Lease, prompt_tokens: int, completion_tokens: int) -> None:
         self._done(lease)
