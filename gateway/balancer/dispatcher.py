@@ -50,10 +50,13 @@ class NoCapacity(Exception):
 
 
 class Dispatcher(Protocol):
-    async def acquire(self, candidates: tuple[DeploymentView, ...], demand: Demand, exclude: frozenset[int]) -> Lease:
+    async def acquire(
+        self, candidates: tuple[DeploymentView, ...], demand: Demand, exclude: frozenset[int], *, wait: bool = True
+    ) -> Lease:
         """A lease on one of ``candidates`` (never one in ``exclude``), waiting if need be.
 
-        Raises ``NoCapacity`` when none can take the request within ``demand.timeout``.
+        Raises ``NoCapacity`` when none can take the request within ``demand.timeout`` (with
+        ``wait=False``: when none can take it now).
         """
 
     async def succeeded(self, lease: Lease, prompt_tokens: int, completion_tokens: int, headers) -> None:

@@ -74,16 +74,22 @@ class BalancedDispatcher:
 
     # -- acquiring ------------------------------------------------------------------------------
 
-    async def acquire(self, candidates: tuple[DeploymentView, ...], demand: Demand, exclude: frozenset[int]) -> Lease:
+    async def acquire(
+        self, candidates: tuple[DeploymentView, ...], demand: Demand, exclude: frozenset[int], *, wait: bool = True
+    ) -> Lease:
         """A lease on the best deployment with room, waiting in the model's queue if need be.
 
         ``demand.timeout`` and the tiers' ``max_wait`` bound the time the request spends here
         over all its attempts: an attempt after a 429 or a failure starts with what the earlier
         ones waited. (Otherwise a PTU answering 429 with a short retry-after again and again
         would hold the request on its tier for good: each wait fits the allowance.)
+        ``wait=False``: a lease only if one is free now and nobody waits, else ``NoCapacity`` at
+        once; the request stays known (the caller is expected to ask again, waiting).
         """
         start = self.clock()
         entry = self._entry(demand, start)
+        if not wait:
+            return await self._acquire_now(candidates, demand, exclude, entry)
         began = start
         try:
             while True:
@@ -105,6 +111,21 @@ class BalancedDispatcher:
         entry.waited += now - began
         entry.touched = now
         return lease
+
+    async def _acquire_now(self, candidates, demand: Demand, exclude: frozenset[int], entry: _Waits) -> Lease:
+        """``acquire(wait=False)``: one try across the tiers, without joining the queue."""
+        tiers = _tiers(d for d in candidates if d.id not in exclude)
+        result = await self._try_tiers(demand.model, None, tiers, demand, entry.waited) if tiers else None
+        if isinstance(result, Grant):
+            lease = await self._renewed(self._lease(result, candidates, demand, 0.0), demand)
+            if _cancel_pending():  # (see _cancel_pending)
+                if lease is not None:
+                    await asyncio.shield(self.state.release(lease.grant))
+                raise asyncio.CancelledError()
+            if lease is not None:
+                entry.touched = self.clock()
+                return lease
+        raise NoCapacity("No deployment of this model has room now.", 0.1)
 
     async def _renewed(self, lease: Lease, demand: Demand) -> Lease | None:
         """The lease with a grant recorded no more than ``_late_after`` ago, or None.

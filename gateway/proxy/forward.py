@@ -155,18 +155,28 @@ class Forwarder:
                 raise errors.rate_limited("The upstream deployments are rate limited; retry later.", retry_after or 1.0)
 
     async def lease(self) -> Lease:
-        """The next attempt's lease. Before any failure only the queue timeout bounds the wait; after
-        one, the wait is also bounded by, and charged to, the first-byte budget: a retry that could
-        only wait for a breaker to half-open (measured: 30 s stalls with two failing deployments)
-        gives up at once with the failure it has."""
+        """The next attempt's lease. Before any failure only the queue timeout bounds the wait. After
+        one the request is on the clock: untried deployments are taken only if one has room now
+        (waiting for one whose breaker others opened stalled retries for 30 s, measured), else a
+        tried one after a back-off; and the wait is bounded by, and charged to, the first-byte budget.
+        """
         plan, retry = self.plan, self.retry
         if retry.last_error is None:
             return await self.dispatcher.acquire(plan.candidates, plan.demand, retry.exclude())
-        # The dispatcher counts the queue timeout over the request's attempts from the time they waited.
-        plan.demand.timeout = min(plan.demand.timeout, self.ctx.queue_wait + max(self.budget.left(), 0.0))
         self.budget.resume()
         try:
-            return await self.dispatcher.acquire(plan.candidates, plan.demand, retry.exclude())
+            preferred, fallback = retry.exclude(), retry.exclude(untried_first=False)
+            if preferred != fallback:
+                try:
+                    return await self.dispatcher.acquire(plan.candidates, plan.demand, preferred, wait=False)
+                except NoCapacity:
+                    pause = retry.backoff()
+                    if pause is None:
+                        raise
+                    await asyncio.sleep(pause)
+            # The dispatcher counts the queue timeout over the request's attempts from the time they waited.
+            plan.demand.timeout = min(plan.demand.timeout, self.ctx.queue_wait + max(self.budget.left(), 0.0))
+            return await self.dispatcher.acquire(plan.candidates, plan.demand, fallback)
         finally:
             self.budget.pause()
 

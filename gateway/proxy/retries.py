@@ -17,9 +17,10 @@ and retries there are.
 Retries: an attempt that failed transiently (5xx, 408, connect error, timeout, a broken answer)
 counts against ``MAX_RETRIES``; one refused (401/403/404/407, a redirect, an Azure AD token that
 could not be had) does not, but that deployment is not tried again for this request, and neither
-is one whose circuit breaker the failure opened. Deployments not yet tried come first; once every
-candidate has been tried, the ones that may still go are tried again after a short jittered
-back-off, so that a transient 500 gets another chance even with one or two deployments.
+is one whose circuit breaker the failure opened. Deployments not yet tried come first, if one has
+room at once (one whose breaker others opened, or whose window is full, is not waited for); else,
+and once every candidate has been tried, the ones that may still go are tried again after a short
+jittered back-off, so that a transient 500 gets another chance even with one or two deployments.
 """
 
 from __future__ import annotations
@@ -87,11 +88,17 @@ class RetryPlan:
         self.last_error: GatewayError | None = None
         self._rng = rng or _RNG  # a Random() per request would cost ~10 us of seeding
 
-    def exclude(self) -> frozenset[int]:
-        """Deployments the next attempt must not use: barred ones, and tried ones while others remain."""
-        if self.candidates - self.tried - self.barred:
+    def exclude(self, untried_first: bool = True) -> frozenset[int]:
+        """Deployments the next attempt must not use: barred ones, and (``untried_first``) tried ones
+        while others remain."""
+        if untried_first and self.candidates - self.tried - self.barred:
             return frozenset(self.tried | self.barred)
         return frozenset(self.barred)
+
+    def backoff(self) -> float | None:
+        """A back-off before trying a tried deployment again, or None if the budget cannot afford it."""
+        backoff = self._rng.uniform(*BACKOFF_SECONDS)
+        return backoff if self.budget.left() >= backoff + MIN_ATTEMPT_SECONDS else None
 
     def after_failure(
         self, deployment_id: int, error: GatewayError, *, refused: bool = False, breaker_open: bool = False
@@ -107,7 +114,6 @@ class RetryPlan:
             self.retries_left -= 1
         if not self.candidates - self.barred:
             return None
-        backoff = 0.0 if self.candidates - self.tried - self.barred else self._rng.uniform(*BACKOFF_SECONDS)
-        if self.budget.left() < backoff + MIN_ATTEMPT_SECONDS:
-            return None
-        return backoff
+        if self.candidates - self.tried - self.barred:
+            return 0.0 if self.budget.left() >= MIN_ATTEMPT_SECONDS else None
+        return self.backoff()

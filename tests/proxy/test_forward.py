@@ -249,6 +249,22 @@ async def test_untried_deployments_come_first(settings, monkeypatch):
     assert first != second and third in (first, second)
 
 
+async def test_a_retry_does_not_wait_for_an_untried_deployment_whose_breaker_is_open(settings, monkeypatch):
+    settings.GATEWAY = {**settings.GATEWAY, "BREAKER_FAILURES": 2, "BREAKER_OPEN_SECONDS": 30.0}
+    gw = await build_gateway(settings, monkeypatch)
+    await runtime.ensure_started()
+    for _ in range(2):  # other requests opened east's breaker
+        await runtime.dispatcher.state.record_failure(gw.deployments["east-a"].id)
+    gw.upstream.script("west-b", error(500, "boom"), answer())
+    async with gw.client() as http:
+        started = time.monotonic()
+        response = await gw.chat(http)
+        elapsed = time.monotonic() - started
+    assert response.status_code == 200
+    assert [c.deployment for c in gw.upstream.calls] == ["west-b", "west-b"]
+    assert elapsed < 1.0, elapsed
+
+
 async def test_retries_stop_at_max_retries(settings, monkeypatch):
     gw = await build_gateway(settings, monkeypatch)
     gw.upstream.script("east-a", error(500, f"internal error near {SECRET_EAST}"))
