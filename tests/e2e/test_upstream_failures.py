@@ -177,7 +177,7 @@ def test_an_azure_ad_secret_the_token_endpoint_refuses_is_a_502_without_the_secr
 
 
 def test_a_client_caused_400_keeps_its_fields_and_loses_the_quoted_key(make_gateway, sim):
-    gateway, secret = make_gateway({"chat-a": {}})
+    gateway, secret = make_gateway({"chat-a": {}, "embed-a": {"model": "text-embedding-3-small"}})
     fault = {
         "kind": "status",
         "status": 400,
@@ -186,15 +186,47 @@ def test_a_client_caused_400_keeps_its_fields_and_loses_the_quoted_key(make_gate
         "param": "temperature",
     }
     sim.inject("chat-a", fault)
+    sim.inject("embed-a", {**fault, "param": "dimensions"})
     client = sdk(gateway, secret)
-    for stream in (False, True):
+    azure = AzureOpenAI(azure_endpoint=gateway.url, api_key=secret, api_version="2024-10-21", max_retries=0)
+    calls = [
+        lambda: client.chat.completions.create(model="gpt-4o", messages=HELLO, temperature=1.5),
+        lambda: client.chat.completions.create(model="gpt-4o", messages=HELLO, temperature=1.5, stream=True),
+        lambda: azure.chat.completions.create(model="gpt-4o", messages=HELLO, temperature=1.5, stream=True),
+        lambda: client.embeddings.create(model="text-embedding-3-small", input="hi", dimensions=3),
+    ]
+    for call in calls:
         with pytest.raises(openai.BadRequestError) as caught:
-            client.chat.completions.create(model="gpt-4o", messages=HELLO, temperature=1.5, stream=stream)
-        assert (caught.value.code, caught.value.param) == ("invalid_value", "temperature")
+            call()
+        assert caught.value.code == "invalid_value" and caught.value.param in ("temperature", "dimensions")
         assert caught.value.body["message"] == "Invalid value for 'temperature' (request authenticated with [redacted])"
         assert_secret_free(caught.value, SIM_KEY)
-    records = wait_for_records(2)
-    assert all(r.outcome == "client_error" and r.cost == 0 for r in records)
+    records = wait_for_records(len(calls))
+    assert all(r.outcome == "client_error" and r.cost == 0 and r.prompt_tokens == 0 for r in records)
+
+
+# -- only what the upstream served costs money -----------------------------------------------------
+
+
+def test_a_client_that_leaves_before_the_answer_costs_nothing_and_mid_stream_pays_what_arrived(make_gateway, sim):
+    gateway, secret = make_gateway({"chat-a": {}})
+    auth = {"Authorization": f"Bearer {secret}"}
+    with httpx.Client(base_url=gateway.url, headers=auth) as http:
+        sim.inject("chat-a", {"kind": "timeout", "seconds": 3, "count": 1})
+        with pytest.raises(httpx.TimeoutException):
+            http.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": HELLO}, timeout=0.3)
+        sim.configure("chat-a", token_delay_ms=200)
+        body = {"model": "gpt-4o", "messages": HELLO, "stream": True}
+        with http.stream("POST", "/v1/chat/completions", json=body, timeout=5) as response:
+            for line in response.iter_lines():
+                if '"content":"' in line.replace(" ", "") and "tok" in line:
+                    break  # the first token, then hang up
+    abandoned, streamed = wait_for_records(2)
+    assert abandoned.outcome == "client_disconnect" and not abandoned.streamed
+    assert (abandoned.prompt_tokens, abandoned.completion_tokens, abandoned.cost) == (0, 0, 0)
+    assert abandoned.estimated_prompt_tokens > 0
+    assert streamed.outcome == "client_disconnect" and streamed.streamed
+    assert streamed.prompt_tokens > 0 and 1 <= streamed.completion_tokens < 5 and streamed.cost > 0
 
 
 # -- one deadline per request ----------------------------------------------------------------------
