@@ -66,7 +66,11 @@ class UsageRecord(models.Model):
     status = models.PositiveSmallIntegerField()
     outcome = models.CharField(max_length=20, choices=Outcome.choices)
     error_code = models.CharField(max_length=100, blank=True)
+    # Billed tokens: what the upstream served. 0 for requests whose answer never started.
     prompt_tokens = models.PositiveIntegerField(default=0)
+    estimated_prompt_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="The gateway's prompt count before forwarding (not billed)."
+    )
     cached_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     tokens_estimated = models.BooleanField(default=False, help_text="Counted by the gateway, not reported upstream.")

@@ -1,4 +1,4 @@
-"""Live deployment status: window use, headroom, in flight, cool-down, breaker, queue depth.
+"""Live deployment status: window use, headroom, in flight, cool-down, breaker, last failure, queue depth.
 
 Read from the balancer's state (in this process, or from Redis where every process shares it),
 for the admin console's status page and the staff-only JSON API. Never on the request path.
@@ -19,6 +19,8 @@ async def deployment_status() -> dict:
     state = runtime.dispatcher.state
     deployments = snap.all_deployments
     per_id = await state.status(deployments) if deployments else {}
+    notes = runtime.dispatcher.notes
+    last_failures = await notes.read(d.id for d in deployments) if deployments else {}
     rows = []
     for d in deployments:
         rows.append(
@@ -34,6 +36,8 @@ async def deployment_status() -> dict:
                 "weight": d.weight,
                 "enabled": d.enabled,
                 **per_id.get(d.id, {}),
+                # {"reason": "upstream refused credentials (401)", "at": unix time}, or None
+                "last_failure": last_failures.get(d.id),
             }
         )
     queues = {}

@@ -50,20 +50,26 @@ class NoCapacity(Exception):
 
 
 class Dispatcher(Protocol):
-    async def acquire(self, candidates: tuple[DeploymentView, ...], demand: Demand, exclude: frozenset[int]) -> Lease:
+    async def acquire(
+        self, candidates: tuple[DeploymentView, ...], demand: Demand, exclude: frozenset[int], *, wait: bool = True
+    ) -> Lease:
         """A lease on one of ``candidates`` (never one in ``exclude``), waiting if need be.
 
-        Raises ``NoCapacity`` when none can take the request within ``demand.timeout``.
+        Raises ``NoCapacity`` when none can take the request within ``demand.timeout`` (with
+        ``wait=False``: when none can take it now).
         """
 
     async def succeeded(self, lease: Lease, prompt_tokens: int, completion_tokens: int, headers) -> None:
-        """The attempt completed (any status the upstream chose to answer, except 429 and 5xx)."""
+        """The attempt completed: an answer, or a client-caused 4xx (the deployment is healthy)."""
 
     async def rate_limited(self, lease: Lease, retry_after: float | None, headers) -> None:
         """The upstream answered 429: cool the deployment; the request will try elsewhere."""
 
-    async def failed(self, lease: Lease, *, reached_upstream: bool) -> None:
-        """A 5xx, a connect error or a timeout: counts towards the deployment's circuit breaker."""
+    async def failed(self, lease: Lease, *, reached_upstream: bool, reason: str = "") -> bool:
+        """A 5xx, a connect error, a timeout, a broken stream or a refusal of the gateway (401/403/404):
+        counts towards the deployment's circuit breaker; ``reason`` (no secrets in it) is shown to
+        operators. ``reached_upstream``: whether the upstream may have counted the request against
+        its limits. Returns whether the deployment's breaker is open now."""
 
     async def abandoned(self, lease: Lease, prompt_tokens: int, completion_tokens: int) -> None:
         """The client went away mid-request: settle what was used, no verdict on the deployment."""

@@ -16,7 +16,9 @@
   so a deployment that keeps answering 429 with a short ``retry-after`` cannot hold a request
   on its tier past that tier's allowance.
 * An upstream 429 releases the reservation (the upstream did not count it) and cools the
-  deployment until its ``retry-after``; 5xx, connect errors and timeouts feed the breaker.
+  deployment until its ``retry-after``; 5xx, connect errors, timeouts and refusals of the
+  gateway (401/403/404) feed the breaker, and the failure's reason is noted for the status page
+  (``gateway.balancer.failures``).
   ``x-ratelimit-remaining-*`` is passed to the state only for a limit the deployment does not
   configure (see ``_observe``).
 """
@@ -27,8 +29,10 @@ import asyncio
 import itertools
 import time
 
+from gateway.balancer.breaker import OPEN
 from gateway.balancer.contract import BalancerState, Denied, Grant, Reason, new_id, poll_pause
 from gateway.balancer.dispatcher import Demand, Lease, NoCapacity
+from gateway.balancer.failures import FailureNotes
 from gateway.snapshot.types import DeploymentView
 
 # Cool-down after a 429 that names no retry-after: short, since the SDKs' own first backoff is ~0.5 s.
@@ -53,9 +57,10 @@ class _Waits:
 
 
 class BalancedDispatcher:
-    def __init__(self, state: BalancerState, *, clock=time.time) -> None:
+    def __init__(self, state: BalancerState, *, clock=time.time, notes: FailureNotes | None = None) -> None:
         self.state = state
         self.clock = clock
+        self.notes = notes or FailureNotes()
         # Requests between their first acquire and their end, by id(demand). A 429 or a failure
         # sends a request back to ``acquire``; a tier's max wait and the queue timeout are the
         # request's, so the time its earlier attempts waited counts (see ``acquire``).
@@ -69,16 +74,22 @@ class BalancedDispatcher:
 
     # -- acquiring ------------------------------------------------------------------------------
 
-    async def acquire(self, candidates: tuple[DeploymentView, ...], demand: Demand, exclude: frozenset[int]) -> Lease:
+    async def acquire(
+        self, candidates: tuple[DeploymentView, ...], demand: Demand, exclude: frozenset[int], *, wait: bool = True
+    ) -> Lease:
         """A lease on the best deployment with room, waiting in the model's queue if need be.
 
         ``demand.timeout`` and the tiers' ``max_wait`` bound the time the request spends here
         over all its attempts: an attempt after a 429 or a failure starts with what the earlier
         ones waited. (Otherwise a PTU answering 429 with a short retry-after again and again
         would hold the request on its tier for good: each wait fits the allowance.)
+        ``wait=False``: a lease only if one is free now and nobody waits, else ``NoCapacity`` at
+        once; the request stays known (the caller is expected to ask again, waiting).
         """
         start = self.clock()
         entry = self._entry(demand, start)
+        if not wait:
+            return await self._acquire_now(candidates, demand, exclude, entry)
         began = start
         try:
             while True:
@@ -100,6 +111,21 @@ class BalancedDispatcher:
         entry.waited += now - began
         entry.touched = now
         return lease
+
+    async def _acquire_now(self, candidates, demand: Demand, exclude: frozenset[int], entry: _Waits) -> Lease:
+        """``acquire(wait=False)``: one try across the tiers, without joining the queue."""
+        tiers = _tiers(d for d in candidates if d.id not in exclude)
+        result = await self._try_tiers(demand.model, None, tiers, demand, entry.waited) if tiers else None
+        if isinstance(result, Grant):
+            lease = await self._renewed(self._lease(result, candidates, demand, 0.0), demand)
+            if _cancel_pending():  # (see _cancel_pending)
+                if lease is not None:
+                    await asyncio.shield(self.state.release(lease.grant))
+                raise asyncio.CancelledError()
+            if lease is not None:
+                entry.touched = self.clock()
+                return lease
+        raise NoCapacity("No deployment of this model has room now.", 0.1)
 
     async def _renewed(self, lease: Lease, demand: Demand) -> Lease | None:
         """The lease with a grant recorded no more than ``_late_after`` ago, or None.
@@ -256,14 +282,16 @@ class BalancedDispatcher:
         )
         await self._observe(lease, headers)
 
-    async def failed(self, lease: Lease, *, reached_upstream: bool) -> None:
+    async def failed(self, lease: Lease, *, reached_upstream: bool, reason: str = "") -> bool:
         grant = lease.grant
         if reached_upstream:
             # It may have been counted upstream (a timeout, a 5xx after admission): keep it.
             await self.state.settle(grant, grant.tokens)
         else:
             await self.state.release(grant)
-        await self.state.record_failure(grant.deployment_id)
+        if reason:
+            await self.notes.note(grant.deployment_id, reason)
+        return await self.state.record_failure(grant.deployment_id) == OPEN
 
     async def abandoned(self, lease: Lease, prompt_tokens: int, completion_tokens: int) -> None:
         self._done(lease)

@@ -1,4 +1,11 @@
-"""Everything the gateway learns about one request, turned into its usage record at the end."""
+"""Everything the gateway learns about one request, turned into its usage record at the end.
+
+Only what the upstream served costs money: a request whose answer never started (refused by the
+gateway, 429, 502/504, a client-caused upstream 4xx, a client that left before the answer) is
+recorded with 0 tokens and 0 cost; the gateway's own prompt estimate stays in
+``estimated_prompt_tokens``. An answer that started (a 2xx relayed, a stream the upstream or the
+client broke off) is billed for what arrived: the upstream's usage, else the gateway's count.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +54,8 @@ class RequestContext:
     outcome: str = "ok"
     error_code: str = ""
     prompt_tokens: int = 0
+    estimated_prompt_tokens: int | None = None  # the preflight's count (None: never counted)
+    served: bool = False  # the upstream's answer started reaching the client: tokens are billed
     cached_tokens: int = 0
     completion_tokens: int = 0
     tokens_estimated: bool = False
@@ -70,6 +79,10 @@ class RequestContext:
     def usage_record(self, prices_by_model) -> dict:
         """The fields of this request's UsageRecord, with its cost at the prices then in effect."""
         price = price_for(prices_by_model.get(self.model, ()), self.started_at)
+        if self.served:
+            prompt, cached, completion = self.prompt_tokens, self.cached_tokens, self.completion_tokens
+        else:
+            prompt = cached = completion = 0
         return {
             "request_id": self.request_id,
             "tenant_id": self.tenant_id,
@@ -81,11 +94,12 @@ class RequestContext:
             "status": self.status,
             "outcome": self.outcome,
             "error_code": (self.error_code or "")[:100],
-            "prompt_tokens": self.prompt_tokens,
-            "cached_tokens": self.cached_tokens,
-            "completion_tokens": self.completion_tokens,
-            "tokens_estimated": self.tokens_estimated,
-            "cost": cost_of(price, self.prompt_tokens, self.cached_tokens, self.completion_tokens),
+            "prompt_tokens": prompt,
+            "estimated_prompt_tokens": self.estimated_prompt_tokens,
+            "cached_tokens": cached,
+            "completion_tokens": completion,
+            "tokens_estimated": self.tokens_estimated and self.served,
+            "cost": cost_of(price, prompt, cached, completion),
             "latency_ms": (time.monotonic() - self.t0) * 1000.0,
             "ttft_ms": self.ttft * 1000.0 if self.ttft is not None else None,
             "streamed": self.streamed,

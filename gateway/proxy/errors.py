@@ -37,13 +37,19 @@ class GatewayError(Exception):
         self.param = param
         self.outcome = outcome
         self.headers = headers or []
+        self.extra: dict | None = None  # more members of the error object (Azure's innererror)
 
     def body(self) -> bytes:
-        return error_body(self.message, type=self.type, code=self.code, param=self.param)
+        return error_body(self.message, type=self.type, code=self.code, param=self.param, extra=self.extra)
 
 
-def error_body(message: str, *, type: str | None, code: str | None = None, param: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type, "param": param, "code": code}}).encode()
+def error_body(
+    message: str, *, type: str | None, code: str | None = None, param: str | None = None, extra: dict | None = None
+) -> bytes:
+    error = {"message": message, "type": type, "param": param, "code": code}
+    if extra:
+        error.update(extra)
+    return json.dumps({"error": error}).encode()
 
 
 def retry_headers(seconds: float, *, should_retry: bool = True) -> list[tuple[bytes, bytes]]:
@@ -115,8 +121,10 @@ def rate_limited(
     )
 
 
-def bad_gateway(message: str, *, code: str = "upstream_error") -> GatewayError:
-    return GatewayError(502, message, type="api_error", code=code, outcome="upstream_error")
+def bad_gateway(message: str, *, code: str = "upstream_error", should_retry: bool = True) -> GatewayError:
+    """502. ``should_retry=False`` tells the SDK not to retry (a refusal that will not go away by itself)."""
+    headers = [] if should_retry else [(b"x-should-retry", b"false")]
+    return GatewayError(502, message, type="api_error", code=code, outcome="upstream_error", headers=headers)
 
 
 def gateway_timeout(message: str) -> GatewayError:

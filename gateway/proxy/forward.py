@@ -1,10 +1,21 @@
 """Forwarding one planned request upstream: dispatch, attempt, retry, relay, settle.
 
-Retries happen only before the first byte reaches the client: a 429 cools the deployment and
-tries another (it is not the client's failure); a 5xx, connect error or timeout tries another up
-to ``MAX_RETRIES`` and counts towards that deployment's circuit breaker. Non-streamed answers are
-read whole (they are needed whole for their usage, and reading them whole lets a broken one be
-retried); streamed answers are passed on event by event as they arrive.
+What an answer means is ``gateway.proxy.upstream_errors``; when to try again is
+``gateway.proxy.retries`` (one first-byte deadline per request, retries up to ``MAX_RETRIES``).
+Retries happen only before the first byte reaches the client:
+
+* 429: the dispatcher cools the deployment and the request tries again (not the client's failure).
+* 5xx, 408, connect errors, timeouts, a non-streamed answer that broke: counted towards the
+  deployment's circuit breaker, and retried (untried deployments first, then after a short back-off).
+* 401/403/404/407 or a redirect, or no Azure AD token: the upstream refused *the gateway*. Counted
+  against the deployment like a failure, never relayed; the request goes to another deployment,
+  and if none serves, the client gets a 502 that says so, without the upstream's words.
+* Other 4xx (the client's request was wrong): relayed with the upstream's status, type, code and
+  param in a rebuilt body, its message scrubbed of secrets.
+
+Non-streamed answers are read whole (they are needed whole for their usage, and reading them
+whole lets a broken one be retried); streamed answers are passed on event by event as they
+arrive. A stream the upstream breaks is that deployment's failure, billed for what arrived.
 """
 
 from __future__ import annotations
@@ -17,11 +28,12 @@ import time
 from django.conf import settings
 
 from gateway.balancer.dispatcher import Lease, NoCapacity
-from gateway.proxy import azure_ad, errors, upstream
+from gateway.proxy import azure_ad, errors, upstream, upstream_errors
+from gateway.proxy.retries import MIN_ATTEMPT_SECONDS, FirstByteBudget, RetryPlan
 from gateway.proxy.routes import UPSTREAM_PATH
 from gateway.proxy.sse import SseRelay, usage_from_json_body
 from gateway.proxy.tokens import StreamTokenCounter
-from gateway.snapshot.types import AUTH_AZURE_AD
+from gateway.snapshot.types import AUTH_AZURE_AD, EndpointView
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +66,32 @@ class ClientDisconnected(Exception):
     """The client went away; the upstream request was cancelled."""
 
 
-class UpstreamFailed(Exception):
-    """An attempt failed in a way another deployment might not (5xx, connect error, timeout)."""
+class AttemptFailed(Exception):
+    """An attempt that failed before any byte reached the client; the request may try again.
 
-    def __init__(self, error: errors.GatewayError, *, reached_upstream: bool) -> None:
+    ``refused``: the upstream refused the gateway (not to be tried again for this request).
+    ``reached_upstream``: the upstream may have counted the request against its limits.
+    ``reason``: for operators (log, status page), without secrets. ``breaker_open``: set once the
+    dispatcher has heard of it, when this failure left the deployment's breaker open.
+    """
+
+    def __init__(self, error: errors.GatewayError, *, reason: str, reached_upstream: bool, refused: bool = False):
         super().__init__(error.message)
         self.error = error
+        self.reason = reason
         self.reached_upstream = reached_upstream
+        self.refused = refused
+        self.breaker_open = False
 
 
 class Forwarder:
     def __init__(self, consumer, ctx, plan, dispatcher) -> None:
         self.consumer, self.ctx, self.plan, self.dispatcher = consumer, ctx, plan, dispatcher
+        ctx.estimated_prompt_tokens = plan.demand.prompt_tokens
+        # The candidates' longest first-byte timeout: with one endpoint, simply its own.
+        self.budget = FirstByteBudget(max(d.endpoint.first_byte_timeout for d in plan.candidates))
+        self.retry = RetryPlan((d.id for d in plan.candidates), settings.GATEWAY["MAX_RETRIES"], self.budget)
+        self.ad_token: str | None = None  # the Azure AD token of the current attempt (scrubbed from errors)
 
     async def run(self) -> None:
         """Forward the request, watching for the client leaving while we wait or stream."""
@@ -89,18 +115,19 @@ class Forwarder:
         raise ClientDisconnected()
 
     async def forward(self) -> None:
-        """Attempts until one is relayed to the client, or the errors say to give up."""
-        plan, ctx = self.plan, self.ctx
-        max_failures = settings.GATEWAY["MAX_RETRIES"]
+        """Attempts until one is relayed to the client, or the errors say to give up.
+
+        Raises the GatewayError to answer: the last failure's 502/504 once retries, candidates
+        or the first-byte budget are spent, or a 429 when no deployment has room in time.
+        """
+        plan, ctx, retry = self.plan, self.ctx, self.retry
         rate_limit_budget = 3 * len(plan.candidates) + 3
-        failures, exclude = 0, set()
-        last_error: errors.GatewayError | None = None
         while True:
             try:
-                lease = await self.dispatcher.acquire(plan.candidates, plan.demand, frozenset(exclude))
+                lease = await self.lease()
             except NoCapacity as exc:
-                if last_error is not None and failures:
-                    raise last_error from None
+                if retry.last_error is not None:
+                    raise retry.last_error from None
                 # A request larger than any deployment's minute will never fit: tell the SDK not to retry.
                 raise errors.rate_limited(
                     str(exc), exc.retry_after, code=exc.code, should_retry=exc.code != "request_too_large"
@@ -109,115 +136,237 @@ class Forwarder:
             ctx.deployment_id, ctx.deployment_name = lease.deployment.id, lease.deployment.name
             try:
                 retry_after = await self.attempt(lease)
-            except UpstreamFailed as failure:
-                failures += 1
-                last_error = failure.error
-                exclude.add(lease.deployment.id)
-                if failures > max_failures or len(exclude) >= len(plan.candidates):
+            except AttemptFailed as failure:
+                backoff = retry.after_failure(
+                    lease.deployment.id, failure.error, refused=failure.refused, breaker_open=failure.breaker_open
+                )
+                if backoff is None:
                     raise failure.error from None
                 ctx.retries += 1
+                if backoff:
+                    await self.back_off(backoff)
                 continue
             if retry_after is None:
                 return
             # Upstream 429: the dispatcher cooled that deployment; try again (elsewhere, or after waiting).
             rate_limit_budget -= 1
             ctx.retries += 1
-            if rate_limit_budget <= 0:
+            if rate_limit_budget <= 0 or self.budget.left() < MIN_ATTEMPT_SECONDS:
                 raise errors.rate_limited("The upstream deployments are rate limited; retry later.", retry_after or 1.0)
 
-    async def attempt(self, lease: Lease) -> float | None:
-        """One attempt on ``lease``'s deployment. Returns None when answered, else the 429's wait."""
-        deployment, plan = lease.deployment, self.plan
-        body = upstream.upstream_body(deployment, plan.body, plan.payload)
-        finished = False
+    async def lease(self) -> Lease:
+        """The next attempt's lease. Before any failure only the queue timeout bounds the wait. After
+        one the request is on the clock: untried deployments are taken only if one has room now
+        (waiting for one whose breaker others opened stalled retries for 30 s, measured), else a
+        tried one after a back-off; and the wait is bounded by, and charged to, the first-byte budget.
+        """
+        plan, retry = self.plan, self.retry
+        if retry.last_error is None:
+            return await self.dispatcher.acquire(plan.candidates, plan.demand, retry.exclude())
+        self.budget.resume()
         try:
-            response = await self.open(deployment, body)
-            if response.status == 429:
+            preferred, fallback = retry.exclude(), retry.exclude(untried_first=False)
+            if preferred != fallback:
+                try:
+                    return await self.dispatcher.acquire(plan.candidates, plan.demand, preferred, wait=False)
+                except NoCapacity:
+                    pause = retry.backoff()
+                    if pause is None:
+                        raise
+                    await asyncio.sleep(pause)
+            # The dispatcher counts the queue timeout over the request's attempts from the time they waited.
+            plan.demand.timeout = min(plan.demand.timeout, self.ctx.queue_wait + max(self.budget.left(), 0.0))
+            return await self.dispatcher.acquire(plan.candidates, plan.demand, fallback)
+        finally:
+            self.budget.pause()
+
+    async def back_off(self, seconds: float) -> None:
+        """Wait before trying a deployment again; the wait is charged to the first-byte budget."""
+        self.budget.resume()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.budget.pause()
+
+    async def attempt(self, lease: Lease) -> float | None:
+        """One attempt on ``lease``'s deployment. Returns None when answered, else the 429's wait.
+
+        Raises ``AttemptFailed`` (already reported to the dispatcher) when another try may help.
+        Whatever happens, the dispatcher hears of the attempt exactly once: succeeded, rate
+        limited, failed, or (cancelled by a client that left) abandoned.
+        """
+        deployment = lease.deployment
+        body = upstream.upstream_body(deployment, self.plan.body, self.plan.payload)
+        reported = False
+        left = self.budget.left()  # taken before the clock runs again: exact, and on a first attempt
+        self.budget.resume()  # the endpoint's whole first_byte, so its own Timeouts object is used
+        try:
+            try:
+                response = await self.open(deployment, body, left)
+            except upstream.UpstreamError as exc:
+                failure = await self.report(lease, self.open_failure(exc, deployment.endpoint))
+                reported = True
+                raise failure from None
+            kind = upstream_errors.classify(response.status)
+            if kind == upstream_errors.RATE_LIMITED:
                 retry_after = _retry_after(response.headers)
                 await response.aclose()
                 await self.dispatcher.rate_limited(lease, retry_after, response.headers)
-                finished = True
+                reported = True
                 return retry_after if retry_after is not None else 0.0
-            if response.status >= 500:
-                detail = await _read_error_detail(response)
-                await self.dispatcher.failed(lease, reached_upstream=True)
-                finished = True
-                raise UpstreamFailed(
-                    errors.bad_gateway(f"The upstream deployment answered {response.status}: {detail}"),
-                    reached_upstream=True,
-                )
-            if plan.stream and response.status < 300:
-                await self.relay_stream(response)
+            if kind in (upstream_errors.REFUSED, upstream_errors.TRANSIENT):
+                failure = await self.report(lease, await self.failed_answer(response, kind, deployment.endpoint))
+                reported = True
+                raise failure
+            if kind == upstream_errors.CLIENT_ERROR:
+                await self.relay_client_error(response, deployment.endpoint)
+            elif self.plan.stream:
+                broken = await self.relay_stream(response)
+                if broken:
+                    await self.dispatcher.failed(lease, reached_upstream=True, reason=broken)
+                    reported = True
+                    return None
             else:
-                await self.relay_whole(response)
+                try:
+                    await self.relay_whole(response)
+                except AttemptFailed as failure:
+                    await self.report(lease, failure)
+                    reported = True
+                    raise
             await self.dispatcher.succeeded(lease, self.ctx.prompt_tokens, self.ctx.completion_tokens, response.headers)
-            finished = True
+            reported = True
             return None
-        except upstream.UpstreamTimeout as exc:
-            await self.dispatcher.failed(lease, reached_upstream=True)
-            finished = True
-            raise UpstreamFailed(
-                errors.gateway_timeout(f"The upstream deployment did not answer in time ({exc})."),
-                reached_upstream=True,
-            ) from None
-        except (upstream.UpstreamConnectError, upstream.UpstreamAuthError, upstream.UpstreamProtocolError) as exc:
-            # A protocol error before any response (a stale keep-alive connection) is safe to retry.
-            await self.dispatcher.failed(lease, reached_upstream=False)
-            finished = True
-            raise UpstreamFailed(
-                errors.bad_gateway(f"Could not reach the upstream deployment: {exc}."), reached_upstream=False
-            ) from None
-        except UpstreamFailed:
-            if not finished:  # the body broke while being read: a failure of this deployment
-                await self.dispatcher.failed(lease, reached_upstream=True)
-                finished = True
-            raise
         finally:
-            if not finished:
+            self.budget.pause()
+            if not reported:
                 # Cancelled (client gone) or broken mid-relay: settle what was used, no verdict.
                 await asyncio.shield(
                     self.dispatcher.abandoned(lease, self.ctx.prompt_tokens, self.ctx.completion_tokens)
                 )
 
-    async def open(self, deployment, body: bytes):
+    async def report(self, lease: Lease, failure: AttemptFailed) -> AttemptFailed:
+        """Tell the dispatcher (breaker, status page); returns ``failure`` for the caller to raise."""
+        # Refusals are configuration problems an operator must fix; transient failures are routine.
+        level = logging.WARNING if failure.refused else logging.DEBUG
+        log.log(
+            level, "request %s: deployment %s failed: %s", self.ctx.request_id, lease.deployment.name, failure.reason
+        )
+        opened = await self.dispatcher.failed(lease, reached_upstream=failure.reached_upstream, reason=failure.reason)
+        failure.breaker_open = bool(opened)
+        return failure
+
+    async def open(self, deployment, body: bytes, left: float) -> upstream.UpstreamResponse:
+        """Send the attempt; its connect and first-byte timeouts cut to ``left``, the budget left."""
         endpoint = deployment.endpoint
         url = upstream.deployment_url(deployment, UPSTREAM_PATH[self.plan.route.operation])
-        token = await azure_ad.azure_ad_token(endpoint) if endpoint.auth == AUTH_AZURE_AD else None
+        token = None
+        if endpoint.auth == AUTH_AZURE_AD:
+            try:
+                async with asyncio.timeout(left):
+                    token = self.ad_token = await azure_ad.azure_ad_token(endpoint)
+            except TimeoutError:
+                raise upstream.UpstreamTimeout(upstream.PHASE_CONNECT, left) from None
+            left = self.budget.left()
         headers = upstream.build_headers(self.consumer.scope["headers"], endpoint, token)
-        return await upstream.open_stream("POST", url, headers, body, upstream.Timeouts.for_endpoint(endpoint))
+        timeouts = _cut(upstream.Timeouts.for_endpoint(endpoint), left)
+        return await upstream.open_stream("POST", url, headers, body, timeouts)
+
+    def secrets(self, endpoint: EndpointView) -> tuple[str, ...]:
+        """What must never reach a client or a log: the endpoint's key and AD secret, the AD token."""
+        return tuple(s for s in (endpoint.api_key, endpoint.ad_client_secret, self.ad_token) if s)
+
+    def open_failure(self, exc: upstream.UpstreamError, endpoint: EndpointView) -> AttemptFailed:
+        """The failure for an attempt that got no answer at all."""
+        detail = upstream_errors.scrub(str(exc), self.secrets(endpoint))
+        if isinstance(exc, upstream.UpstreamTimeout):
+            sent = exc.phase != upstream.PHASE_CONNECT
+            return AttemptFailed(
+                errors.gateway_timeout(
+                    f"The upstream deployment did not answer within {self.budget.seconds:g}s."
+                    if sent
+                    else "The upstream deployment could not be reached in time."
+                ),
+                reason=f"timed out ({exc.phase})",
+                reached_upstream=sent,
+            )
+        if isinstance(exc, upstream.UpstreamAuthError):
+            return AttemptFailed(
+                errors.bad_gateway(
+                    f"The gateway could not obtain credentials for the upstream of model '{self.plan.model}' "
+                    "(Azure AD). This is not a problem with your API key; please contact the gateway's operators.",
+                    code="upstream_auth_failed",
+                    should_retry=False,
+                ),
+                reason=f"Azure AD token refused: {detail}",
+                reached_upstream=False,
+                refused=True,
+            )
+        # A protocol error before any response (a stale keep-alive connection) is safe to retry.
+        return AttemptFailed(
+            errors.bad_gateway("Could not reach the upstream deployment."),
+            reason=f"could not connect: {detail}",
+            reached_upstream=False,
+        )
+
+    async def failed_answer(self, response, kind: str, endpoint: EndpointView) -> AttemptFailed:
+        """The failure for an answer the gateway does not relay (refused, or transient)."""
+        status = response.status
+        body = await _read_bounded(response)
+        reason = upstream_errors.failure_reason(status, body, self.secrets(endpoint))
+        if kind == upstream_errors.REFUSED:
+            # Nothing was generated: release the reservation rather than keep it.
+            return AttemptFailed(
+                upstream_errors.refusal(status, self.plan.model), reason=reason, reached_upstream=False, refused=True
+            )
+        return AttemptFailed(
+            errors.bad_gateway(f"The upstream deployment answered HTTP {status}."), reason=reason, reached_upstream=True
+        )
+
+    async def relay_client_error(self, response, endpoint: EndpointView) -> None:
+        """A client-caused upstream 4xx: its status, type, code and param in a rebuilt, scrubbed body."""
+        body = await _read_bounded(response)
+        error = upstream_errors.client_error(response.status, body, self.secrets(endpoint))
+        error.headers = [(k, v) for k, v in _passed_headers(response.headers) if k != b"content-type"]
+        await self.consumer.send_error(self.ctx, error)
 
     async def relay_whole(self, response) -> None:
-        """Read the whole answer, then send it with the upstream's status (2xx and 4xx alike)."""
+        """Read the whole 2xx answer, then send it; a body that breaks raises ``AttemptFailed``."""
         ctx = self.ctx
         try:
             chunks = [chunk async for chunk in response]
         except upstream.UpstreamTimeout:
-            raise
+            raise AttemptFailed(
+                errors.gateway_timeout("The upstream deployment did not finish its answer in time."),
+                reason="timed out reading the answer",
+                reached_upstream=True,
+            ) from None
         except Exception as exc:
-            raise UpstreamFailed(
-                errors.bad_gateway(f"The upstream connection broke: {exc}."), reached_upstream=True
+            raise AttemptFailed(
+                errors.bad_gateway("The upstream connection broke."),
+                reason=f"answer broke off: {type(exc).__name__}",
+                reached_upstream=True,
             ) from None
         finally:
             await response.aclose()
         body = b"".join(chunks)
-        if response.status < 300:
-            self.take_usage(usage_from_json_body(body))
-        else:
-            ctx.outcome, ctx.error_code = "client_error", _error_code(body)
+        self.take_usage(usage_from_json_body(body))
+        ctx.served = True
         ctx.status = response.status
         ctx.ttft = time.monotonic() - ctx.t0
-        headers = _passed_headers(response.headers) + [(b"x-request-id", ctx.request_id.encode())]
+        headers = [*_passed_headers(response.headers), (b"x-request-id", ctx.request_id.encode())]
         self.consumer.headers_sent = True
         await self.consumer.send_response(response.status, body, headers=headers)
 
-    async def relay_stream(self, response) -> None:
-        """Pass the event stream on as it arrives; count usage; end cleanly if the upstream breaks."""
+    async def relay_stream(self, response) -> str | None:
+        """Pass the event stream on as it arrives and count usage. Returns None when it ended well,
+        else why the upstream broke it (after ending the client's stream with an error event)."""
         ctx, consumer = self.ctx, self.consumer
         relay = SseRelay(self.plan.client_wants_usage, counter=self.stream_token_counter)
         ctx.status = response.status
+        ctx.served = True  # from here on, what arrives is billed
         consumer.headers_sent = True
         await consumer.send_headers(
-            status=response.status, headers=STREAM_HEADERS + [(b"x-request-id", ctx.request_id.encode())]
+            status=response.status, headers=[*STREAM_HEADERS, (b"x-request-id", ctx.request_id.encode())]
         )
         try:
             async for chunk in response:
@@ -230,6 +379,7 @@ class Forwarder:
             if not relay.done:
                 raise upstream.UpstreamConnectError("the stream ended before [DONE]")
             await consumer.send_body(tail, more_body=False)
+            return None
         except (upstream.UpstreamError, OSError, ValueError) as exc:
             # Headers are out: report in-stream as the SDK expects, then close.
             ctx.outcome, ctx.error_code = "upstream_error", "stream_interrupted"
@@ -243,6 +393,7 @@ class Forwarder:
                 }
             }
             await consumer.send_body(b"data: " + json.dumps(error).encode() + b"\n\n", more_body=False)
+            return f"stream broke off: {type(exc).__name__}"
         finally:
             await response.aclose()
             self.take_stream_usage(relay)
@@ -300,26 +451,30 @@ def _passed_headers(headers) -> list:
     return [(k, v) for k, v in headers if k in PASS_HEADERS]
 
 
-async def _read_error_detail(response) -> str:
+async def _read_bounded(response, limit: int = upstream_errors.MAX_ERROR_BODY_BYTES) -> bytes:
+    """Up to ``limit`` bytes of an error answer, then close it. A broken body gives what arrived."""
+    parts: list[bytes] = []
+    size = 0
     try:
-        body = b"".join([chunk async for chunk in response])[:2000]
-    except Exception:
-        body = b""
+        async for chunk in response:
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                break
+    except upstream.UpstreamError:
+        pass
     finally:
         await response.aclose()
-    try:
-        message = json.loads(body)["error"]["message"]
-        return str(message)[:300]
-    except Exception:
-        return body[:200].decode("utf-8", "replace") or "no detail"
+    return b"".join(parts)[:limit]
 
 
-def _error_code(body: bytes) -> str:
-    try:
-        error = json.loads(body).get("error") or {}
-        return str(error.get("code") or error.get("type") or "")[:100]
-    except Exception:
-        return ""
+def _cut(timeouts: upstream.Timeouts, left: float) -> upstream.Timeouts:
+    """``timeouts`` with connect and first byte no longer than ``left`` (the same object if they fit,
+    which keeps the upstream client's per-Timeouts cache warm on first attempts)."""
+    if timeouts.first_byte <= left and timeouts.connect <= left:
+        return timeouts
+    left = max(left, 0.001)
+    return upstream.Timeouts(min(timeouts.connect, left), min(timeouts.first_byte, left), timeouts.total)
 
 
 def _int(value, default: int) -> int:

@@ -16,6 +16,7 @@ from django.conf import settings
 from billing.usage_sink import get_sink
 from gateway import snapshot
 from gateway.balancer import make_state
+from gateway.balancer.failures import FailureNotes
 from gateway.balancer.policy import BalancedDispatcher
 from gateway.snapshot.refresher import SnapshotRefresher
 from gateway.snapshot.version import REDIS_KEY, config_version_read
@@ -114,7 +115,7 @@ def make_dispatcher(redis_client=None) -> BalancedDispatcher:
         breaker_open_seconds=g["BREAKER_OPEN_SECONDS"],
         queue_max_depth=g["QUEUE_MAX_DEPTH"],
     )
-    return BalancedDispatcher(state)
+    return BalancedDispatcher(state, notes=FailureNotes(redis_client, g["BALANCER_REDIS_PREFIX"]))
 
 
 runtime = Runtime()

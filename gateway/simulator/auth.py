@@ -5,6 +5,8 @@ Contract:
 * Authentication is required when an API key or ``azure_ad`` is configured; otherwise every
   caller is accepted.
 * The API key is accepted as ``api-key: K`` (Azure) or ``Authorization: Bearer K`` (OpenAI).
+  A wrong key is refused with a 401 that quotes the key it received, as some OpenAI-compatible
+  servers do: the worst case for a gateway, which must never relay it to its own client.
 * ``POST /{tenant}/oauth2/v2.0/token`` (client-credentials form) issues a JWT-shaped bearer
   token for the configured client id/secret, valid for ``expires_in`` seconds; issued tokens
   are accepted as ``Authorization: Bearer`` until they expire. Error bodies mimic Entra ID
@@ -64,7 +66,7 @@ class Authenticator:
             return None
         key = headers.get("api-key")
         if key is not None:
-            return None if self._is_key(key) else "Incorrect API key provided."
+            return None if self._is_key(key) else f"Incorrect API key provided: {key}."
         authorization = headers.get("Authorization", "")
         scheme, _, credential = authorization.partition(" ")
         if scheme.lower() != "bearer" or not credential:
@@ -74,10 +76,19 @@ class Authenticator:
             return None
         expiry = self._tokens.get(credential)
         if expiry is None:
-            return "Incorrect API key provided."
+            return f"Incorrect API key provided: {credential}."
         if self._clock() >= expiry:
             return "The access token has expired."
         return None
+
+    @staticmethod
+    def presented(headers: Mapping[str, str]) -> str:
+        """The credential a request carried (``api-key`` or the bearer value), or ""."""
+        key = headers.get("api-key")
+        if key is not None:
+            return key
+        scheme, _, credential = headers.get("Authorization", "").partition(" ")
+        return credential.strip() if scheme.lower() == "bearer" else ""
 
     def issue(self, tenant: str, form: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
         """Handle a client-credentials token request; returns (status, JSON body)."""

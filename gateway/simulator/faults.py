@@ -3,7 +3,10 @@
 Fault shapes (JSON, from the control API or a deployment's ``faults`` list):
 
 * ``{"kind": "status", "status": 500, "count": N}`` the next N requests get that status with
-  an OpenAI-shaped error body (no ``count`` = until cleared).
+  an OpenAI-shaped error body (no ``count`` = until cleared). Optional ``message``, ``type``,
+  ``code`` and ``param`` shape that body; ``{credential}`` in the message is replaced by the
+  credential the request carried (the way some servers quote the key they were sent), so tests
+  can check that it never reaches a gateway's client.
 * ``{"kind": "rate_limit", "retry_after_ms": 5000, "count": N}`` forced 429 carrying that
   retry-after (PTU spill-over rehearsals).
 * ``{"kind": "timeout", "seconds": S, "count": N}`` hold the request S seconds before the
@@ -40,7 +43,7 @@ PROBABILITY = "probability"
 REFUSING = frozenset({STATUS, RATE_LIMIT, PROBABILITY})
 
 _FIELDS = {
-    STATUS: ({"status"}, {"count"}),
+    STATUS: ({"status"}, {"count", "message", "type", "code", "param"}),
     RATE_LIMIT: (set(), {"retry_after_ms", "count"}),
     TIMEOUT: ({"seconds"}, {"count"}),
     DROP: (set(), {"after_chunks", "count"}),
@@ -58,6 +61,10 @@ class Fault:
     seconds: float = 0.0
     after_chunks: int = 0
     p: float = 0.0
+    message: str | None = None  # status faults: the error body's fields (None: the defaults)
+    type: str | None = None
+    code: str | None = None
+    param: str | None = None
     remaining: int | None = None
     rng: random.Random = field(default_factory=random.Random, repr=False)
 
@@ -65,6 +72,9 @@ class Fault:
         data: dict[str, Any] = {"kind": self.kind}
         if self.kind in (STATUS, PROBABILITY):
             data["status"] = self.status
+        for name in ("message", "type", "code", "param"):
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
         if self.kind == RATE_LIMIT:
             data["retry_after_ms"] = self.retry_after_ms
         if self.kind == TIMEOUT:
@@ -120,6 +130,11 @@ def parse_fault(data: Any, where: str = "fault") -> Fault:
         fault.after_chunks = _integer(f"{where}.after_chunks", data["after_chunks"], 0)
     if "p" in data:
         fault.p = _number(f"{where}.p", data["p"], 0, 1)
+    for name in ("message", "type", "code", "param"):
+        if name in data:
+            if not isinstance(data[name], str):
+                raise ConfigError(f"{where}.{name}: expected a string, got {data[name]!r}")
+            setattr(fault, name, data[name])
     if "count" in data and data["count"] is not None:
         fault.remaining = _integer(f"{where}.count", data["count"], 1)
     if "seed" in data:

@@ -70,13 +70,24 @@ def azure_error(code: str, message: str) -> bytes:
     return dumps({"error": {"code": code, "message": message}})
 
 
-def status_error(status: int) -> bytes:
-    """Body for an injected status fault: OpenAI-shaped, type derived from the class."""
+def status_error(
+    status: int,
+    message: str | None = None,
+    type_: str | None = None,
+    code: str | None = None,
+    param: str | None = None,
+) -> bytes:
+    """Body for an injected status fault: OpenAI-shaped, type derived from the class unless given."""
     if status >= 500:
-        type_, message = "server_error", "The server had an error while processing your request."
+        default_type, default_message = "server_error", "The server had an error while processing your request."
     else:
-        type_, message = "invalid_request_error", f"Simulated error {status}."
-    return openai_error(message, type_, code=str(status))
+        default_type, default_message = "invalid_request_error", f"Simulated error {status}."
+    return openai_error(
+        default_message if message is None else message,
+        default_type if type_ is None else type_,
+        code=str(status) if code is None else code,
+        param=param,
+    )
 
 
 def rate_limit_body(kind: str, api_version: str, reason: str, retry_after_s: int) -> bytes:

@@ -184,7 +184,11 @@ class SimulatorApp:
                 if fault.kind == RATE_LIMIT:
                     return self._too_many(stats, kind, api_version, "injected", fault.retry_after_ms / 1000, headers)
                 stats.status(fault.status)
-                return json_response(fault.status, responses.status_error(fault.status), headers)
+                message = fault.message
+                if message is not None and "{credential}" in message:
+                    message = message.replace("{credential}", state.auth.presented(request.headers))
+                body = responses.status_error(fault.status, message, fault.type, fault.code, fault.param)
+                return json_response(fault.status, body, headers)
 
         cfg = dep.config
         encoding_name = dep.encoding_name

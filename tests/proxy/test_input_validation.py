@@ -200,9 +200,9 @@ async def test_the_forwarded_body_keeps_unknown_fields_byte_for_byte(gateway_run
 
     real_open = forward.Forwarder.open
 
-    async def spy(self, deployment, body):
+    async def spy(self, deployment, body, *args):
         sent.append(body)
-        return await real_open(self, deployment, body)
+        return await real_open(self, deployment, body, *args)
 
     monkeypatch.setattr(forward.Forwarder, "open", spy)
     raw = (

@@ -287,6 +287,8 @@ def test_auth(sim):
             assert response.status_code == 401, headers
             assert response.json()["error"]["code"] == "invalid_api_key"
             assert response.headers["x-request-id"]
+            if "wrong" in str(headers):
+                assert "wrong" in response.json()["error"]["message"], "the 401 quotes the key it was sent"
         assert client.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
         assert client.post(url, json=body, headers={"api-key": KEY}).status_code == 200
         assert client.get(sim.url + "/v1/models").status_code == 401
@@ -449,6 +451,26 @@ def test_status_fault(sim, http):
     assert stats["tokens_counted"] == cookbook_tokens(CHAT) + 1
 
 
+def test_status_fault_shapes_its_body_and_can_quote_the_credential(sim, http):
+    fault = {
+        "kind": "status",
+        "status": 400,
+        "message": "Invalid 'temperature' (request signed with {credential})",
+        "code": "invalid_value",
+        "param": "temperature",
+        "count": 1,
+    }
+    sim.inject("faulty", fault)
+    response = http.post("/v1/chat/completions", json={"model": "faulty", "messages": CHAT})
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "message": f"Invalid 'temperature' (request signed with {KEY})",
+        "type": "invalid_request_error",
+        "param": "temperature",
+        "code": "invalid_value",
+    }
+
+
 def test_rate_limit_fault(sim, oai):
     sim.inject("faulty", {"kind": "rate_limit", "retry_after_ms": 5000, "count": 1})
     with pytest.raises(openai.RateLimitError) as caught:
@@ -487,7 +509,7 @@ def test_drop_fault_streaming(sim, http):
     received = []
     body = {"model": "faulty", "messages": CHAT, "stream": True}
 
-    def read() -> None:
+    def read_stream() -> None:
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
             for line in response.iter_lines():
@@ -495,7 +517,7 @@ def test_drop_fault_streaming(sim, http):
                     received.append(json.loads(line[len("data: ") :]))
 
     with pytest.raises(httpx.RemoteProtocolError):
-        read()
+        read_stream()
     assert len(received) == 3  # role + 2 tokens, then the connection died
     assert received[-1]["choices"][0]["delta"]["content"] == "tok1 "
     stats = sim.deployment_stats("faulty")
