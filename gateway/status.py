@@ -8,17 +8,37 @@ from __future__ import annotations
 
 import time
 
+from django.conf import settings
+
 from gateway import snapshot
+from gateway.balancer.contract import StateUnavailable
 from gateway.proxy.runtime import runtime
+
+# What the request path does while the shared state cannot be reached (gateway.proxy.shared_state).
+WHEN_UNREACHABLE = (
+    "Proxied requests are refused with 503 state_unavailable (Retry-After: 1) until Redis answers again; "
+    "the gateway does not fall back to per-process limits, which would let N processes send N times a "
+    "deployment's limits."
+)
 
 
 async def deployment_status() -> dict:
-    """Status of every configured deployment and the queue depth of every model."""
+    """Status of every configured deployment and the queue depth of every model.
+
+    ``shared_state`` says where the balancer's state lives and whether it answered; while it
+    does not, the live columns are left out and ``deployments`` lists the configuration only.
+    """
     await runtime.ensure_started()
     snap = snapshot.current()
-    state = runtime.dispatcher.state
+    shared = {"backend": "redis" if settings.REDIS_URL else "memory", "reachable": True, "error": None}
+    if settings.REDIS_URL:
+        shared["when_unreachable"] = WHEN_UNREACHABLE
+    try:
+        per_id, queues = await _live_state(snap.all_deployments)
+    except StateUnavailable as exc:
+        per_id, queues = {}, {}
+        shared.update(reachable=False, error=str(exc))
     deployments = snap.all_deployments
-    per_id = await state.status(deployments) if deployments else {}
     rows = []
     for d in deployments:
         rows.append(
@@ -36,8 +56,20 @@ async def deployment_status() -> dict:
                 **per_id.get(d.id, {}),
             }
         )
+    return {
+        "generated_at": time.time(),
+        "config_version": snap.version,
+        "shared_state": shared,
+        "deployments": rows,
+        "queues": queues,
+    }
+
+
+async def _live_state(deployments) -> tuple[dict, dict]:
+    state = runtime.dispatcher.state
+    per_id = await state.status(deployments) if deployments else {}
     queues = {}
     for model in sorted({d.model for d in deployments}):
         depths = await state.depth(model)
         queues[model] = {"total": sum(depths.values()), "by_priority": {str(p): n for p, n in sorted(depths.items())}}
-    return {"generated_at": time.time(), "config_version": snap.version, "deployments": rows, "queues": queues}
+    return per_id, queues

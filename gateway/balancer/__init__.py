@@ -13,6 +13,7 @@ from gateway.balancer.contract import (
     Grant,
     Reason,
     StateConfig,
+    StateUnavailable,
     make_state,
     wait_for_turn,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "Grant",
     "Reason",
     "StateConfig",
+    "StateUnavailable",
     "make_state",
     "wait_for_turn",
 ]

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -62,14 +63,19 @@ def database_url_for_children() -> str:
 
 
 class ProcessGateway:
-    """A gateway as its own OS process (uvicorn), sharing the test database and Redis."""
+    """A gateway as its own OS process (uvicorn), sharing the test database and Redis.
 
-    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
+    It spills usage records to a directory of its own unless ``extra_env`` names one
+    (``GATEWAY_USAGE_SPILL_DIR``); ``uvicorn_args`` are added to uvicorn's command line.
+    """
+
+    def __init__(self, extra_env: dict[str, str] | None = None, uvicorn_args: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "DATABASE_URL": database_url_for_children(), "DJANGO_SETTINGS_MODULE": "gateway.settings"}
         if settings.REDIS_URL:
             env["REDIS_URL"] = settings.REDIS_URL
+        env["GATEWAY_USAGE_SPILL_DIR"] = tempfile.mkdtemp(prefix="gateway-usage-spill-")
         env.update(extra_env or {})
         self.process = subprocess.Popen(
             [
@@ -85,6 +91,7 @@ class ProcessGateway:
                 "warning",
                 "--lifespan",
                 "on",
+                *(uvicorn_args or []),
             ],
             cwd=ROOT,
             env=env,
