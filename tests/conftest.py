@@ -12,6 +12,15 @@ from tenants.models import AccessPolicy, Quota, Tenant
 from tenants.services import key_issue
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_usage_spill_dir(tmp_path_factory):
+    """Usage spill files of this run go to a temporary directory, never var/usage-spill, whose
+    files a gateway would replay into the test database of a later run."""
+    from django.conf import settings
+
+    settings.GATEWAY["USAGE_SPILL_DIR"] = str(tmp_path_factory.mktemp("usage-spill"))
+
+
 @pytest.fixture
 def endpoint(db):
     return Endpoint.objects.create(
