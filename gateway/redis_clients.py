@@ -34,10 +34,17 @@ def _options(timeout: float | None) -> dict[str, Any]:
 def redis_async_client(url: str | None = None, *, timeout: float | None = None, **options: Any) -> redis.asyncio.Redis:
     """An asyncio client on ``url`` (default ``REDIS_URL``) with bounded waits."""
     retry = AsyncRetry(NoBackoff(), BROKEN_CONNECTION_RETRIES, supported_errors=(redis.ConnectionError,))
-    return redis.asyncio.Redis.from_url(url or settings.REDIS_URL, retry=retry, **_options(timeout), **options)
+    return redis.asyncio.Redis.from_url(_url(url), retry=retry, **_options(timeout), **options)
 
 
 def redis_sync_client(url: str | None = None, *, timeout: float | None = None, **options: Any) -> redis.Redis:
     """A blocking client (management commands, signal handlers, threads) with bounded waits."""
     retry = Retry(NoBackoff(), BROKEN_CONNECTION_RETRIES, supported_errors=(redis.ConnectionError,))
-    return redis.Redis.from_url(url or settings.REDIS_URL, retry=retry, **_options(timeout), **options)
+    return redis.Redis.from_url(_url(url), retry=retry, **_options(timeout), **options)
+
+
+def _url(url: str | None) -> str:
+    chosen = url or settings.REDIS_URL
+    if not chosen:
+        raise ValueError("no Redis URL: REDIS_URL is not set")
+    return chosen

@@ -10,6 +10,7 @@ import time
 
 from django.conf import settings
 
+from billing.usage_sink import get_sink
 from gateway import snapshot
 from gateway.balancer.contract import StateUnavailable
 from gateway.proxy.runtime import runtime
@@ -27,6 +28,7 @@ async def deployment_status() -> dict:
 
     ``shared_state`` says where the balancer's state lives and whether it answered; while it
     does not, the live columns are left out and ``deployments`` lists the configuration only.
+    ``usage_buffer``: this process's usage records in memory, written, parked, spilled to disk.
     """
     await runtime.ensure_started()
     snap = snapshot.current()
@@ -60,12 +62,14 @@ async def deployment_status() -> dict:
         "generated_at": time.time(),
         "config_version": snap.version,
         "shared_state": shared,
+        "usage_buffer": get_sink().stats(),  # of the process that answered
         "deployments": rows,
         "queues": queues,
     }
 
 
 async def _live_state(deployments) -> tuple[dict, dict]:
+    assert runtime.dispatcher is not None  # started by ensure_started
     state = runtime.dispatcher.state
     per_id = await state.status(deployments) if deployments else {}
     queues = {}

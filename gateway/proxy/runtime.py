@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 
+import redis.asyncio
 from django.conf import settings
 
 from billing.usage_sink import get_sink
@@ -60,8 +61,8 @@ class Runtime:
         self.started = False
         self._lock: asyncio.Lock | None = None
         self.refresher: SnapshotRefresher | None = None
-        self.dispatcher = None
-        self.redis = None
+        self.dispatcher: GuardedDispatcher | None = None
+        self.redis: redis.asyncio.Redis | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.in_flight = InFlight()
 
@@ -120,7 +121,7 @@ class Runtime:
     async def shutdown(self) -> None:
         """Stop background work and write out buffered usage. Safe to call more than once."""
         if not self.started:
-            await get_sink().flush()
+            await get_sink().stop()  # writes (or spills) whatever was recorded
             return
         self.started = False
         if self.refresher is not None:
