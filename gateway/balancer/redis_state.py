@@ -6,9 +6,9 @@ in one step, ``settle`` corrects in one step. Every key it writes carries an exp
 deployment or queue that is no longer used leaves nothing behind.
 
 Faults: every call is bounded (``gateway.redis_clients``: connect and reply timeouts, one retry
-on a broken connection). A call that fails raises ``StateUnavailable``, and for
-``UNAVAILABLE_HOLD_SECONDS`` after it every call fails the same way at once, without waiting on
-Redis again: a request's exit from the queue after its failed acquire, and the requests that
+on a broken connection). A call that fails raises ``StateUnavailable``. When Redis did not answer
+(connection refused or broken, timeout, still loading), for ``UNAVAILABLE_HOLD_SECONDS`` after it
+every call fails the same way at once, without waiting on Redis again: a request's exit from the queue after its failed acquire, and the requests that
 arrive meanwhile, are answered at once. The first call after the hold tries Redis again, so
 the state recovers by itself when Redis answers.
 
@@ -38,7 +38,9 @@ from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
+from redis import ConnectionError as RedisConnectionError
 from redis import RedisError
+from redis import TimeoutError as RedisTimeoutError
 from redis.asyncio import Redis
 
 from gateway.balancer.breaker import CLOSED, HALF_OPEN, OPEN
@@ -141,13 +143,18 @@ class RedisState(BalancerState):
             raise StateUnavailable(self._unavailable_reason, UNAVAILABLE_RETRY_AFTER)
         try:
             result = await self._scripts[script](keys=keys, args=args)
-        except RedisError as exc:
+        except (RedisConnectionError, RedisTimeoutError) as exc:
             self._unavailable_until = time.monotonic() + UNAVAILABLE_HOLD_SECONDS
             self._unavailable_reason = f"Redis did not answer ({type(exc).__name__}: {exc})"
             if self.available:
                 self.available = False
                 log.error("balancer state unavailable: %s; requests are refused until it answers", exc)
             raise StateUnavailable(self._unavailable_reason, UNAVAILABLE_RETRY_AFTER) from exc
+        except RedisError as exc:
+            # Redis answered, with an error (out of memory, read-only replica, a script error):
+            # this call fails, the next ones still try.
+            log.error("balancer state call %s failed: %s", script, exc)
+            raise StateUnavailable(f"Redis refused the call ({type(exc).__name__}: {exc})") from exc
         if not self.available:
             self.available = True
             self._unavailable_until = 0.0

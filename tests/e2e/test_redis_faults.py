@@ -7,10 +7,7 @@ process pointed at it.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
 import time
 
 import httpx
@@ -18,7 +15,7 @@ import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 
-from tests.e2e.servers import ProcessGateway, free_port
+from tests.e2e.servers import ProcessGateway, RedisServer
 from tests.e2e.usage import wait_for_records
 
 pytestmark = [
@@ -29,42 +26,6 @@ pytestmark = [
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 BOUND_SECONDS = 1.0
-
-
-class RedisServer:
-    """A private redis-server: started, paused (SIGSTOP), resumed, killed and restarted on one port."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> RedisServer:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True).stdout != b"PONG\n":
-            assert time.monotonic() < deadline and self.process.poll() is None, "redis-server did not start"
-            time.sleep(0.05)
-        return self
-
-    def pause(self) -> None:
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.process.pid, signal.SIGCONT)
-
-    def kill(self) -> None:
-        self.resume()  # a stopped process would keep its port until it runs again
-        self.process.kill()
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.kill()
 
 
 def staff_cookie() -> dict[str, str]:
