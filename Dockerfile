@@ -16,7 +16,7 @@ RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin gatew
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY --chown=gateway:gateway . /app
-RUN mkdir -p /app/var /opt/tiktoken \
+RUN mkdir -p /app/var/usage-spill /opt/tiktoken \
     && SECRET_KEY=build python manage.py seed_encodings --dir /opt/tiktoken \
     && SECRET_KEY=build python manage.py collectstatic --noinput \
     && chown -R gateway:gateway /app/var && rm -f /app/var/db.sqlite3
@@ -25,7 +25,11 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s \
     CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"
 # uvicorn with uvloop and httptools: the fastest server measured for this app (see docs/architecture.md);
-# daphne works too: daphne -b 0.0.0.0 -p 8000 gateway.asgi:application (never with --proxy-headers).
+# daphne works too: daphne -b 0.0.0.0 -p 8000 gateway.asgi:application (never with --proxy-headers; and it
+# does not drain on SIGTERM).
 # --no-proxy-headers: uvicorn must not rewrite the client address from X-Forwarded-For by its own rules;
 # GATEWAY_TRUSTED_PROXIES alone decides whom the gateway believes.
-CMD ["sh", "-c", "python manage.py migrate --noinput && exec uvicorn gateway.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http httptools --lifespan on --no-proxy-headers --no-access-log"]
+# On SIGTERM uvicorn lets requests in flight finish for up to GATEWAY_SHUTDOWN_GRACE_SECONDS (whole
+# seconds), then the usage buffer is flushed: give the container a longer stop timeout than that.
+ENV GATEWAY_SHUTDOWN_GRACE_SECONDS=30
+CMD ["sh", "-c", "python manage.py migrate --noinput && exec uvicorn gateway.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http httptools --lifespan on --no-proxy-headers --no-access-log --timeout-graceful-shutdown ${GATEWAY_SHUTDOWN_GRACE_SECONDS}"]

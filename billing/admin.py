@@ -14,7 +14,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from billing.admin_dates import LargeTableChangeList
-from billing.models import Price, Rollup, UsageRecord
+from billing.models import ParkedUsageRecord, Price, Rollup, UsageRecord
 from billing.paginator import EstimatedCountPaginator
 
 
@@ -170,3 +170,35 @@ class RollupAdmin(LargeTableAdmin):
     @admin.display(description="mean latency (ms)")
     def mean_latency_ms(self, rollup: Rollup) -> str:
         return f"{rollup.latency_ms_sum / rollup.requests:.0f}" if rollup.requests else "—"
+
+
+@admin.register(ParkedUsageRecord)
+class ParkedUsageRecordAdmin(ReadOnlyAdmin):
+    """Records the database refused (see ``billing.usage_store``), with the error, for an operator.
+
+    A small table (each row is a refused record, which should be rare), so the list counts its
+    rows; the count is the first thing to look at.
+    """
+
+    list_display = ("first_seen", "request_id", "error_summary", "model", "status", "started_at")
+    list_display_links = ("first_seen", "request_id")
+    date_hierarchy = "first_seen"
+    search_fields = ("request_id__exact",)
+    search_help_text = "An exact request id."
+    fields = ("request_id", "first_seen", "error", "record")
+
+    @admin.display(description="error")
+    def error_summary(self, parked: ParkedUsageRecord) -> str:
+        return parked.error if len(parked.error) <= 120 else parked.error[:119] + "…"
+
+    @admin.display(description="model")
+    def model(self, parked: ParkedUsageRecord) -> str:
+        return str(parked.record.get("model", "")) if isinstance(parked.record, dict) else ""
+
+    @admin.display(description="status")
+    def status(self, parked: ParkedUsageRecord) -> str:
+        return str(parked.record.get("status", "")) if isinstance(parked.record, dict) else ""
+
+    @admin.display(description="request started")
+    def started_at(self, parked: ParkedUsageRecord) -> str:
+        return str(parked.record.get("started_at", "")) if isinstance(parked.record, dict) else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 
 class Price(models.Model):
@@ -46,10 +47,17 @@ class UsageRecord(models.Model):
         CLIENT_DISCONNECT = "client_disconnect", "Client disconnected"
 
     request_id = models.CharField(max_length=64, unique=True)
-    # Usage is billing history: a tenant or key with records cannot be deleted (deactivate or
-    # revoke it instead), and nothing cascades into this table, which holds millions of rows.
-    tenant = models.ForeignKey("tenants.Tenant", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
-    key = models.ForeignKey("tenants.ClientKey", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    # Usage is billing history: a tenant or key with records cannot be deleted through Django
+    # (deactivate or revoke it instead), and nothing cascades into this table, which holds
+    # millions of rows. PROTECT is Django's check, not the database's: without a constraint in
+    # the database, the records of a key deleted while they waited in a gateway's buffer (it had
+    # none stored yet, so nothing protected it) are still written, with the id it had.
+    tenant = models.ForeignKey(
+        "tenants.Tenant", null=True, blank=True, on_delete=models.PROTECT, db_constraint=False, related_name="+"
+    )
+    key = models.ForeignKey(
+        "tenants.ClientKey", null=True, blank=True, on_delete=models.PROTECT, db_constraint=False, related_name="+"
+    )
     # Deployments come and go with the config file; records keep the id and the name, unconstrained.
     deployment = models.ForeignKey(
         "gateway.Deployment",
@@ -100,6 +108,27 @@ class UsageRecord(models.Model):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+class ParkedUsageRecord(models.Model):
+    """A usage record the database refused, kept aside with the error for an operator.
+
+    The usage flusher splits a refused batch until it finds the records at fault (a constraint,
+    a value the column cannot hold), parks them here and writes the others, so one bad record
+    never holds back the rest. ``record`` is the record as the gateway made it; the request id
+    is unique, so parking the same record twice (a replayed spill file) keeps one row.
+    """
+
+    request_id = models.CharField(max_length=64, unique=True, null=True, blank=True)
+    record = models.JSONField()
+    error = models.TextField()
+    first_seen = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-first_seen"]
+
+    def __str__(self) -> str:
+        return self.request_id or f"parked record {self.pk}"
 
 
 class Rollup(models.Model):

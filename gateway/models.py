@@ -112,7 +112,7 @@ class Deployment(models.Model):
 class ConfigVersion(models.Model):
     """A single row whose number goes up whenever anything the request path reads changes.
 
-    Every gateway process polls it (through Redis when configured) and rebuilds its in-memory
+    Every gateway process polls it (and its Redis mirror, when configured) and rebuilds its in-memory
     snapshot when it moves, so admin edits and ``gateway_apply`` reach all processes without an
     ORM query per request.
     """

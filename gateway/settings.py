@@ -129,13 +129,33 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # An unreachable host fails a connection attempt in seconds, not after the OS's TCP timeout
+    # (minutes), so the usage flusher notices an outage and starts spilling to disk.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="") or None
 
+# Every Redis call answers or fails within this many seconds (connect and each reply). redis-py's
+# defaults (5 s each, ten retries with backoff) would hold a request for a minute on a paused Redis.
+REDIS_TIMEOUT_SECONDS = env.float("GATEWAY_REDIS_TIMEOUT_SECONDS", default=0.5)
+_REDIS_TIMEOUTS = {"socket_timeout": REDIS_TIMEOUT_SECONDS, "socket_connect_timeout": REDIS_TIMEOUT_SECONDS}
+
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "OPTIONS": _REDIS_TIMEOUTS,
+        }
+    }
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            # Connect timeout only: the layer's receive blocks in BZPOPMIN for seconds by design.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_connect_timeout": REDIS_TIMEOUT_SECONDS}]},
+        }
+    }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
@@ -169,6 +189,8 @@ CELERY_RESULT_BACKEND = None
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=not REDIS_URL)
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Bounded waits on the broker too (a longer one than the request path's: workers are not on it).
+CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 5}
 
 # The request path's knobs. Each has a default a production gateway would start with.
 GATEWAY = {
@@ -189,9 +211,19 @@ GATEWAY = {
     "OFFLOAD_BODY_BYTES": env.int("GATEWAY_OFFLOAD_BODY_BYTES", default=256 * 1024),
     # How often the in-memory snapshot checks the config version (seconds).
     "SNAPSHOT_POLL_SECONDS": env.float("GATEWAY_SNAPSHOT_POLL_SECONDS", default=0.5),
+    # With Redis, the version is read there every poll and from the database (the record) this
+    # often, so a change made where REDIS_URL is unset (a shell, a cron job) still arrives.
+    "SNAPSHOT_DB_POLL_SECONDS": env.float("GATEWAY_SNAPSHOT_DB_POLL_SECONDS", default=1.0),
     # Usage buffer: flush when this many records wait, or this often.
     "USAGE_BATCH_SIZE": env.int("GATEWAY_USAGE_BATCH_SIZE", default=500),
     "USAGE_FLUSH_SECONDS": env.float("GATEWAY_USAGE_FLUSH_SECONDS", default=1.0),
+    # Records held in memory at most; past it (and whenever the database is down) they go to
+    # append-only files in USAGE_SPILL_DIR, replayed when the database answers again.
+    "USAGE_MEMORY_RECORDS": env.int("GATEWAY_USAGE_MEMORY_RECORDS", default=20_000),
+    "USAGE_SPILL_DIR": env.str("GATEWAY_USAGE_SPILL_DIR", default=str(VAR_DIR / "usage-spill")),
+    # On SIGTERM: how long requests in flight (streams) may take to finish before the usage
+    # buffer is flushed and the process exits. Pass the same to uvicorn's --timeout-graceful-shutdown.
+    "SHUTDOWN_GRACE_SECONDS": env.float("GATEWAY_SHUTDOWN_GRACE_SECONDS", default=30.0),
     # Completion allowance when a request names no max_tokens and the deployment sets none.
     "DEFAULT_COMPLETION_ALLOWANCE": env.int("GATEWAY_DEFAULT_COMPLETION_ALLOWANCE", default=1024),
     # Length of the balancer's "minute"; tests shorten it. Short windows scale with it.

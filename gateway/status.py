@@ -8,19 +8,40 @@ from __future__ import annotations
 
 import time
 
+from django.conf import settings
+
+from billing.usage_sink import get_sink
 from gateway import snapshot
+from gateway.balancer.contract import StateUnavailable
 from gateway.proxy.runtime import runtime
+
+# What the request path does while the shared state cannot be reached (gateway.proxy.shared_state).
+WHEN_UNREACHABLE = (
+    "Proxied requests are refused with 503 state_unavailable (Retry-After: 1) until Redis answers again; "
+    "the gateway does not fall back to per-process limits, which would let N processes send N times a "
+    "deployment's limits."
+)
 
 
 async def deployment_status() -> dict:
-    """Status of every configured deployment and the queue depth of every model."""
+    """Status of every configured deployment and the queue depth of every model.
+
+    ``shared_state`` says where the balancer's state lives and whether it answered; while it
+    does not, the live columns are left out and ``deployments`` lists the configuration only.
+    ``usage_buffer``: this process's usage records in memory, written, parked, spilled to disk.
+    """
     await runtime.ensure_started()
     snap = snapshot.current()
-    state = runtime.dispatcher.state
+    shared = {"backend": "redis" if settings.REDIS_URL else "memory", "reachable": True, "error": None}
+    if settings.REDIS_URL:
+        shared["when_unreachable"] = WHEN_UNREACHABLE
+    try:
+        per_id, queues = await _live_state(snap.all_deployments)
+        last_failures = await runtime.dispatcher.notes.read(d.id for d in snap.all_deployments)
+    except StateUnavailable as exc:
+        per_id, queues, last_failures = {}, {}, {}
+        shared.update(reachable=False, error=str(exc))
     deployments = snap.all_deployments
-    per_id = await state.status(deployments) if deployments else {}
-    notes = runtime.dispatcher.notes
-    last_failures = await notes.read(d.id for d in deployments) if deployments else {}
     rows = []
     for d in deployments:
         rows.append(
@@ -40,8 +61,22 @@ async def deployment_status() -> dict:
                 "last_failure": last_failures.get(d.id),
             }
         )
+    return {
+        "generated_at": time.time(),
+        "config_version": snap.version,
+        "shared_state": shared,
+        "usage_buffer": get_sink().stats(),  # of the process that answered
+        "deployments": rows,
+        "queues": queues,
+    }
+
+
+async def _live_state(deployments) -> tuple[dict, dict]:
+    assert runtime.dispatcher is not None  # started by ensure_started
+    state = runtime.dispatcher.state
+    per_id = await state.status(deployments) if deployments else {}
     queues = {}
     for model in sorted({d.model for d in deployments}):
         depths = await state.depth(model)
         queues[model] = {"total": sum(depths.values()), "by_priority": {str(p): n for p, n in sorted(depths.items())}}
-    return {"generated_at": time.time(), "config_version": snap.version, "deployments": rows, "queues": queues}
+    return per_id, queues

@@ -21,6 +21,15 @@ from tenants.models import AccessPolicy, Quota, Tenant
 from tenants.services import IssuedKey, key_issue
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_usage_spill_dir(tmp_path_factory):
+    """Usage spill files of this run go to a temporary directory, never var/usage-spill, whose
+    files a gateway would replay into the test database of a later run."""
+    from django.conf import settings
+
+    settings.GATEWAY["USAGE_SPILL_DIR"] = str(tmp_path_factory.mktemp("usage-spill"))
+
+
 @pytest.fixture
 def endpoint(db) -> Endpoint:
     """An Azure endpoint; it points nowhere (port 9, discard) until a test points it at an upstream."""

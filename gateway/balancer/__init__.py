@@ -13,6 +13,7 @@ from gateway.balancer.contract import (
     Grant,
     Reason,
     StateConfig,
+    StateUnavailable,
     make_state,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "Grant",
     "Reason",
     "StateConfig",
+    "StateUnavailable",
     "make_state",
 ]

@@ -281,8 +281,22 @@ def new_id() -> str:
     return secrets.token_hex(8)
 
 
+class StateUnavailable(Exception):
+    """The state cannot be reached (Redis down, paused or too slow): nothing was decided.
+
+    Any operation of a shared backend may raise it, after at most its timeout. ``retry_after``
+    is how long a caller should wait before asking again.
+    """
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class BalancerState(abc.ABC):
     """The contract. ``now`` arguments default to ``time.time()`` (shared by all processes).
+
+    A backend shared between processes may fail any operation with ``StateUnavailable``.
 
     ``wait_change`` sleeps until a ticket's situation may have changed. ``wakes_on_turn``: it
     returns early when the ticket becomes the head. ``wakes_on_capacity``: also when capacity
@@ -420,16 +434,19 @@ class BalancerState(abc.ABC):
         """Release connections."""
 
 
-def make_state(redis_url: str | None, *, minute: float, prefix: str = "gw", **knobs) -> BalancerState:
+def make_state(
+    redis_url: str | None, *, minute: float, prefix: str = "gw", redis_timeout: float | None = None, **knobs
+) -> BalancerState:
     """The Redis backend when ``redis_url`` is given, else the in-process one.
 
-    ``knobs`` are ``StateConfig`` fields. ``prefix`` namespaces the Redis keys.
+    ``knobs`` are ``StateConfig`` fields. ``prefix`` namespaces the Redis keys; ``redis_timeout``
+    bounds each Redis call (default: the ``REDIS_TIMEOUT_SECONDS`` setting).
     """
     config = StateConfig(minute=minute, **knobs)
     if redis_url:
         from gateway.balancer.redis_state import RedisState
 
-        return RedisState.from_url(redis_url, config, prefix=prefix)
+        return RedisState.from_url(redis_url, config, prefix=prefix, timeout=redis_timeout)
     from gateway.balancer.memory import MemoryState
 
     return MemoryState(config)

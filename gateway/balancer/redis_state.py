@@ -5,6 +5,13 @@ atomic across processes and costs one round trip: ``try_acquire`` reads, decides
 in one step, ``settle`` corrects in one step. Every key it writes carries an expiry, so a
 deployment or queue that is no longer used leaves nothing behind.
 
+Faults: every call is bounded (``gateway.redis_clients``: connect and reply timeouts, one retry
+on a broken connection). A call that fails raises ``StateUnavailable``. When Redis did not answer
+(connection refused or broken, timeout, still loading), for ``UNAVAILABLE_HOLD_SECONDS`` after it
+every call fails the same way at once, without waiting on Redis again: a request's exit from the queue after its failed acquire, and the requests that
+arrive meanwhile, are answered at once. The first call after the hold tries Redis again, so
+the state recovers by itself when Redis answers.
+
 Time is the caller's ``time.time()``: gateway hosts must keep their clocks in sync (NTP keeps
 them within a few ms, which the window guard absorbs). Keys are passed in ``KEYS``; for Redis
 Cluster give a hash-tagged prefix (``"{gw}"``) so they share a slot.
@@ -31,6 +38,9 @@ from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
+from redis import ConnectionError as RedisConnectionError
+from redis import RedisError
+from redis import TimeoutError as RedisTimeoutError
 from redis.asyncio import Redis
 
 from gateway.balancer.breaker import CLOSED, HALF_OPEN, OPEN
@@ -41,6 +51,7 @@ from gateway.balancer.contract import (
     Grant,
     Reason,
     StateConfig,
+    StateUnavailable,
     build_status,
     check_ticket,
     new_id,
@@ -50,6 +61,11 @@ from gateway.snapshot.types import SKU_PROVISIONED, SKU_STANDARD
 
 _LUA = Path(__file__).with_name("lua")
 log = logging.getLogger(__name__)
+
+# After a failed call, how long every call fails at once instead of waiting on Redis again.
+UNAVAILABLE_HOLD_SECONDS = 0.5
+# What callers are told to wait before asking again (clients see it as Retry-After).
+UNAVAILABLE_RETRY_AFTER = 1.0
 
 
 @cache
@@ -104,10 +120,46 @@ class RedisState(BalancerState):
         self._waiters: dict[str, asyncio.Event] = {}  # ticket -> event, for tickets waiting here
         self._listener: asyncio.Task | None = None
         self._subscribed = asyncio.Event()
+        self._unavailable_until = 0.0  # time.monotonic() before which calls fail at once
+        self._unavailable_reason = ""
+        self.available = True  # what the last call found
 
     @classmethod
-    def from_url(cls, url: str, config: StateConfig | None = None, *, prefix: str = "gw") -> RedisState:
-        return cls(Redis.from_url(url, decode_responses=True), config, prefix=prefix, owns_client=True)
+    def from_url(
+        cls, url: str, config: StateConfig | None = None, *, prefix: str = "gw", timeout: float | None = None
+    ) -> RedisState:
+        """A state on its own client, with bounded waits (``timeout``: connect and reply, seconds)."""
+        from gateway.redis_clients import redis_async_client
+
+        client = redis_async_client(url, timeout=timeout, decode_responses=True)
+        return cls(client, config, prefix=prefix, owns_client=True)
+
+    # -- calls ---------------------------------------------------------------------------
+
+    async def _run(self, script: str, keys: list[str], args: list[str]):
+        """One script call, or ``StateUnavailable`` within the client's timeout (at once during
+        the hold that follows a failure)."""
+        if self._unavailable_until and time.monotonic() < self._unavailable_until:
+            raise StateUnavailable(self._unavailable_reason, UNAVAILABLE_RETRY_AFTER)
+        try:
+            result = await self._scripts[script](keys=keys, args=args)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            self._unavailable_until = time.monotonic() + UNAVAILABLE_HOLD_SECONDS
+            self._unavailable_reason = f"Redis did not answer ({type(exc).__name__}: {exc})"
+            if self.available:
+                self.available = False
+                log.error("balancer state unavailable: %s; requests are refused until it answers", exc)
+            raise StateUnavailable(self._unavailable_reason, UNAVAILABLE_RETRY_AFTER) from exc
+        except RedisError as exc:
+            # Redis answered, with an error (out of memory, read-only replica, a script error):
+            # this call fails, the next ones still try.
+            log.error("balancer state call %s failed: %s", script, exc)
+            raise StateUnavailable(f"Redis refused the call ({type(exc).__name__}: {exc})") from exc
+        if not self.available:
+            self.available = True
+            self._unavailable_until = 0.0
+            log.warning("balancer state available again")
+        return result
 
     # -- keys and arguments --------------------------------------------------------------
 
@@ -160,7 +212,7 @@ class RedisState(BalancerState):
             *self._config_args,
             *cargs,
         ]
-        res = await self._scripts["acquire"](keys=keys, args=args)
+        res = await self._run("acquire", keys, args)
         if ticket_id is not None:
             if _s(res[0]) == "G" or _s(res[2]) == Reason.NOT_QUEUED:
                 self._waiters.pop(ticket_id, None)  # served or gone: nothing more to wake
@@ -193,7 +245,7 @@ class RedisState(BalancerState):
             repr(self.config.retention),
             repr(self.config.key_ttl),
         ]
-        return bool(await self._scripts["settle"](keys=self._dep_keys(grant.deployment_id), args=args))
+        return bool(await self._run("settle", self._dep_keys(grant.deployment_id), args))
 
     async def settle(self, grant, actual_tokens, sku=None, now=None):
         return await self._finish("settle", grant, actual_tokens, sku, now)
@@ -206,7 +258,7 @@ class RedisState(BalancerState):
     async def _signal(self, op: str, deployment_id: int, now, a: str = "", b: str = "") -> str:
         cfg = self.config
         args = [op, repr(_now(now)), a, b, str(cfg.breaker_failures), repr(cfg.breaker_open_seconds), repr(cfg.key_ttl)]
-        return _s(await self._scripts["signal"](keys=[self._dep_keys(deployment_id)[2]], args=args))
+        return _s(await self._run("signal", [self._dep_keys(deployment_id)[2]], args))
 
     async def observe(self, deployment_id, remaining_requests, remaining_tokens, now=None):
         def arg(v):
@@ -241,7 +293,7 @@ class RedisState(BalancerState):
             self._channel,
             queue,
         ]
-        return await self._scripts["queue"](keys=self._queue_keys(queue), args=args)
+        return await self._run("queue", self._queue_keys(queue), args)
 
     async def enqueue(self, queue, ticket_id, priority, tenant, now=None, lease_seconds=None):
         check_ticket(ticket_id)
@@ -315,7 +367,7 @@ class RedisState(BalancerState):
         if not deployments:
             return {}
         keys, cargs = self._candidates(deployments)
-        rows = await self._scripts["status"](keys=keys, args=[repr(now), *self._config_args, *cargs])
+        rows = await self._run("status", keys, [repr(now), *self._config_args, *cargs])
         out: dict[int, dict] = {}
         for c, row in zip(deployments, rows, strict=True):
             row = [_s(x) for x in row]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from channels.routing import ProtocolTypeRouter
+from django.conf import settings
 
 from gateway.proxy import probes
 from gateway.proxy.consumer import ProxyConsumer
@@ -18,11 +19,16 @@ PROXY_PREFIXES = ("/v1/", "/openai/")
 def build_application(django_app):
     """The ASGI application: Channels' protocol router with the proxy before Django."""
     proxy = ProxyConsumer.as_asgi()
+    in_flight = runtime.in_flight
 
     async def http(scope, receive, send):
         path = scope["path"]
         if path.startswith(PROXY_PREFIXES):
-            return await proxy(scope, receive, send)
+            in_flight.enter()
+            try:
+                return await proxy(scope, receive, send)
+            finally:
+                in_flight.leave()
         if path == "/healthz":
             return await probes.healthz(scope, receive, send)
         if path == "/readyz":
@@ -34,7 +40,11 @@ def build_application(django_app):
 
 async def lifespan(scope, receive, send):
     """ASGI lifespan (uvicorn has it; daphne does not, where the first request starts the runtime
-    and an exit hook flushes the usage buffer)."""
+    and an exit hook flushes the usage buffer).
+
+    Shutdown waits for the proxied requests in flight, up to ``SHUTDOWN_GRACE_SECONDS``, then
+    stops the runtime, which writes the usage buffer out (to the spill file if the database is down).
+    """
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
@@ -46,6 +56,7 @@ async def lifespan(scope, receive, send):
                 return
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
+            await runtime.drain(settings.GATEWAY["SHUTDOWN_GRACE_SECONDS"])
             await runtime.shutdown()
             await send({"type": "lifespan.shutdown.complete"})
             return

@@ -129,3 +129,15 @@ def bad_gateway(message: str, *, code: str = "upstream_error", should_retry: boo
 
 def gateway_timeout(message: str) -> GatewayError:
     return GatewayError(504, message, type="api_error", code="upstream_timeout", outcome="upstream_timeout")
+
+
+def state_unavailable(retry_after: float) -> GatewayError:
+    """The balancer's shared state (Redis) cannot be reached: nothing was sent upstream; retry shortly."""
+    return GatewayError(
+        503,
+        "The gateway cannot reach its shared rate-limit state right now; nothing was sent upstream. Retry shortly.",
+        type="api_error",
+        code="state_unavailable",
+        outcome="upstream_error",
+        headers=retry_headers(retry_after),
+    )

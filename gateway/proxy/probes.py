@@ -28,9 +28,9 @@ def _database_ok() -> bool:
 async def _redis_ok() -> bool | None:
     if not settings.REDIS_URL:
         return None
-    import redis.asyncio as aioredis
+    from gateway.redis_clients import redis_async_client
 
-    client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+    client = redis_async_client()
     try:
         return bool(await client.ping())
     except Exception:

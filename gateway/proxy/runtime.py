@@ -1,7 +1,7 @@
 """What a gateway process runs beside the requests: the snapshot refresher, the usage flusher,
 the dispatcher, the upstream client and the Azure AD token client. Started on the first request
-(or the ASGI lifespan startup, where the server has one) and stopped on shutdown, flushing the
-usage buffer.
+(or the ASGI lifespan startup, where the server has one) and stopped on shutdown, after the
+requests in flight (up to the grace period), flushing the usage buffer.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import asyncio
 import gc
 import logging
 
-from asgiref.sync import sync_to_async
+import redis.asyncio
 from django.conf import settings
 
 from billing.usage_sink import get_sink
@@ -18,10 +18,41 @@ from gateway import snapshot
 from gateway.balancer import make_state
 from gateway.balancer.failures import FailureNotes
 from gateway.balancer.policy import BalancedDispatcher
+from gateway.proxy.shared_state import GuardedDispatcher
 from gateway.snapshot.refresher import SnapshotRefresher
-from gateway.snapshot.version import REDIS_KEY, config_version_read
+from gateway.snapshot.version import VersionMirror, config_version_read
 
 log = logging.getLogger(__name__)
+
+
+class InFlight:
+    """How many proxied requests this process is serving, so that shutdown can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: asyncio.Event | None = None
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count <= 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight, at most ``timeout`` seconds; True if none is left."""
+        if self.count <= 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._idle = None
 
 
 class Runtime:
@@ -31,9 +62,10 @@ class Runtime:
         self.started = False
         self._lock: asyncio.Lock | None = None
         self.refresher: SnapshotRefresher | None = None
-        self.dispatcher = None
-        self.redis = None
+        self.dispatcher: GuardedDispatcher | None = None
+        self.redis: redis.asyncio.Redis | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.in_flight = InFlight()
 
     async def ensure_started(self) -> None:
         """Start everything once per event loop; later calls return at once."""
@@ -59,31 +91,38 @@ class Runtime:
         g = settings.GATEWAY
         # A runtime from an earlier event loop (tests start several) must leave nothing behind.
         self.redis = None
+        mirror = None
         if settings.REDIS_URL:
-            import redis.asyncio as aioredis
+            from gateway.redis_clients import redis_async_client
 
-            self.redis = aioredis.Redis.from_url(settings.REDIS_URL)
-        self.refresher = SnapshotRefresher(g["SNAPSHOT_POLL_SECONDS"], self._read_version)
+            self.redis = redis_async_client()
+            mirror = VersionMirror(self.redis)
+        self.refresher = SnapshotRefresher(
+            g["SNAPSHOT_POLL_SECONDS"],
+            config_version_read,
+            mirror=mirror,
+            database_seconds=g["SNAPSHOT_DB_POLL_SECONDS"],
+        )
         await self.refresher.load_now()  # also loads the tiktoken encodings its deployments use
         self.refresher.start()
         get_sink().start()
-        self.dispatcher = make_dispatcher(self.redis)
+        self.dispatcher = GuardedDispatcher(make_dispatcher(self.redis))
         log.info("gateway runtime started (config v%s, redis=%s)", snapshot.current().version, bool(self.redis))
 
-    async def _read_version(self) -> int:
-        if self.redis is not None:
-            try:
-                value = await self.redis.get(REDIS_KEY)
-                if value is not None:
-                    return int(value)
-            except Exception:
-                log.warning("could not read the config version from Redis; asking the database", exc_info=True)
-        return await sync_to_async(config_version_read, thread_sensitive=False)()
+    async def drain(self, grace: float) -> None:
+        """Wait for the requests in flight to finish, at most ``grace`` seconds.
+
+        uvicorn already waits for open connections (``--timeout-graceful-shutdown``) before the
+        lifespan shutdown; this covers servers that do not, and the requests uvicorn cancelled
+        at its deadline, whose usage records are made as they unwind.
+        """
+        if not await self.in_flight.wait_idle(grace):
+            log.warning("shutting down with %d requests still in flight after %.0fs", self.in_flight.count, grace)
 
     async def shutdown(self) -> None:
         """Stop background work and write out buffered usage. Safe to call more than once."""
         if not self.started:
-            await get_sink().flush()
+            await get_sink().stop()  # writes (or spills) whatever was recorded
             return
         self.started = False
         if self.refresher is not None:
@@ -111,6 +150,7 @@ def make_dispatcher(redis_client=None) -> BalancedDispatcher:
         settings.REDIS_URL,
         minute=g["WINDOW_MINUTE_SECONDS"],
         prefix=g["BALANCER_REDIS_PREFIX"],
+        redis_timeout=settings.REDIS_TIMEOUT_SECONDS,
         breaker_failures=g["BREAKER_FAILURES"],
         breaker_open_seconds=g["BREAKER_OPEN_SECONDS"],
         queue_max_depth=g["QUEUE_MAX_DEPTH"],

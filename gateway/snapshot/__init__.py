@@ -2,9 +2,8 @@
 
 A request never queries the database: it reads ``current()``, a frozen ``Snapshot`` built from the
 ORM in a worker thread. A background task (``SnapshotRefresher``) watches the configuration
-version (``gateway.snapshot.version``: a Redis GET when Redis is configured, else a cheap query) and
-swaps in a new snapshot when it moves, so admin edits and ``gateway_apply`` reach every process
-within about one poll interval.
+version (``gateway.snapshot.version``: a database row, mirrored to Redis when configured) and swaps
+in a new snapshot when it moves, so any change reaches every process within 2 s.
 
 Modules: ``types`` (the frozen views), ``build`` (reading them from the ORM), ``refresher`` (keeping
 ``current()`` fresh in each process), ``version`` (the version number that says when to rebuild).

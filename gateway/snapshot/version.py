@@ -1,8 +1,11 @@
 """The configuration version: bumped whenever something the request path reads changes.
 
 Processes compare it with the version their in-memory snapshot was built from and rebuild when
-it moved. The database row is the record; when Redis is configured the same number is mirrored
-to a Redis key so that polling costs one GET instead of a query.
+it moved. The database row is the truth. When Redis is configured the number is also mirrored
+to a Redis key, a hint that lets processes notice a change with one GET every poll; but a bump
+made where ``REDIS_URL`` is unset (a shell, a cron job) or while Redis is down never reaches
+the mirror, so processes read the row as well (``gateway.snapshot.refresher``) and repair the
+mirror when it lags.
 """
 
 from __future__ import annotations
@@ -49,13 +52,48 @@ def _bump_now() -> None:
 def _mirror_to_redis(version: int) -> None:
     import redis
 
+    from gateway.redis_clients import redis_sync_client
+
     try:
-        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2)
-        client.set(REDIS_KEY, version)
-        client.close()
+        client = redis_sync_client()
+        try:
+            client.set(REDIS_KEY, version)
+        finally:
+            client.close()
     except redis.RedisError:
-        # The database still holds the version; processes fall back to polling it.
+        # The database holds the version; every process also reads it there, within a second or so.
         log.warning("could not mirror config version %s to Redis", version, exc_info=True)
+
+
+class VersionMirror:
+    """The Redis copy of the version, for a process's refresher (asyncio; one GET or SET per call).
+
+    Never the truth: ``read`` answers None when Redis has no copy or cannot be reached, and
+    the caller falls back to the database.
+    """
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.reachable = True  # whether the last read got an answer
+
+    async def read(self) -> int | None:
+        try:
+            value = await self.client.get(REDIS_KEY)
+        except Exception as exc:  # Redis down or paused (bounded by the client's timeout)
+            self.reachable = False
+            log.debug("could not read the config version from Redis: %s", exc)
+            return None
+        self.reachable = True
+        try:
+            return int(value) if value is not None else None
+        except ValueError:
+            return None  # garbage in the key: repaired from the database
+
+    async def write(self, version: int) -> None:
+        try:
+            await self.client.set(REDIS_KEY, version)
+        except Exception as exc:
+            log.debug("could not repair the config version in Redis: %s", exc)
 
 
 def _on_change(sender, **kwargs) -> None:

@@ -16,7 +16,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import escape
 
-from billing.models import Price, Rollup, UsageRecord
+from billing.models import ParkedUsageRecord, Price, Rollup, UsageRecord
 from billing.paginator import EstimatedCountPaginator
 from gateway.admin_forms import EndpointAdminForm
 from gateway.models import ConfigVersion, Deployment, Endpoint
@@ -71,6 +71,9 @@ def one_of_each(db, admin_user, endpoint, ptu_deployment, standard_deployment, t
         requests=1,
     )
     Group.objects.create(name="operators")
+    ParkedUsageRecord.objects.create(
+        request_id="req-refused", record={"request_id": "req-refused", "model": "gpt-4o"}, error="IntegrityError: x"
+    )
 
 
 def registered():
@@ -112,6 +115,23 @@ def test_every_autocomplete_field_answers(admin_client, one_of_each, model, mode
     for field_name in model_admin.autocomplete_fields:
         params = {"app_label": model._meta.app_label, "model_name": model._meta.model_name, "field_name": field_name}
         assert admin_client.get(reverse("admin:autocomplete"), params).status_code == 200
+
+
+def test_parked_usage_records_are_listed_with_their_count_and_error_and_cannot_be_changed(admin_client):
+    for i in range(3):
+        ParkedUsageRecord.objects.create(
+            request_id=f"req-bad-{i}",
+            record={"request_id": f"req-bad-{i}", "model": "gpt-4o", "status": 200, "prompt_tokens": -1},
+            error='IntegrityError: new row violates check constraint "billing_usagerecord_prompt_tokens_check"',
+        )
+    page = " ".join(admin_client.get(url(ParkedUsageRecord, "changelist")).content.decode().split())
+    assert "3 parked usage records" in page
+    assert "billing_usagerecord_prompt_tokens_check" in page
+    parked = ParkedUsageRecord.objects.get(request_id="req-bad-1")
+    change = admin_client.post(url(ParkedUsageRecord, "change", parked.pk), {"error": "edited"})
+    assert change.status_code == 403
+    assert admin_client.post(url(ParkedUsageRecord, "delete", parked.pk), {"post": "yes"}).status_code == 403
+    assert ParkedUsageRecord.objects.count() == 3
 
 
 # --- endpoint secrets ------------------------------------------------------------------------

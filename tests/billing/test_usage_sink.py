@@ -6,42 +6,17 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from django.db import OperationalError
 
-from billing import usage_sink
-from billing.models import UsageRecord
+from billing import usage_store
+from billing.models import ParkedUsageRecord, UsageRecord
 from billing.usage_sink import UsageSink
+from billing.usage_store import DatabaseUnavailable
+from tests.billing.records import usage as record
+
+pytestmark = pytest.mark.django_db(transaction=True)  # the sink manages its own connection, as in production
 
 
-def record(request_id: str, key=None, **fields) -> dict:
-    base = {
-        "request_id": request_id,
-        "tenant_id": key.tenant_id if key else None,
-        "key_id": key.id if key else None,
-        "deployment_id": None,
-        "deployment_name": "east/gpt4o",
-        "model": "gpt-4o",
-        "route": "chat",
-        "status": 200,
-        "outcome": "ok",
-        "error_code": "",
-        "prompt_tokens": 12,
-        "cached_tokens": 2,
-        "completion_tokens": 30,
-        "tokens_estimated": False,
-        "cost": Decimal("0.00031250"),
-        "latency_ms": 12.5,
-        "ttft_ms": None,
-        "streamed": False,
-        "priority": 5,
-        "queue_wait_ms": 0.0,
-        "retries": 0,
-        "client_ip": "10.1.2.3",
-        "started_at": datetime(2026, 11, 25, 12, 0, tzinfo=UTC),
-    }
-    return {**base, **fields}
-
-
-@pytest.mark.django_db(transaction=True)  # the sink manages its own connection, as in production
 def test_batch_is_written_with_every_field(key_a):
     sink = UsageSink(batch_size=10)
     sink.record(record("r1", key_a.key, streamed=True, ttft_ms=3.5))
@@ -60,7 +35,6 @@ def test_batch_is_written_with_every_field(key_a):
     assert key_a.key.last_used_at == row.started_at
 
 
-@pytest.mark.django_db(transaction=True)  # the sink manages its own connection, as in production
 def test_a_request_id_written_twice_is_stored_once():
     sink = UsageSink(batch_size=10)
     sink.record(record("same"))
@@ -71,26 +45,25 @@ def test_a_request_id_written_twice_is_stored_once():
     assert UsageRecord.objects.filter(request_id="same").count() == 1
 
 
-@pytest.mark.django_db(transaction=True)  # the sink manages its own connection, as in production
-def test_records_wait_in_the_buffer_while_the_database_fails(monkeypatch):
+def test_records_wait_in_the_buffer_while_the_database_is_unreachable(monkeypatch):
     sink = UsageSink(batch_size=2)
     for i in range(3):
         sink.record(record(f"r{i}"))
 
-    def down(batch):
-        raise RuntimeError("database unavailable")
+    def down(*args):
+        raise OperationalError("connection refused")
 
-    monkeypatch.setattr(usage_sink, "write_batch", down)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr(usage_store, "_insert", down)
+    with pytest.raises(DatabaseUnavailable):
         sink.flush_sync()
     assert sink.pending == 3
+    assert ParkedUsageRecord.objects.count() == 0, "an outage is not the records' fault"
     monkeypatch.undo()
     while sink.flush_sync():
         pass
     assert UsageRecord.objects.count() == 3 and sink.pending == 0
 
 
-@pytest.mark.django_db(transaction=True)  # the sink manages its own connection, as in production
 def test_batches_are_capped_at_the_batch_size():
     sink = UsageSink(batch_size=2)
     for i in range(5):

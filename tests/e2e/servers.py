@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -102,14 +104,19 @@ def database_url_for_children() -> str:
 
 
 class ProcessGateway:
-    """A gateway as its own OS process (uvicorn), sharing the test database and Redis."""
+    """A gateway as its own OS process (uvicorn), sharing the test database and Redis.
 
-    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
+    It spills usage records to a directory of its own unless ``extra_env`` names one
+    (``GATEWAY_USAGE_SPILL_DIR``); ``uvicorn_args`` are added to uvicorn's command line.
+    """
+
+    def __init__(self, extra_env: dict[str, str] | None = None, uvicorn_args: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "DATABASE_URL": database_url_for_children(), "DJANGO_SETTINGS_MODULE": "gateway.settings"}
         if settings.REDIS_URL:
             env["REDIS_URL"] = settings.REDIS_URL
+        env["GATEWAY_USAGE_SPILL_DIR"] = tempfile.mkdtemp(prefix="gateway-usage-spill-")
         env.update(extra_env or {})
         self.process = subprocess.Popen(
             [
@@ -125,6 +132,7 @@ class ProcessGateway:
                 "warning",
                 "--lifespan",
                 "on",
+                *(uvicorn_args or []),
             ],
             cwd=ROOT,
             env=env,
@@ -150,3 +158,51 @@ class ProcessGateway:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+
+
+class RedisServer:
+    """A private redis-server: started, paused (SIGSTOP), resumed, killed and restarted on one port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True).stdout != b"PONG\n":
+            assert time.monotonic() < deadline and self.process.poll() is None, "redis-server did not start"
+            time.sleep(0.05)
+        return self
+
+    def pause(self) -> None:
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        self.resume()  # a stopped process would keep its port until it runs again
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill()

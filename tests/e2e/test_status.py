@@ -25,6 +25,7 @@ def test_status_api_reports_window_use_after_a_request(sdk_client, gateway, staf
     assert row["model"] == "gpt-4o" and row["in_flight"] == 0
     assert row["breaker"]["state"] == "closed"
     assert data["queues"]["gpt-4o"]["total"] == 0
+    assert data["shared_state"]["reachable"] and data["usage_buffer"]["dropped"] == 0
 
 
 def test_status_api_with_limits_shows_use(gateway, staff_cookie, upstream, sdk_client):

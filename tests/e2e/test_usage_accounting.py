@@ -108,3 +108,37 @@ def test_graceful_shutdown_finishes_streams_and_flushes_usage(upstream, key_a):
         gateway.stop()
     records = list(UsageRecord.objects.all())
     assert len(records) == 4 and all(r.status == 200 for r in records)
+
+
+@pytest.mark.e2e
+def test_a_stream_longer_than_the_grace_is_cut_at_the_grace_and_still_recorded(upstream, team, sim):
+    sim.configure("chat-slow", completion_tokens=100, token_delay_ms=100)  # a 10 s stream
+    grace = 1
+    gateway = ProcessGateway(
+        {"GATEWAY_USAGE_FLUSH_SECONDS": "30", "GATEWAY_SHUTDOWN_GRACE_SECONDS": str(grace)},  # only shutdown flushes
+        uvicorn_args=["--timeout-graceful-shutdown", str(grace)],
+    ).start()
+    try:
+        auth = {"Authorization": f"Bearer {team.secret}"}
+        body = {"model": "slow-model", "messages": HELLO, "stream": True}
+        with (
+            httpx.Client(base_url=gateway.url, timeout=15) as http,
+            http.stream("POST", "/v1/chat/completions", headers=auth, json=body) as response,
+        ):
+            chunks = response.iter_bytes()
+            first = next(chunks)
+            gateway.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            try:
+                rest = b"".join(chunks)
+            except httpx.HTTPError:
+                rest = b""
+        assert gateway.process.wait(timeout=20) in (0, -signal.SIGTERM)
+        exited_after = time.monotonic() - signalled
+    finally:
+        gateway.stop()
+    assert b"[DONE]" not in first + rest, "the stream should have been cut at the grace period"
+    assert exited_after < grace + 3, f"the process took {exited_after:.1f}s to exit after SIGTERM"
+    print(f"\nexited {exited_after:.2f}s after SIGTERM (grace {grace}s)")
+    [record] = UsageRecord.objects.all()
+    assert record.streamed and record.model == "slow-model"

@@ -174,4 +174,4 @@ def test_every_long_running_compose_service_has_a_health_check():
 
 
 def test_compose_waits_longer_than_the_gateways_shutdown_grace():
-    assert compose()["services"]["gateway"]["stop_grace_period"] == "35s"  # grace 30 s + flush
+    assert compose()["services"]["gateway"]["stop_grace_period"] == "45s"  # grace 30 s + the flush (10 s) + margin
