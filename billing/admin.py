@@ -180,7 +180,7 @@ class ParkedUsageRecordAdmin(ReadOnlyAdmin):
     rows; the count is the first thing to look at.
     """
 
-    list_display = ("first_seen", "request_id", "error_summary", "model", "status", "started_at")
+    list_display = ("first_seen", "request_id", "error_summary", "record_model", "status", "started_at")
     list_display_links = ("first_seen", "request_id")
     date_hierarchy = "first_seen"
     search_fields = ("request_id__exact",)
@@ -191,8 +191,9 @@ class ParkedUsageRecordAdmin(ReadOnlyAdmin):
     def error_summary(self, parked: ParkedUsageRecord) -> str:
         return parked.error if len(parked.error) <= 120 else parked.error[:119] + "…"
 
+    # Not "model": that name is ModelAdmin's own attribute (the admin's model class).
     @admin.display(description="model")
-    def model(self, parked: ParkedUsageRecord) -> str:
+    def record_model(self, parked: ParkedUsageRecord) -> str:
         return str(parked.record.get("model", "")) if isinstance(parked.record, dict) else ""
 
     @admin.display(description="status")

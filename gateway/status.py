@@ -37,6 +37,7 @@ async def deployment_status() -> dict:
         shared["when_unreachable"] = WHEN_UNREACHABLE
     try:
         per_id, queues = await _live_state(snap.all_deployments)
+        assert runtime.dispatcher is not None  # started by ensure_started
         last_failures = await runtime.dispatcher.notes.read(d.id for d in snap.all_deployments)
     except StateUnavailable as exc:
         per_id, queues, last_failures = {}, {}, {}

@@ -8,7 +8,7 @@ the implementation; tests may pass any object with the same methods.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.snapshot.types import DeploymentView
 
@@ -35,7 +35,7 @@ class Lease:
     """The right to send one attempt to ``deployment``; ``grant`` is the balancer's reservation."""
 
     deployment: DeploymentView
-    grant: object = None
+    grant: Any = None  # a gateway.balancer.contract.Grant; opaque to the request path
     queue_wait: float = 0.0
     extra: dict = field(default_factory=dict)
 

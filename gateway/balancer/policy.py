@@ -93,8 +93,8 @@ class BalancedDispatcher:
         began = start
         try:
             while True:
-                lease = await self._acquire(candidates, demand, exclude, start, entry.waited + start - began)
-                lease = await self._renewed(lease, demand)
+                first = await self._acquire(candidates, demand, exclude, start, entry.waited + start - began)
+                lease = await self._renewed(first, demand)
                 if _cancel_pending():  # (see _cancel_pending)
                     if lease is not None:
                         await asyncio.shield(self.state.release(lease.grant))
@@ -188,6 +188,7 @@ class BalancedDispatcher:
                 remaining = deadline - now
                 self._raise_if_late(result, demand, remaining)
                 await self.state.wait_change(demand.model, ticket, poll_pause(self.state, result, attempt, remaining))
+            raise AssertionError("unreachable: the loop above returns or raises")
         finally:
             if not granted:
                 await asyncio.shield(self.state.leave(demand.model, ticket))
@@ -218,7 +219,7 @@ class BalancedDispatcher:
             # Wait for this tier; but a tier passed over above may free first, and the waiter
             # tries every tier in order on each attempt, so it would take that one then.
             return _sooner(result, outcome)
-        return result
+        raise AssertionError("the last tier always answers")  # callers pass at least one tier
 
     def _raise_if_hopeless(self, result: Denied, demand: Demand) -> None:
         if result.reason == Reason.NEVER:

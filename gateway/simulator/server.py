@@ -187,8 +187,8 @@ class SimulatorApp:
                 message = fault.message
                 if message is not None and "{credential}" in message:
                     message = message.replace("{credential}", state.auth.presented(request.headers))
-                body = responses.status_error(fault.status, message, fault.type, fault.code, fault.param)
-                return json_response(fault.status, body, headers)
+                error_body = responses.status_error(fault.status, message, fault.type, fault.code, fault.param)
+                return json_response(fault.status, error_body, headers)
 
         cfg = dep.config
         encoding_name = dep.encoding_name
