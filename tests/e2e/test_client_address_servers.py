@@ -32,7 +32,10 @@ def image_uvicorn_command(port: int) -> list[str]:
     dockerfile = (ROOT / "Dockerfile").read_text()
     match = re.search(r"exec (uvicorn [^\"]+)\"\]", dockerfile)
     assert match, "the Dockerfile's CMD no longer execs uvicorn"
-    args = shlex.split(match.group(1))
+    # The image's ENV lines give the values its shell substitutes (the shutdown grace).
+    image_env = dict(re.findall(r"^ENV (\w+)=(\S+)$", dockerfile, flags=re.M))
+    command = re.sub(r"\$\{(\w+)\}", lambda m: image_env[m.group(1)], match.group(1))
+    args = shlex.split(command)
     args[args.index("--host") + 1] = "127.0.0.1"
     args[args.index("--port") + 1] = str(port)
     return [sys.executable, "-m", *args]

@@ -41,23 +41,23 @@ def models_status(gateway: ProcessGateway, secret: str) -> int:
     return httpx.get(gateway.url + "/v1/models", headers={"Authorization": f"Bearer {secret}"}, timeout=5).status_code
 
 
-def test_a_key_revoked_from_a_shell_without_redis_is_refused_by_every_process_within_2s(upstream, team):
+def test_a_key_revoked_from_a_shell_without_redis_is_refused_by_every_process_within_2s(upstream, key_a):
     env = {"LOG_LEVEL": "WARNING"}  # the default poll intervals: 0.5 s (Redis or database), 1 s (database)
     gateways = [ProcessGateway(env).start(), ProcessGateway(env).start()]
     try:
-        assert [models_status(g, team.secret) for g in gateways] == [200, 200]
+        assert [models_status(g, key_a.secret) for g in gateways] == [200, 200]
         out = run_in_a_shell_without_redis(
             "import time\n"
             "from tenants.models import ClientKey\n"
             "from tenants.services import key_revoke\n"
-            f"key_revoke(ClientKey.objects.get(pk={team.key.pk}))\n"
+            f"key_revoke(ClientKey.objects.get(pk={key_a.key.pk}))\n"
             "print(time.time())\n"
         )
         revoked_at = float(out.split()[-1])  # committed by then (autocommit)
         refused_after: dict[int, float] = {}
         while len(refused_after) < len(gateways) and time.time() < revoked_at + 5:
             for i, gateway in enumerate(gateways):
-                if i not in refused_after and models_status(gateway, team.secret) == 401:
+                if i not in refused_after and models_status(gateway, key_a.secret) == 401:
                     refused_after[i] = time.time() - revoked_at
             time.sleep(0.02)
     finally:

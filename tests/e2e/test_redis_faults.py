@@ -76,11 +76,13 @@ class Chat:
 
 
 def test_requests_are_refused_within_a_second_while_redis_is_paused_or_gone_and_served_again_after(
-    upstream, team, redis_server
+    upstream, key_a, redis_server
 ):
     gateway = ProcessGateway({"REDIS_URL": redis_server.url, "LOG_LEVEL": "CRITICAL"}).start()
     try:
-        with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {team.secret}"}, timeout=10) as http:
+        with httpx.Client(
+            base_url=gateway.url, headers={"Authorization": f"Bearer {key_a.secret}"}, timeout=10
+        ) as http:
             chat = Chat(http)
             assert chat()[0].status_code == 200
 

@@ -24,9 +24,9 @@ HELLO = [{"role": "user", "content": "Say hello"}]
         ({"extra_body": {"priority": "urgent"}}, "priority", "invalid_type"),
     ],
 )
-def test_the_sdk_raises_bad_request_naming_the_field(client, sim, fields, param, code, stream):
+def test_the_sdk_raises_bad_request_naming_the_field(sdk_client, sim, fields, param, code, stream):
     with pytest.raises(openai.BadRequestError) as raised:
-        client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=stream, **fields)
+        sdk_client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=stream, **fields)
 
     assert (raised.value.status_code, raised.value.param, raised.value.code) == (400, param, code)
     assert raised.value.request_id and raised.value.request_id.startswith("req_")
@@ -35,22 +35,22 @@ def test_the_sdk_raises_bad_request_naming_the_field(client, sim, fields, param,
     assert (record.status, record.error_code) == (400, code)
 
 
-def test_the_sdk_raises_bad_request_for_stream_options_that_are_not_an_object(client):
+def test_the_sdk_raises_bad_request_for_stream_options_that_are_not_an_object(sdk_client):
     with pytest.raises(openai.BadRequestError) as raised:
-        client.chat.completions.create(
+        sdk_client.chat.completions.create(
             model="gpt-4o", messages=HELLO, stream=True, extra_body={"stream_options": ["include_usage"]}
         )
     assert raised.value.param == "stream_options"
 
 
-def test_the_sdk_raises_bad_request_for_an_empty_embedding_input(client):
+def test_the_sdk_raises_bad_request_for_an_empty_embedding_input(sdk_client):
     with pytest.raises(openai.BadRequestError) as raised:
-        client.embeddings.create(model="text-embedding-3-small", input=[])
+        sdk_client.embeddings.create(model="text-embedding-3-small", input=[])
     assert (raised.value.param, raised.value.code) == ("input", "empty_array")
 
 
-def test_a_wrong_path_is_a_json_not_found(gateway, team):
-    sdk = openai.OpenAI(base_url=gateway.url, api_key=team.secret, max_retries=0)  # forgot the /v1
+def test_a_wrong_path_is_a_json_not_found(gateway, key_a):
+    sdk = openai.OpenAI(base_url=gateway.url, api_key=key_a.secret, max_retries=0)  # forgot the /v1
     with pytest.raises(openai.NotFoundError) as raised:
         sdk.chat.completions.create(model="gpt-4o", messages=HELLO)
     assert raised.value.code == "unknown_url"

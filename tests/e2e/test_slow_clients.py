@@ -74,9 +74,9 @@ async def scenario(url: str, key: str) -> tuple[list[bytes], list[float]]:
     return await asyncio.gather(*slow_tasks), latencies
 
 
-def test_slow_clients_do_not_starve_normal_requests(gateway, team, settings):
+def test_slow_clients_do_not_starve_normal_requests(gateway, key_a, settings):
     settings.GATEWAY = {**settings.GATEWAY, "BODY_READ_TIMEOUT_SECONDS": BODY_DEADLINE}
-    answers, latencies = asyncio.run(scenario(gateway.url, team.secret))
+    answers, latencies = asyncio.run(scenario(gateway.url, key_a.secret))
 
     p95 = statistics.quantiles(latencies, n=20)[-1]
     assert p95 < 2.0, latencies

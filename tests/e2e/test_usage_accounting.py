@@ -111,7 +111,7 @@ def test_graceful_shutdown_finishes_streams_and_flushes_usage(upstream, key_a):
 
 
 @pytest.mark.e2e
-def test_a_stream_longer_than_the_grace_is_cut_at_the_grace_and_still_recorded(upstream, team, sim):
+def test_a_stream_longer_than_the_grace_is_cut_at_the_grace_and_still_recorded(upstream, key_a, sim):
     sim.configure("chat-slow", completion_tokens=100, token_delay_ms=100)  # a 10 s stream
     grace = 1
     gateway = ProcessGateway(
@@ -119,7 +119,7 @@ def test_a_stream_longer_than_the_grace_is_cut_at_the_grace_and_still_recorded(u
         uvicorn_args=["--timeout-graceful-shutdown", str(grace)],
     ).start()
     try:
-        auth = {"Authorization": f"Bearer {team.secret}"}
+        auth = {"Authorization": f"Bearer {key_a.secret}"}
         body = {"model": "slow-model", "messages": HELLO, "stream": True}
         with (
             httpx.Client(base_url=gateway.url, timeout=15) as http,

@@ -130,7 +130,11 @@ class FakeUpstream:
         step = steps.pop(0) if len(steps) > 1 else steps[0]
         result = step(call)
         if asyncio.iscoroutine(result):
-            result = await result
+            # As the real client does: the headers must come within the attempt's first-byte timeout.
+            try:
+                result = await asyncio.wait_for(result, timeouts.first_byte)
+            except TimeoutError:
+                raise upstream.UpstreamTimeout(upstream.PHASE_FIRST_BYTE, timeouts.first_byte) from None
         return result
 
 
