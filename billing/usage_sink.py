@@ -81,7 +81,7 @@ class UsageSink:
     def flush_sync(self) -> int:
         """Write one batch; on failure put it back at the front. Returns how many were written."""
         with self._lock:
-            batch = []
+            batch: list[dict[str, Any]] = []
             while self._buffer and len(batch) < self.batch_size:
                 batch.append(self._buffer.popleft())
             if not batch:
@@ -95,13 +95,15 @@ class UsageSink:
             return len(batch)
 
     async def _run(self) -> None:
+        wakeup = self._wakeup
+        assert wakeup is not None, "start() creates the event before the task"
         backoff = self.flush_seconds
         while True:
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout=backoff)
+                await asyncio.wait_for(wakeup.wait(), timeout=backoff)
             except TimeoutError:
                 pass
-            self._wakeup.clear()
+            wakeup.clear()
             try:
                 await self.flush()
                 backoff = self.flush_seconds
@@ -157,7 +159,7 @@ _statements: dict[str, tuple[str, list]] = {}
 
 
 def _insert_statement(connection) -> tuple[str, list]:
-    """The INSERT for every UsageRecord column but the id, and per column (record key, adapter).
+    """The INSERT for every UsageRecord column the request gives, and per column (record key, adapter).
 
     Records hold plain Python values of the right types already; only decimals, datetimes and
     IP addresses need the backend's adaptation. Doing just that, instead of each field's full
@@ -171,7 +173,8 @@ def _insert_statement(connection) -> tuple[str, list]:
 
         ops = connection.ops
         meta = UsageRecord._meta
-        fields = [f for f in meta.concrete_fields if not f.primary_key]
+        # Columns the database fills itself (the id, ``recorded_at``) are left out.
+        fields = [f for f in meta.concrete_fields if not f.primary_key and not f.has_db_default()]
         columns = []
         for f in fields:
             convert = None
