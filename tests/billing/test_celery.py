@@ -64,9 +64,10 @@ def test_a_celery_worker_and_beat_roll_up_records_and_freeze_last_months_stateme
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if Statement.objects.filter(month=last_month.date(), status="final").exists() and rollup_totals(
-                Rollup.Granularity.MONTH
-            ) == raw_totals():
+            if (
+                Statement.objects.filter(month=last_month.date(), status="final").exists()
+                and rollup_totals(Rollup.Granularity.MONTH) == raw_totals()
+            ):
                 break
             assert worker.poll() is None and beat.poll() is None, "a Celery process exited"
             time.sleep(0.5)
