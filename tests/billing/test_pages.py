@@ -184,3 +184,21 @@ def test_pages_run_a_bounded_number_of_queries_whatever_the_usage(
         client.get(team, {"period": "30d", "model": "o1"})
     with django_assert_max_num_queries(8):
         admin_client.get(overview, {"period": "month"})
+
+
+def test_the_admin_lists_statements_and_downloads_them(admin_client, usage_of_a_and_b):
+    from billing.models import Statement
+
+    statement = Statement.objects.get(tenant__slug="team-a")
+    listing = admin_client.get(reverse("admin:billing_statement_changelist")).content.decode()
+    url = reverse("admin:billing_statement_download", args=[statement.pk, "csv"])
+    assert url in listing
+    response = admin_client.get(url)
+    assert response.status_code == 200 and response["Content-Type"].startswith("text/csv")
+    assert response.content.decode().startswith(f"# statement team-a {MONTH}")
+    document = json.loads(
+        admin_client.get(reverse("admin:billing_statement_download", args=[statement.pk, "json"])).content
+    )
+    assert document["totals"]["requests"] == 24
+    assert admin_client.get(reverse("admin:billing_statement_download", args=[statement.pk, "pdf"])).status_code == 404
+    assert admin_client.get(reverse("admin:billing_statement_change", args=[statement.pk])).status_code == 200

@@ -13,10 +13,13 @@ from django.core.management import call_command
 from billing.histograms import percentile
 from billing.models import HISTOGRAM_COLUMNS, Rollup, RollupCursor, UsageRecord
 from billing.rollups import usage_purge, usage_rollup
+from billing.usage_sink import UsageSink
 from tests.billing.usage import insert, raw_totals, rollup_rows, rollup_totals, usage
 
 HOUR, DAY, MONTH = Rollup.Granularity.HOUR, Rollup.Granularity.DAY, Rollup.Granularity.MONTH
 NOW = datetime.now(UTC)
+# What the request path hands the sink: every column but the id and recorded_at.
+FIELDS = [f for f in UsageRecord._meta.concrete_fields if not f.primary_key and f.name != "recorded_at"]
 
 
 @pytest.fixture
@@ -189,3 +192,15 @@ def test_the_rollup_command_backfills_and_reports(key_a, standard_deployment, ca
     call_command("rollup_usage", "--since", (NOW - timedelta(days=2)).isoformat())
     assert "rolled up 1 hour(s), 1 day(s), 1 month(s)" in capsys.readouterr().out
     assert rollup_totals(HOUR) == raw_totals()
+
+
+@pytest.mark.django_db(transaction=True)  # the sink manages its own connection, as in production
+def test_records_the_usage_sink_writes_are_stamped_by_the_database_and_rolled_up(key_a, standard_deployment):
+    sink = UsageSink(batch_size=10)
+    record = {f.attname: getattr(usage(NOW, key=key_a.key, deployment=standard_deployment), f.attname) for f in FIELDS}
+    sink.record(record)
+    assert sink.flush_sync() == 1
+    row = UsageRecord.objects.get()
+    assert abs(row.recorded_at - datetime.now(UTC)) < timedelta(minutes=1)
+    usage_rollup()
+    assert rollup_totals(HOUR) == raw_totals() and raw_totals()[(key_a.key.tenant_id, "gpt-4o")]["requests"] == 1

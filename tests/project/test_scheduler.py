@@ -33,7 +33,9 @@ def _no_calls():
 
 def test_every_scheduled_task_is_registered_with_the_celery_app():
     app.loader.import_default_modules()
-    assert {"billing.usage_rollup", "billing.usage_purge"} <= {e["task"] for e in settings.CELERY_BEAT_SCHEDULE.values()}
+    assert {"billing.usage_rollup", "billing.usage_purge"} <= {
+        e["task"] for e in settings.CELERY_BEAT_SCHEDULE.values()
+    }
     for entry in settings.CELERY_BEAT_SCHEDULE.values():
         assert entry["task"] in app.tasks, entry["task"]
     EmbeddedScheduler()  # refuses a schedule naming an unknown task, see below
