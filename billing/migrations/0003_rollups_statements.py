@@ -162,6 +162,10 @@ class Migration(migrations.Migration):
             model_name='rollup',
             index=models.Index(fields=['granularity', 'period_start'], name='rollup_period'),
         ),
+        migrations.AddIndex(
+            model_name='rollup',
+            index=models.Index(fields=['granularity', 'period_start', 'deployment_ref', 'requests', 'prompt_tokens', 'completion_tokens'], name='rollup_deployment_use'),
+        ),
         migrations.AddConstraint(
             model_name='rollup',
             constraint=models.UniqueConstraint(fields=('granularity', 'period_start', 'tenant_ref', 'key_ref', 'model', 'deployment_ref'), name='rollup_unique_bucket'),

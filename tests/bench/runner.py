@@ -9,7 +9,9 @@
    beside the generator): uvicorn (every scenario), daphne (c=32), and with ``--redis`` uvicorn
    on Redis state.
 6. Saturation on a gateway with short windows (and again on Redis with ``--redis``).
-7. With ``--profile``: one more uvicorn process, profiled during a c=32 run.
+7. Dashboards (``tests.bench.dashboards``, its own database): roll-up speed on raw records, and
+   the staff overview and a team page on a month of roll-ups for 50 tenants x 5 models x 3 keys.
+8. With ``--profile``: one more uvicorn process, profiled during a c=32 run.
 
 A phase that fails is reported (its error verbatim) and the next one still runs.
 """
@@ -50,7 +52,7 @@ from tests.bench.stack import REPO, SIM_API_KEY, BenchEnv, start_simulator
 
 OUTPUT = REPO / "var" / "bench" / "latest.json"
 STREAM_TOKEN_DELAY_MS = 5.0
-PHASES = ("direct", "uvicorn", "daphne", "saturation")
+PHASES = ("direct", "uvicorn", "daphne", "saturation", "dashboards")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -220,6 +222,13 @@ def _run(
                 ),
             )
         results["saturation"] = {k: v for k, v in results["saturation"].items() if v}
+
+    if "dashboards" in args.only:
+        from tests.bench.dashboards import run_child
+
+        # Its own database (the roll-ups of a month are large), after the load runs: it takes both CPUs.
+        hours, records = (48, 5000) if args.quick else (720, 100_000)
+        results["dashboards"] = phase("dashboards (roll-ups and pages)", lambda: run_child(hours, records)) or {}
 
     if args.profile:
         from tests.bench.profiling import run_profile
