@@ -10,12 +10,18 @@ or date links (``LargeTableChangeList``), no facet counts, no sorting except on 
 from __future__ import annotations
 
 from django.contrib import admin
-from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.db.models import OuterRef, QuerySet, Subquery
+from django.http import Http404, HttpRequest, HttpResponse
+from django.urls import path, reverse
+from django.utils.html import format_html, format_html_join
 
 from billing.admin_dates import LargeTableChangeList
-from billing.models import ParkedUsageRecord, Price, Rollup, UsageRecord
+from billing.exports import FORMATS, statement_response
+from billing.histograms import percentile
+from billing.models import HISTOGRAM_COLUMNS, ParkedUsageRecord, Price, Rollup, Statement, UsageRecord
 from billing.paginator import EstimatedCountPaginator
+from billing.statements import statement_document
+from tenants.models import Tenant
 
 
 @admin.register(Price)
@@ -143,33 +149,143 @@ class UsageRecordAdmin(LargeTableAdmin):
         return f"{record.prompt_tokens} / {record.completion_tokens}"
 
 
+class TenantRefFilter(admin.SimpleListFilter):
+    """Roll-ups of one tenant (or of none: requests refused before authentication)."""
+
+    title = "tenant"
+    parameter_name = "tenant"
+
+    def lookups(self, request, model_admin):
+        return [("0", "(no tenant)"), *((str(pk), slug) for pk, slug in Tenant.objects.values_list("pk", "slug"))]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = self.value()
+        return queryset.filter(tenant_ref=int(value)) if value and value.isdigit() else queryset
+
+
 @admin.register(Rollup)
 class RollupAdmin(LargeTableAdmin):
     list_display = (
         "period_start",
         "granularity",
-        "tenant",
-        "key_prefix",
+        "tenant_slug",
+        "key_name",
         "model",
-        "deployment_name",
+        "deployment",
         "requests",
-        "errors",
+        "ok",
         "prompt_tokens",
         "cached_tokens",
         "completion_tokens",
         "cost",
-        "mean_latency_ms",
+        "latency_p50",
     )
-    list_filter = ("granularity", "tenant")
-    list_select_related = ("tenant",)
+    list_filter = ("granularity", TenantRefFilter, "sku")
     date_hierarchy = "period_start"
     search_fields = ("model__exact", "key_prefix__exact", "deployment_name__exact")
     search_help_text = "An exact model, key prefix or deployment name."
     sortable_by = ("period_start",)
 
-    @admin.display(description="mean latency (ms)")
-    def mean_latency_ms(self, rollup: Rollup) -> str:
-        return f"{rollup.latency_ms_sum / rollup.requests:.0f}" if rollup.requests else "—"
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Rollup]:
+        # Tenants by id in the same query (a roll-up keeps the id, not a foreign key).
+        slug = Tenant.objects.filter(pk=OuterRef("tenant_ref")).values("slug")[:1]
+        return super().get_queryset(request).annotate(tenant_slug=Subquery(slug))
+
+    @admin.display(description="tenant")
+    def tenant_slug(self, rollup: Rollup) -> str:
+        if not rollup.tenant_ref:
+            return "(none)"
+        return getattr(rollup, "tenant_slug", None) or f"#{rollup.tenant_ref} (deleted)"
+
+    @admin.display(description="deployment")
+    def deployment(self, rollup: Rollup) -> str:
+        if not rollup.deployment_ref:
+            return "—"
+        return f"{rollup.endpoint_name}/{rollup.deployment_name} ({rollup.sku or '?'})"
+
+    @admin.display(description="latency p50 (ms)")
+    def latency_p50(self, rollup: Rollup) -> str:
+        value = percentile([getattr(rollup, c) for c in HISTOGRAM_COLUMNS["latency"]], 0.5)
+        return "—" if value is None else f"{value:.0f}"
+
+
+@admin.register(Statement)
+class StatementAdmin(ReadOnlyAdmin):
+    """Monthly statements: computed by the roll-up task, frozen when the month closes; CSV and JSON."""
+
+    list_display = (
+        "month_label",
+        "tenant",
+        "status",
+        "requests",
+        "tokens",
+        "payg_cost",
+        "ptu_cost",
+        "total",
+        "downloads",
+    )
+    list_filter = ("status", "month", "tenant")
+    list_select_related = ("tenant",)
+    exclude = ("lines", "provisioned")
+    readonly_fields = ("lines_table", "provisioned_table")
+
+    def get_urls(self):
+        urls = [
+            path(
+                "<int:pk>/download.<str:fmt>",
+                self.admin_site.admin_view(self.download),
+                name="billing_statement_download",
+            )
+        ]
+        return urls + super().get_urls()
+
+    def download(self, request: HttpRequest, pk: int, fmt: str) -> HttpResponse:
+        statement = self.get_object(request, str(pk))
+        if statement is None or not self.has_view_permission(request, statement) or fmt not in FORMATS:
+            raise Http404("No such statement or format.")
+        return statement_response(statement_document(statement), fmt)
+
+    @admin.display(description="month", ordering="month")
+    def month_label(self, statement: Statement) -> str:
+        return f"{statement.month:%Y-%m}"
+
+    @admin.display(description="tokens")
+    def tokens(self, statement: Statement) -> str:
+        return f"{statement.prompt_tokens + statement.completion_tokens:,}"
+
+    @admin.display(description="total")
+    def total(self, statement: Statement) -> str:
+        return f"{statement.total_cost:.2f}"
+
+    @admin.display(description="download")
+    def downloads(self, statement: Statement) -> str:
+        return format_html_join(
+            " · ",
+            '<a href="{}">{}</a>',
+            ((reverse("admin:billing_statement_download", args=[statement.pk, fmt]), fmt.upper()) for fmt in FORMATS),
+        )
+
+    @admin.display(description="by model and key")
+    def lines_table(self, statement: Statement) -> str:
+        return _table(statement.lines, ("model", "key", "requests", "prompt_tokens", "completion_tokens", "cost"))
+
+    @admin.display(description="provisioned (PTU) shares")
+    def provisioned_table(self, statement: Statement) -> str:
+        return _table(
+            statement.provisioned, ("deployment", "tokens", "deployment_tokens", "share", "fixed_cost", "charge")
+        )
+
+
+def _table(rows: list[dict], columns: tuple[str, ...]) -> str:
+    if not rows:
+        return "—"
+    head = format_html_join("", "<th>{}</th>", ((c.replace("_", " "),) for c in columns))
+    body = format_html_join(
+        "",
+        "<tr>{}</tr>",
+        ((format_html_join("", "<td>{}</td>", ((row.get(c, ""),) for c in columns)),) for row in rows),
+    )
+    return format_html("<table><thead><tr>{}</tr></thead><tbody>{}</tbody></table>", head, body)
 
 
 @admin.register(ParkedUsageRecord)

@@ -1,10 +1,13 @@
-"""Prices, one usage record per request, and the roll-ups reports read."""
+"""Prices, one usage record per request, the roll-ups reports read, and monthly statements."""
 
 from __future__ import annotations
 
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Now
 from django.utils import timezone
+
+from billing.histograms import HISTOGRAMS, column_names
 
 
 class Price(models.Model):
@@ -91,6 +94,10 @@ class UsageRecord(models.Model):
     retries = models.PositiveSmallIntegerField(default=0)
     client_ip = models.GenericIPAddressField(null=True, blank=True)
     started_at = models.DateTimeField()
+    # When the row reached the database (its default, by the database's clock; the usage sink
+    # leaves the column out). Roll-ups find what arrived since their last run by this, so a
+    # record written long after its request started is still counted.
+    recorded_at = models.DateTimeField(db_default=Now(), editable=False)
 
     class Meta:
         ordering = ["-started_at"]
@@ -100,6 +107,8 @@ class UsageRecord(models.Model):
             models.Index(fields=["model", "started_at"], name="usage_model_time"),
             models.Index(fields=["deployment", "started_at"], name="usage_deployment_time"),
             models.Index(fields=["started_at"], name="usage_time"),
+            # Covers the roll-up's "which hours got records since" (index-only on PostgreSQL).
+            models.Index(fields=["recorded_at", "started_at"], name="usage_recorded"),
         ]
 
     def __str__(self) -> str:
@@ -132,42 +141,168 @@ class ParkedUsageRecord(models.Model):
 
 
 class Rollup(models.Model):
-    """Usage summed per period (hour or day), tenant, key, model and deployment."""
+    """Usage summed per period (hour, day, month), tenant, key, model and deployment.
+
+    Hours are recomputed from the usage records, days from hours, months from days; a period is
+    always recomputed whole and upserted, so running a roll-up twice gives the same rows.
+    Dimensions are plain ids with 0 for "none" (a 401 has no tenant, a rejected request no
+    deployment) rather than nullable foreign keys: the unique bucket then holds on PostgreSQL and
+    SQLite alike, and roll-ups outlive a deleted key, deployment or tenant. The labels beside them
+    (key name, endpoint, SKU) are what those were when the period was rolled up.
+    """
 
     class Granularity(models.TextChoices):
         HOUR = "hour", "Hour"
         DAY = "day", "Day"
+        MONTH = "month", "Month"
 
-    granularity = models.CharField(max_length=4, choices=Granularity.choices)
+    granularity = models.CharField(max_length=5, choices=Granularity.choices)
     period_start = models.DateTimeField()
-    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
-    key = models.ForeignKey("tenants.ClientKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    # Dimensions are text, not nullable foreign keys, so the uniqueness below holds on every database.
-    key_prefix = models.CharField(max_length=20, blank=True)
+    tenant_ref = models.PositiveBigIntegerField("tenant id", default=0, help_text="0: no tenant (unauthenticated).")
+    key_ref = models.PositiveBigIntegerField("key id", default=0, help_text="0: no key.")
     model = models.CharField(max_length=200, blank=True)
+    deployment_ref = models.PositiveBigIntegerField("deployment id", default=0, help_text="0: never forwarded.")
+    key_name = models.CharField(max_length=200, blank=True)
+    key_prefix = models.CharField(max_length=20, blank=True)
     deployment_name = models.CharField(max_length=300, blank=True)
-    requests = models.PositiveIntegerField(default=0)
-    errors = models.PositiveIntegerField(default=0)
+    endpoint_name = models.CharField(max_length=100, blank=True)
+    sku = models.CharField("SKU", max_length=12, blank=True)
+
+    requests = models.PositiveBigIntegerField(default=0)
+    # Requests by outcome (UsageRecord.Outcome values); they add up to ``requests``.
+    ok = models.PositiveBigIntegerField(default=0)
+    client_error = models.PositiveBigIntegerField(default=0)
+    auth_error = models.PositiveBigIntegerField(default=0)
+    forbidden = models.PositiveBigIntegerField(default=0)
+    rate_limited = models.PositiveBigIntegerField(default=0)
+    upstream_error = models.PositiveBigIntegerField(default=0)
+    upstream_timeout = models.PositiveBigIntegerField(default=0)
+    client_disconnect = models.PositiveBigIntegerField(default=0)
+    streamed = models.PositiveBigIntegerField(default=0)
+    retries = models.PositiveBigIntegerField(default=0)
+    estimated = models.PositiveBigIntegerField(default=0, help_text="Requests whose tokens the gateway counted.")
     prompt_tokens = models.PositiveBigIntegerField(default=0)
     cached_tokens = models.PositiveBigIntegerField(default=0)
     completion_tokens = models.PositiveBigIntegerField(default=0)
-    cost = models.DecimalField(max_digits=16, decimal_places=8, default=0)
-    latency_ms_sum = models.FloatField(default=0)
-    ttft_ms_sum = models.FloatField(default=0)
-    streamed_requests = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=18, decimal_places=8, default=0)
+    # Sums of durations in whole microseconds: integers add up the same in any order, so a
+    # recomputed period is equal to the last bit (float sums vary with PostgreSQL's order).
+    latency_us_sum = models.PositiveBigIntegerField(default=0, help_text="Requests that reached a deployment.")
+    ttft_us_sum = models.PositiveBigIntegerField(default=0)
+    queue_wait_us_sum = models.PositiveBigIntegerField(default=0)
+    # Histogram buckets (lat_00 …, ttft_00 …, wait_00 …) are added below the class.
+    computed_at = models.DateTimeField(help_text="When this row was last recomputed.")
 
     class Meta:
         ordering = ["-period_start"]
         constraints = [
             models.UniqueConstraint(
-                fields=["granularity", "period_start", "tenant", "key_prefix", "model", "deployment_name"],
+                fields=["granularity", "period_start", "tenant_ref", "key_ref", "model", "deployment_ref"],
                 name="rollup_unique_bucket",
             ),
         ]
         indexes = [
-            models.Index(fields=["tenant", "granularity", "period_start"], name="rollup_tenant_period"),
+            models.Index(fields=["tenant_ref", "granularity", "period_start"], name="rollup_tenant_period"),
             models.Index(fields=["granularity", "period_start"], name="rollup_period"),
+            # Covers the overview's per-deployment, per-hour sums (its widest scan: a month of hour
+            # rows) without reading the ninety-column rows: 2x faster on SQLite at 540,000 rows.
+            models.Index(
+                fields=[
+                    "granularity",
+                    "period_start",
+                    "deployment_ref",
+                    "requests",
+                    "prompt_tokens",
+                    "completion_tokens",
+                ],
+                name="rollup_deployment_use",
+            ),
         ]
 
     def __str__(self) -> str:
-        return f"{self.tenant_id} {self.granularity} {self.period_start:%Y-%m-%d %H:00}"
+        return f"{self.granularity} {self.period_start:%Y-%m-%d %H:00} tenant {self.tenant_ref} {self.model}"
+
+
+OUTCOME_COLUMNS = [outcome.value for outcome in UsageRecord.Outcome]
+HISTOGRAM_COLUMNS = {name: column_names(prefix) for name, prefix in HISTOGRAMS.items()}
+# Sixty bucket columns are written out by a loop rather than by hand; they are ordinary fields
+# (migrations, bulk upserts and SUM() see them like any other).
+for _columns in HISTOGRAM_COLUMNS.values():
+    for _column in _columns:
+        Rollup.add_to_class(_column, models.PositiveBigIntegerField(default=0))
+# Every column a roll-up sums: what a recomputation writes and what a coarser period adds up.
+SUM_COLUMNS = [
+    "requests",
+    *OUTCOME_COLUMNS,
+    "streamed",
+    "retries",
+    "estimated",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "cost",
+    "latency_us_sum",
+    "ttft_us_sum",
+    "queue_wait_us_sum",
+    *(column for columns in HISTOGRAM_COLUMNS.values() for column in columns),
+]
+LABEL_COLUMNS = ["key_name", "key_prefix", "deployment_name", "endpoint_name", "sku"]
+BUCKET_COLUMNS = ["granularity", "period_start", "tenant_ref", "key_ref", "model", "deployment_ref"]
+
+
+class RollupCursor(models.Model):
+    """How far roll-ups have read: the newest ``recorded_at`` of the usage records they saw."""
+
+    name = models.CharField(max_length=40, primary_key=True)
+    recorded_through = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.recorded_through}"
+
+
+class Statement(models.Model):
+    """A tenant's usage and charges for one calendar month (UTC).
+
+    Drafts are recomputed from the month's roll-ups on every roll-up run; once the month has
+    closed (plus ``GATEWAY_STATEMENT_GRACE_HOURS``) the statement is computed one last time and
+    frozen. ``lines`` (by model and key) and ``provisioned`` (each PTU deployment's fixed cost,
+    shared by tokens) are the statement's body, kept as written so exports never change.
+    """
+
+    class Status(models.TextChoices):
+        DRAFT = "draft", "Draft (month not closed)"
+        FINAL = "final", "Final"
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="statements")
+    month = models.DateField(help_text="The first day of the month.")
+    status = models.CharField(max_length=5, choices=Status.choices, default=Status.DRAFT)
+    requests = models.PositiveBigIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    cached_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    payg_cost = models.DecimalField(
+        "pay-as-you-go cost",
+        max_digits=18,
+        decimal_places=8,
+        default=0,
+        help_text="Tokens served by standard deployments.",
+    )
+    ptu_cost = models.DecimalField(
+        "provisioned (PTU) share", max_digits=14, decimal_places=2, default=0, help_text="Shares of PTU fixed costs."
+    )
+    lines = models.JSONField(default=list, blank=True)
+    provisioned = models.JSONField(default=list, blank=True)
+    computed_at = models.DateTimeField()
+    frozen_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-month", "tenant__slug"]
+        constraints = [models.UniqueConstraint(fields=["tenant", "month"], name="statement_one_per_tenant_and_month")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.month:%Y-%m} ({self.status})"
+
+    @property
+    def total_cost(self):
+        return self.payg_cost + self.ptu_cost

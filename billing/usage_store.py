@@ -262,7 +262,8 @@ def _insert_statement(connection) -> tuple[str, list[Column]]:
 
         ops = connection.ops
         meta = UsageRecord._meta
-        fields = [f for f in meta.concrete_fields if not f.primary_key]
+        # Columns the database fills itself (the id, ``recorded_at``) are left out.
+        fields = [f for f in meta.concrete_fields if not f.primary_key and not f.has_db_default()]
         columns: list[Column] = []
         for f in fields:
             convert: Callable[[Any], Any]

@@ -195,6 +195,7 @@ class DeploymentAdmin(admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("endpoint", "name", "model", "enabled")}),
         ("Balancing", {"fields": ("sku", "tier", "max_wait_seconds", "weight", "rpm", "tpm")}),
+        ("Billing", {"fields": ("monthly_fixed_cost",)}),
         ("Tokens", {"fields": ("context_window", "max_output_tokens", "token_estimate", "upstream_model")}),
         ("History", {"fields": ("created_at", "updated_at"), "classes": ("collapse",)}),
     )

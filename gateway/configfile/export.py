@@ -97,6 +97,8 @@ def _deployment(row: Deployment) -> dict[str, Any]:
     }
     if row.upstream_model:
         data["upstream_model"] = _text(row.upstream_model)
+    if row.monthly_fixed_cost:
+        data["monthly_fixed_cost"] = row.monthly_fixed_cost
     data["enabled"] = row.enabled
     return data
 

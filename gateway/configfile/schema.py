@@ -188,7 +188,14 @@ class DeploymentSpec(_Spec):
     weight: Annotated[int, Field(ge=1, le=SMALL_MAX)] = defaults.WEIGHT
     token_estimate: Literal["tiktoken", "fast"] = defaults.TOKEN_ESTIMATE
     upstream_model: Annotated[str, Field(max_length=200)] = ""
+    monthly_fixed_cost: Money = Decimal(defaults.MONTHLY_FIXED_COST)
     enabled: bool = True
+
+    @model_validator(mode="after")
+    def _fixed_cost_only_provisioned(self) -> DeploymentSpec:
+        if self.monthly_fixed_cost and self.sku != "provisioned":
+            raise ValueError("monthly_fixed_cost is for provisioned (PTU) deployments only")
+        return self
 
     def model_values(self) -> dict[str, Any]:
         """The ``Deployment`` columns this entry sets, apart from its identity (endpoint and name)."""

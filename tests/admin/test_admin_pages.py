@@ -16,7 +16,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import escape
 
-from billing.models import ParkedUsageRecord, Price, Rollup, UsageRecord
+from billing.models import ParkedUsageRecord, Price, Rollup, Statement, UsageRecord
 from billing.paginator import EstimatedCountPaginator
 from gateway.admin_forms import EndpointAdminForm
 from gateway.models import ConfigVersion, Deployment, Endpoint
@@ -64,11 +64,20 @@ def one_of_each(db, admin_user, endpoint, ptu_deployment, standard_deployment, t
     Rollup.objects.create(
         granularity=Rollup.Granularity.HOUR,
         period_start=timezone.now().replace(minute=0),
-        tenant=tenant_a,
-        key=key_a.key,
+        tenant_ref=tenant_a.pk,
+        key_ref=key_a.key.pk,
         key_prefix=key_a.key.prefix,
         model="gpt-4o",
         requests=1,
+        computed_at=timezone.now(),
+    )
+    Statement.objects.create(
+        tenant=tenant_a,
+        month=timezone.now().date().replace(day=1),
+        requests=1,
+        lines=[{"model": "gpt-4o", "key": "app-a", "requests": 1, "cost": "0.1"}],
+        provisioned=[{"deployment": "east/gpt4o-ptu", "tokens": 10, "share": "1", "charge": "5.00"}],
+        computed_at=timezone.now(),
     )
     Group.objects.create(name="operators")
     ParkedUsageRecord.objects.create(

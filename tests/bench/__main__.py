@@ -1,5 +1,5 @@
 """``python -m tests.bench``: see ``tests.bench.runner``; ``python -m tests.bench transports``: see
-``tests.bench.transports``."""
+``tests.bench.transports``; ``python -m tests.bench dashboards``: see ``tests.bench.dashboards``."""
 
 import sys
 
@@ -7,6 +7,11 @@ if sys.argv[1:2] == ["transports"]:
     from tests.bench.transports import main
 
     sys.exit(main(sys.argv[2:]))
+
+if sys.argv[1:2] == ["dashboards"]:
+    from tests.bench.dashboards import main as dashboards_main
+
+    sys.exit(dashboards_main(sys.argv[2:]))
 
 from tests.bench.runner import main
 

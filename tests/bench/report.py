@@ -359,6 +359,10 @@ def render(results: dict[str, Any]) -> str:
     profile = profile_lines(results)
     if profile:
         out += ["", *profile]
+    if results.get("dashboards"):
+        from tests.bench.dashboards import render as render_dashboards
+
+        out += ["", render_dashboards(results["dashboards"])]
     for name, run in [
         *results.get("gateways", {}).items(),
         *((f"saturation {n}", r) for n, r in results.get("saturation", {}).items()),

@@ -10,6 +10,8 @@
    on Redis state.
 6. Saturation on a gateway with short windows (and again on Redis with ``--redis``).
 7. Big prompts: stream gaps while 5 MB prompts arrive at 2/s (``tests.bench.bigprompts``).
+8. Dashboards (``tests.bench.dashboards``, its own database): roll-up speed on raw records, and
+   the staff overview and a team page on a month of roll-ups for 50 tenants x 5 models x 3 keys.
 8. With ``--profile``: one more uvicorn process, profiled during a c=32 run.
 
 A phase that fails is reported (its error verbatim) and the next one still runs.
@@ -52,7 +54,7 @@ from tests.bench.stack import REPO, SIM_API_KEY, BenchEnv, start_simulator
 
 OUTPUT = REPO / "var" / "bench" / "latest.json"
 STREAM_TOKEN_DELAY_MS = 5.0
-PHASES = ("direct", "uvicorn", "daphne", "saturation", "bigprompts")
+PHASES = ("direct", "uvicorn", "daphne", "saturation", "bigprompts", "dashboards")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -229,6 +231,12 @@ def _run(
             "big prompts beside streams",
             lambda: run_big_prompts(group, env, key, pinning, window=4.0 if args.quick else 8.0),
         )
+    if "dashboards" in args.only:
+        from tests.bench.dashboards import run_child
+
+        # Its own database (the roll-ups of a month are large), after the load runs: it takes both CPUs.
+        hours, records = (48, 5000) if args.quick else (720, 100_000)
+        results["dashboards"] = phase("dashboards (roll-ups and pages)", lambda: run_child(hours, records)) or {}
 
     if args.profile:
         from tests.bench.profiling import run_profile

@@ -336,6 +336,10 @@ BAD_FILES = {
         ("ip_allow: [10.0.0.0/8]", "ip_allow: [10.0.0.300/8]"),
         ["gateway.yaml: tenants[0] (team-a).policy.ip_allow[0]: not a valid network address or CIDR"],
     ),
+    "fixed cost on a standard deployment": (
+        ("        tier: 2\n", "        tier: 2\n        monthly_fixed_cost: 100\n"),
+        ["deployments[1] (gpt4o-paygo): monthly_fixed_cost is for provisioned (PTU) deployments only (line 17)"],
+    ),
     "duplicate endpoint": (
         ("tenants:\n", "  - {name: east, base_url: https://x.example.com}\ntenants:\n"),
         ["gateway.yaml: endpoints[1] (east).name: duplicate endpoint name: endpoints[0] already uses it"],
@@ -433,3 +437,16 @@ def test_the_example_file_applies_as_a_dry_run(monkeypatch: pytest.MonkeyPatch) 
     assert "+ deployment east/gpt4o-ptu (model gpt-4o, tier 1)" in output
     assert "+ deployment west/gpt4o-paygo (model gpt-4o, tier 2)" in output
     assert not Endpoint.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_provisioned_deployments_monthly_fixed_cost_is_applied_and_exported(tmp_path: Path) -> None:
+    text = BASE.replace("        tpm: 100000\n", "        tpm: 100000\n        monthly_fixed_cost: 18000.50\n", 1)
+    output = apply(write(tmp_path, text))
+    assert "+ deployment east/gpt4o-ptu" in output
+    ptu = Deployment.objects.get(name="gpt4o-ptu")
+    assert ptu.monthly_fixed_cost == Decimal("18000.50")
+    exported = io.StringIO()
+    call_command("gateway_export", stdout=exported)
+    assert "monthly_fixed_cost: 18000.5\n" in exported.getvalue()
+    assert exported.getvalue().count("monthly_fixed_cost") == 1  # not written for a standard deployment

@@ -140,6 +140,7 @@ ENTITIES = {
             "weight",
             "token_estimate",
             "upstream_model",
+            "monthly_fixed_cost",
             "enabled",
         },
     ),
