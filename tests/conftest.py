@@ -9,12 +9,15 @@ so worker threads (the snapshot loader, the usage flusher) see them.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
+from django.db.models.signals import post_save
 
 from gateway.models import Deployment, Endpoint
 from tenants.models import AccessPolicy, Quota, Tenant
@@ -28,6 +31,57 @@ def private_usage_spill_dir(tmp_path_factory):
     from django.conf import settings
 
     settings.GATEWAY["USAGE_SPILL_DIR"] = str(tmp_path_factory.mktemp("usage-spill"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def log_lines_written_in_their_test():
+    """The console handler writes on the caller's thread during the suite: each test's log lines
+    are captured with that test's output (its writer thread would print them between tests)."""
+    from gateway.observability.logs import BackgroundStreamHandler
+
+    BackgroundStreamHandler.synchronous = True
+
+
+# -- no secret in any log line ----------------------------------------------------------------
+# Full client keys (more than their visible prefix), bearer credentials that were not redacted,
+# JWTs (Azure AD tokens), and every upstream secret an endpoint was saved with during the test.
+SECRET_SHAPES = re.compile(
+    r"sk-gw-[A-Za-z0-9_-]{10,}|(?i:bearer)\s+(?!\[redacted\])[A-Za-z0-9._~+/=-]{12,}|eyJ[\w-]{8,}\.[\w-]{8,}\."
+)
+_endpoint_secrets: set[str] = set()
+
+
+def _note_endpoint_secrets(sender, instance, **kwargs) -> None:
+    for value in (instance.api_key, instance.ad_client_secret):
+        if value and len(value) >= 8:  # shorter test values ("nope") would match ordinary words
+            _endpoint_secrets.add(value)
+
+
+post_save.connect(_note_endpoint_secrets, sender=Endpoint, dispatch_uid="tests-endpoint-secrets")
+
+
+def _leaked_secret(text: str) -> str | None:
+    match = SECRET_SHAPES.search(text)
+    if match:
+        return match.group(0)
+    return next((secret for secret in _endpoint_secrets if secret in text), None)
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_logs(caplog) -> Iterator[None]:
+    """Fails a test if any line logged while it ran (at the configured levels) holds a secret."""
+    _endpoint_secrets.clear()
+    yield
+    leaks = []
+    for when in ("setup", "call"):
+        for record in caplog.get_records(when):
+            text = record.getMessage()
+            if record.exc_info:
+                text += logging.Formatter().formatException(record.exc_info)
+            secret = _leaked_secret(text)
+            if secret is not None:
+                leaks.append(f"{record.name} {record.levelname}: {text[:300]!r} holds {secret[:12]!r}…")
+    assert not leaks, "secrets in the log:\n" + "\n".join(leaks)
 
 
 @pytest.fixture
