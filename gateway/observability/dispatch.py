@@ -14,7 +14,7 @@ from gateway.balancer.dispatcher import Demand, Lease, NoCapacity
 from gateway.observability import tracing
 from gateway.observability.context import current_watch
 from gateway.observability.labels import deployment_label, label_index
-from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.metrics import gateway_metrics
 from gateway.observability.request import Attempt
 from gateway.snapshot.types import DeploymentView
 
@@ -22,9 +22,8 @@ OK, RATE_LIMITED, FAILED, ABANDONED = "ok", "rate_limited", "failed", "abandoned
 
 
 class ObservedDispatcher:
-    def __init__(self, inner: Any, metrics: GatewayMetrics | None) -> None:
+    def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.metrics = metrics
 
     @property
     def state(self):
@@ -63,7 +62,7 @@ class ObservedDispatcher:
                     "gateway.queue_wait_ms": lease.queue_wait * 1e3,
                 },
             )
-        metrics = self.metrics
+        metrics = gateway_metrics()
         if metrics is not None and _spilled_over(lease.deployment, candidates, exclude):
             metrics.spillover_observe(label_index().model(demand.model), label)
         if watch is not None:
@@ -96,8 +95,9 @@ class ObservedDispatcher:
         # ``reason`` is scrubbed of secrets by the forwarder (it goes to the status page too).
         self._ended(lease, FAILED, {"gateway.failure": reason or None}, error=reason or "failed")
         opened = await self.inner.failed(lease, reached_upstream=reached_upstream, reason=reason)
-        if opened and self.metrics is not None:
-            self.metrics.breaker_opened_observe(deployment_label(lease.deployment))
+        metrics = gateway_metrics()
+        if opened and metrics is not None:
+            metrics.breaker_opened_observe(deployment_label(lease.deployment))
         return opened
 
     async def abandoned(self, lease: Lease, prompt_tokens: int, completion_tokens: int) -> None:
@@ -111,8 +111,9 @@ class ObservedDispatcher:
         self, lease: Lease, result: str, attributes: dict[str, Any] | None = None, *, error: str | None = None
     ) -> None:
         attempt = lease.extra.get("attempt") if lease.extra else None
-        if self.metrics is not None:
-            self.metrics.attempt_observe(attempt.deployment if attempt else deployment_label(lease.deployment), result)
+        metrics = gateway_metrics()
+        if metrics is not None:
+            metrics.attempt_observe(attempt.deployment if attempt else deployment_label(lease.deployment), result)
         if attempt is None:
             return
         attempt.result = result
@@ -131,10 +132,8 @@ def _spilled_over(deployment: DeploymentView, candidates: tuple[DeploymentView, 
 
 def dispatcher_observed(inner: Any) -> Any:
     """``inner`` observed when metrics, the request log or tracing is on; else ``inner`` itself."""
-    from gateway.observability.metrics import gateway_metrics
     from gateway.observability.request import _log_level
 
-    metrics = gateway_metrics()
-    if metrics is None and _log_level() is None and not tracing.tracing_enabled():
+    if gateway_metrics() is None and _log_level() is None and not tracing.tracing_enabled():
         return inner
-    return ObservedDispatcher(inner, metrics)
+    return ObservedDispatcher(inner)

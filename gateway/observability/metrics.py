@@ -28,15 +28,15 @@ process killed with SIGKILL takes its last second of counts with it.
 
 from __future__ import annotations
 
-import os
 from bisect import bisect_left
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from gateway.observability.labels import LabelIndex
 
-MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+# No `_created` series (one more per label set); multiprocess mode has none either.
+disable_created_metrics()
 
 # Seconds. Latency spans fast refusals to long streams; time to first token and queue wait are shorter.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)

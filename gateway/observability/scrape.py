@@ -139,11 +139,13 @@ async def metrics_render() -> bytes:
     from gateway.observability.service import sample_now
 
     live = await balancer_families()
+    metrics = gateway_metrics()
+    if metrics is not None:
+        metrics.flush()  # this process's requests, up to now
     sample_now()
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if path:
         return await asyncio.to_thread(_render_multiprocess, path, live)
-    metrics = gateway_metrics()
     registry = metrics.registry if metrics is not None and metrics.registry is not None else REGISTRY
     return generate_latest(_Families(registry.collect(), live))
 
