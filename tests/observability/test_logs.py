@@ -95,7 +95,7 @@ def test_the_text_request_line_quotes_what_could_forge_a_field():
 
 
 @pytest.mark.parametrize(
-    "setting,level", [("INFO", logging.INFO), ("debug", logging.DEBUG), ("off", None), ("", None), ("none", None)]
+    ("setting", "level"), [("INFO", logging.INFO), ("debug", logging.DEBUG), ("off", None), ("", None), ("none", None)]
 )
 def test_the_request_log_level_setting(setting, level):
     assert request_log_level(setting) == level

@@ -191,7 +191,7 @@ def test_several_processes_add_up_and_a_dead_ones_gauges_are_dropped(tmp_path):
     assert not list(tmp_path.glob("gauge_livesum_*.db"))
 
 
-@pytest.mark.parametrize("tier,spilled", [(1, False), (2, True)])
+@pytest.mark.parametrize(("tier", "spilled"), [(1, False), (2, True)])
 def test_a_lease_on_a_worse_tier_than_the_best_available_is_a_spill_over(tier, spilled):
     from gateway.observability.dispatch import _spilled_over
 
