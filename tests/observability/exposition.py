@@ -12,7 +12,10 @@ class Exposition:
     def __init__(self, text: str) -> None:
         self.text = text
         self.samples: list[tuple[str, dict[str, str], float]] = []
+        self.names: set[str] = set()  # every series name the text declares, samples or not
         for family in text_string_to_metric_families(text):
+            suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}.get(family.type, ("",))
+            self.names.update(family.name + suffix for suffix in suffixes)
             for sample in family.samples:
                 self.samples.append((sample.name, dict(sample.labels), sample.value))
 

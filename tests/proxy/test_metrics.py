@@ -7,8 +7,11 @@ after what it does.
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,6 +32,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 HELLO = [{"role": "user", "content": "hello"}]
 PTU, PAYGO = "east/gpt4o-ptu", "east/gpt4o-paygo"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def scrape(gateway_http, authorization: str | None = None, url: str = "http://gateway.test") -> httpx.Response:
@@ -194,6 +198,25 @@ async def test_with_an_internal_port_metrics_are_served_there_only(gateway_http,
         internal = await http.get(f"http://127.0.0.1:{port}/metrics")
     assert internal.status_code == 200
     assert Exposition(internal.text).value("gateway_requests_total", model="gpt-4o", status="200") >= 1
+
+
+async def test_the_grafana_dashboard_queries_only_series_the_gateway_exports(gateway_http):
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        for name in re.findall(r"\bgateway_[a-z_]+", target["expr"])
+    }
+    queried |= {
+        name
+        for variable in dashboard["templating"]["list"]
+        for name in re.findall(r"\bgateway_[a-z_]+", variable.get("definition", ""))
+    }
+    assert len(queried) > 20
+    await gateway_http.post("/v1/chat/completions", {"model": "gpt-4o", "messages": HELLO})
+    exported = (await exposition(gateway_http)).names
+    assert queried - exported == set()
 
 
 async def test_metrics_off_serve_no_metrics(gateway_http):
