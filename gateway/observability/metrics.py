@@ -28,6 +28,7 @@ process killed with SIGKILL takes its last second of counts with it.
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
 from typing import Any
 
@@ -259,6 +260,9 @@ def gateway_metrics() -> GatewayMetrics | None:
 
         options = settings.OBSERVABILITY
         if options["METRICS"] and _metrics is None:
+            directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+            if directory:
+                os.makedirs(directory, exist_ok=True)  # its files are made with the first series
             _metrics = GatewayMetrics(tenant_label=options["METRICS_TENANT_LABEL"])
         _resolved = True
     return _metrics
