@@ -144,3 +144,34 @@ def test_json_log_lines_tell_the_retry_under_the_request_id_the_client_saw(two_g
     text = "\n".join(json.dumps(x) for x in lines)
     assert secret not in text and SIM_KEY not in text
     assert {x["level"] for x in lines} <= {"DEBUG", "INFO", "WARNING", "ERROR"}
+
+
+def test_one_uvicorn_with_two_workers_is_scraped_whole(tmp_path, start_sim, deploy, tenant_key, balancer_prefix):
+    """The image's shape: ``uvicorn --workers 2`` on one port, one multiprocess directory."""
+    sim = start_sim([{"name": "east-chat"}], minute=60.0)
+    deploy(sim, [{"name": "east-chat"}])
+    secret = tenant_key("workers")
+    metrics_dir = tmp_path / "prometheus"
+    env = {
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),  # made by the gateway when missing
+        "GATEWAY_BALANCER_REDIS_PREFIX": balancer_prefix,
+        "GATEWAY_USAGE_FLUSH_SECONDS": "0.05",
+        "LOG_LEVEL": "WARNING",
+    }
+    gateway = ProcessGateway(env, uvicorn_args=["--workers", "2"]).start()
+    try:
+        for _ in range(20):
+            assert chat(gateway.url, secret).status_code == 200  # a new connection each: either worker
+        records = wait_for_records(20)
+        deadline = time.monotonic() + 10
+        while True:
+            shown = Exposition(scrape(gateway.url, None).text)
+            if shown.value("gateway_requests_total") >= len(records) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert shown.value("gateway_requests_total", status="200", outcome="ok") == 20
+        assert shown.value("gateway_tokens_total", kind="completion") == sum(r.completion_tokens for r in records)
+        # One snapshot version per live worker: both workers report into the one directory.
+        assert len([s for s in shown.samples if s[0] == "gateway_snapshot_version"]) == 2
+    finally:
+        gateway.stop()
