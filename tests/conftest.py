@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -22,6 +21,7 @@ from django.db.models.signals import post_save
 from gateway.models import Deployment, Endpoint
 from tenants.models import AccessPolicy, Quota, Tenant
 from tenants.services import IssuedKey, key_issue
+from tests.log_secrets import endpoint_secrets, endpoint_secrets_note, leaked_secret
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -43,42 +43,21 @@ def log_lines_written_in_their_test():
 
 
 # -- no secret in any log line ----------------------------------------------------------------
-# Full client keys (more than their visible prefix), bearer credentials that were not redacted,
-# JWTs (Azure AD tokens), and every upstream secret an endpoint was saved with during the test.
-SECRET_SHAPES = re.compile(
-    r"sk-gw-[A-Za-z0-9_-]{10,}|(?i:bearer)\s+(?!\[redacted\])[A-Za-z0-9._~+/=-]{12,}|eyJ[\w-]{8,}\.[\w-]{8,}\."
-)
-_endpoint_secrets: set[str] = set()
-
-
-def _note_endpoint_secrets(sender, instance, **kwargs) -> None:
-    for value in (instance.api_key, instance.ad_client_secret):
-        if value and len(value) >= 8:  # shorter test values ("nope") would match ordinary words
-            _endpoint_secrets.add(value)
-
-
-post_save.connect(_note_endpoint_secrets, sender=Endpoint, dispatch_uid="tests-endpoint-secrets")
-
-
-def _leaked_secret(text: str) -> str | None:
-    match = SECRET_SHAPES.search(text)
-    if match:
-        return match.group(0)
-    return next((secret for secret in _endpoint_secrets if secret in text), None)
+post_save.connect(endpoint_secrets_note, sender=Endpoint, dispatch_uid="tests-endpoint-secrets")
 
 
 @pytest.fixture(autouse=True)
 def no_secret_in_logs(caplog) -> Iterator[None]:
     """Fails a test if any line logged while it ran (at the configured levels) holds a secret."""
-    _endpoint_secrets.clear()
+    endpoint_secrets.clear()
     yield
     leaks = []
-    for when in ("setup", "call"):
+    for when in ("setup", "call", "teardown"):  # teardown: what the fixtures torn down so far logged
         for record in caplog.get_records(when):
             text = record.getMessage()
             if record.exc_info:
                 text += logging.Formatter().formatException(record.exc_info)
-            secret = _leaked_secret(text)
+            secret = leaked_secret(text)
             if secret is not None:
                 leaks.append(f"{record.name} {record.levelname}: {text[:300]!r} holds {secret[:12]!r}…")
     assert not leaks, "secrets in the log:\n" + "\n".join(leaks)

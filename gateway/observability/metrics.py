@@ -220,9 +220,9 @@ class GatewayMetrics:
         ttft = record["ttft_ms"]
         if ttft is not None:
             observe(self.ttft, pair, ttft / 1000.0)
-        queue_wait = record["queue_wait_ms"]
-        if deployment_id is not None or queue_wait:
-            observe(self.queue_wait, (model,), queue_wait / 1000.0)
+        # Requests that reached the balancer (the forwarder sets the estimate), leased or refused.
+        if record["estimated_prompt_tokens"] is not None:
+            observe(self.queue_wait, (model,), record["queue_wait_ms"] / 1000.0)
         prompt, completion = record["prompt_tokens"], record["completion_tokens"]
         if prompt:
             count(self.tokens, (model, "prompt", *tenant), prompt)

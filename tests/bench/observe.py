@@ -80,6 +80,7 @@ def child() -> None:
         ctx.route, ctx.model, ctx.tenant_id, ctx.key_id = "chat", "gpt-4o", 1, 1
         ctx.deployment_id, ctx.deployment_name, ctx.status = 1, "dep-1", 200
         ctx.served, ctx.prompt_tokens, ctx.completion_tokens, ctx.ttft = True, 11, 7, 0.002
+        ctx.estimated_prompt_tokens = 11
         record = ctx.usage_record({})
         record["cost"] = Decimal("0.0001")
         watch.finish(record)

@@ -51,6 +51,7 @@ def record(**fields: Any) -> dict[str, Any]:
         "outcome": "ok",
         "error_code": "",
         "prompt_tokens": 10,
+        "estimated_prompt_tokens": 9,
         "cached_tokens": 4,
         "completion_tokens": 5,
         "cost": Decimal("0.25"),
@@ -103,8 +104,11 @@ def test_a_request_is_counted_once_per_series_and_only_after_a_flush():
     assert shown.value("gateway_tokens_total", kind="completion") == 10
     assert shown.value("gateway_cost_total", model="gpt-4o") == 0.5
     assert shown.value("gateway_queue_wait_seconds_count", model="gpt-4o") == 2
+    metrics.request_observe(record(status=401, estimated_prompt_tokens=None, deployment_id=None), index)
+    metrics.flush()  # refused before the balancer: no queue wait to speak of
+    assert Exposition(generate_latest(metrics.registry).decode()).value("gateway_queue_wait_seconds_count") == 2
     metrics.flush()  # nothing new: nothing counted twice
-    assert Exposition(generate_latest(metrics.registry).decode()).value("gateway_requests_total") == 2
+    assert Exposition(generate_latest(metrics.registry).decode()).value("gateway_requests_total") == 3
 
 
 def test_label_values_come_from_the_configuration_only():
