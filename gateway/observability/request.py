@@ -79,8 +79,8 @@ class RequestWatch:
                     pass
 
     def fields(self, record: dict[str, Any], index: LabelIndex) -> dict[str, Any]:
-        """The request log line's fields. Ids, names, numbers: never a secret, a key or a prompt."""
-        ttft = record["ttft_ms"]
+        """The request log line's fields. Ids, names, numbers: never a secret, a key or a prompt.
+        (Milliseconds are written with one decimal by both formats.)"""
         return {
             "request_id": record["request_id"],
             "route": record["route"],
@@ -91,9 +91,9 @@ class RequestWatch:
             "status": record["status"],
             "outcome": record["outcome"],
             "error_code": record["error_code"] or None,
-            "latency_ms": round(record["latency_ms"], 1),
-            "ttft_ms": round(ttft, 1) if ttft is not None else None,
-            "queue_wait_ms": round(record["queue_wait_ms"], 1),
+            "latency_ms": record["latency_ms"],
+            "ttft_ms": record["ttft_ms"],
+            "queue_wait_ms": record["queue_wait_ms"],
             "retries": record["retries"],
             "attempts": [str(a) for a in self.attempts],
             "streamed": record["streamed"],
