@@ -50,7 +50,7 @@ class RequestWatch:
         """Watch the request of ``ctx`` (a ``RequestContext`` just begun) in this task."""
         watch = cls(ctx)
         watch._token = current_watch.set(watch)
-        if tracing._tracer is not None:
+        if tracing.tracing_enabled():
             watch.span = tracing.request_span_start(scope, ctx.request_id)
         return watch
 
