@@ -33,6 +33,7 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=20s \
 # seconds), then the usage buffer is flushed: give the container a longer stop timeout than that.
 ENV GATEWAY_SHUTDOWN_GRACE_SECONDS=30
 # Prometheus multiprocess mode: every worker writes its series to files here and a scrape of any of
-# them adds them up. Emptied at each start (series of a previous run would be added to this one's).
+# them adds them up. Emptied at each start (series of a previous run would be added to this one's);
+# it may be a mounted tmpfs, so its files go, not the directory. Set it empty for one process.
 ENV PROMETHEUS_MULTIPROC_DIR=/tmp/gateway-metrics
-CMD ["sh", "-c", "rm -rf ${PROMETHEUS_MULTIPROC_DIR} && mkdir -p ${PROMETHEUS_MULTIPROC_DIR} && python manage.py migrate --noinput && exec uvicorn gateway.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http httptools --lifespan on --no-proxy-headers --no-access-log --timeout-graceful-shutdown ${GATEWAY_SHUTDOWN_GRACE_SECONDS}"]
+CMD ["sh", "-c", "if [ -n \"$PROMETHEUS_MULTIPROC_DIR\" ]; then mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && rm -f \"$PROMETHEUS_MULTIPROC_DIR\"/*.db; fi && python manage.py migrate --noinput && exec uvicorn gateway.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http httptools --lifespan on --no-proxy-headers --no-access-log --timeout-graceful-shutdown ${GATEWAY_SHUTDOWN_GRACE_SECONDS}"]

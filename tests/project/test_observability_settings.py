@@ -88,10 +88,32 @@ def test_metrics_off_need_no_guard(settings):
     assert check_metrics_guard(None) == []
 
 
-def test_the_image_empties_the_multiprocess_metrics_directory_before_its_workers_start():
+def image_start(tmp_path: Path, multiproc_dir: str) -> str:
+    """The image's CMD run by sh up to uvicorn (migrate and uvicorn replaced by echo)."""
     dockerfile = (ROOT / "Dockerfile").read_text()
-    directory = re.search(r"^ENV PROMETHEUS_MULTIPROC_DIR=(\S+)$", dockerfile, re.MULTILINE).group(1)
-    assert directory.startswith("/")
-    cmd = re.search(r"^CMD (.+)$", dockerfile, re.MULTILINE).group(1)
-    assert cmd.index("rm -rf ${PROMETHEUS_MULTIPROC_DIR}") < cmd.index("mkdir -p ${PROMETHEUS_MULTIPROC_DIR}")
-    assert cmd.index("mkdir -p ${PROMETHEUS_MULTIPROC_DIR}") < cmd.index("exec uvicorn")
+    script = json.loads(re.search(r"^CMD (.+)$", dockerfile, re.MULTILINE).group(1))[2]
+    script = script.replace("python manage.py migrate --noinput", "echo migrated").replace(
+        "exec uvicorn", "echo uvicorn"
+    )
+    env = {
+        "PATH": os.environ["PATH"],
+        "PROMETHEUS_MULTIPROC_DIR": multiproc_dir,
+        "GATEWAY_SHUTDOWN_GRACE_SECONDS": "30",
+    }
+    return subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+
+
+def test_the_image_empties_the_multiprocess_metrics_directory_before_its_workers_start(tmp_path):
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ENV PROMETHEUS_MULTIPROC_DIR=/\S+$", dockerfile, re.MULTILINE)
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    (directory / "counter_123.db").write_bytes(b"an earlier run")
+    (directory / "keep.txt").write_text("not ours")
+    out = image_start(tmp_path, str(directory))
+    assert out.split() == ["migrated", "uvicorn", *out.split()[2:]]
+    assert sorted(p.name for p in directory.iterdir()) == ["keep.txt"]
+    # Missing: made. Empty (one process, no multiprocess mode): nothing to do, and uvicorn starts.
+    assert "uvicorn" in image_start(tmp_path, str(tmp_path / "new"))
+    assert (tmp_path / "new").is_dir()
+    assert "uvicorn" in image_start(tmp_path, "")
