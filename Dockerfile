@@ -32,4 +32,8 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=20s \
 # On SIGTERM uvicorn lets requests in flight finish for up to GATEWAY_SHUTDOWN_GRACE_SECONDS (whole
 # seconds), then the usage buffer is flushed: give the container a longer stop timeout than that.
 ENV GATEWAY_SHUTDOWN_GRACE_SECONDS=30
-CMD ["sh", "-c", "python manage.py migrate --noinput && exec uvicorn gateway.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http httptools --lifespan on --no-proxy-headers --no-access-log --timeout-graceful-shutdown ${GATEWAY_SHUTDOWN_GRACE_SECONDS}"]
+# Prometheus multiprocess mode: every worker writes its series to files here and a scrape of any of
+# them adds them up. Emptied at each start (series of a previous run would be added to this one's);
+# it may be a mounted tmpfs, so its files go, not the directory. Set it empty for one process.
+ENV PROMETHEUS_MULTIPROC_DIR=/tmp/gateway-metrics
+CMD ["sh", "-c", "if [ -n \"$PROMETHEUS_MULTIPROC_DIR\" ]; then mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && rm -f \"$PROMETHEUS_MULTIPROC_DIR\"/*.db; fi && python manage.py migrate --noinput && exec uvicorn gateway.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http httptools --lifespan on --no-proxy-headers --no-access-log --timeout-graceful-shutdown ${GATEWAY_SHUTDOWN_GRACE_SECONDS}"]

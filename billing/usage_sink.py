@@ -75,6 +75,7 @@ class UsageSink:
         self.spilled = 0
         self.replayed = 0
         self.dropped = 0
+        self.flush_failures = 0  # flushes that raised (the database down, or a bug): retried later
 
     def record(self, record: Record) -> None:
         """Queue one record. Never blocks and never raises."""
@@ -115,6 +116,7 @@ class UsageSink:
             "spilled": self.spilled,
             "replayed": self.replayed,
             "dropped": self.dropped,
+            "flush_failures": self.flush_failures,
         }
 
     # -- tasks ---------------------------------------------------------------------------------
@@ -187,6 +189,7 @@ class UsageSink:
             except asyncio.CancelledError:
                 raise
             except DatabaseUnavailable as exc:
+                self.flush_failures += 1
                 if not self.database_down:
                     log.error("usage records cannot be written (%s); keeping them on disk, retrying", exc)
                 self.database_down = True
@@ -195,6 +198,7 @@ class UsageSink:
                 self._spill_wakeup.set()
                 continue
             except Exception:
+                self.flush_failures += 1
                 log.exception("the usage flusher failed; retrying")
                 continue
             if self.database_down:

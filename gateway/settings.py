@@ -282,12 +282,45 @@ GATEWAY = {
     "STATEMENT_GRACE_HOURS": env.float("GATEWAY_STATEMENT_GRACE_HOURS", default=6.0),
 }
 
+# Observability (gateway.observability): Prometheus metrics, the per-request log line, traces.
+OBSERVABILITY = {
+    # Prometheus metrics: updated once per request (and per upstream attempt); off costs nothing.
+    "METRICS": env.bool("GATEWAY_METRICS", default=True),
+    # When set, /metrics answers only `Authorization: Bearer <token>` (401 otherwise).
+    "METRICS_TOKEN": env.str("GATEWAY_METRICS_TOKEN", default=""),
+    # When set (> 0), /metrics is served only on this port (every worker binds it with SO_REUSEPORT),
+    # never on the public one: keep it off the load balancer and let Prometheus reach it directly.
+    "METRICS_PORT": env.int("GATEWAY_METRICS_PORT", default=0),
+    "METRICS_HOST": env.str("GATEWAY_METRICS_HOST", default="0.0.0.0"),
+    # A `tenant` label on the request, token and cost series. Off by default: tenants can be many,
+    # and every label value is a series in every Prometheus that scrapes the gateway.
+    "METRICS_TENANT_LABEL": env.bool("GATEWAY_METRICS_TENANT_LABEL", default=False),
+    # The level of the one log line per proxied request (logger `gateway.request`); "off": none.
+    "REQUEST_LOG_LEVEL": env.str("GATEWAY_REQUEST_LOG_LEVEL", default="INFO"),
+}
+
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+# text (the default, for people: `make run`) or json (one JSON object per line, for log pipelines).
+LOG_FORMAT = env.str("GATEWAY_LOG_FORMAT", default="text").strip().lower()
+if LOG_FORMAT not in ("text", "json"):
+    raise ImproperlyConfigured(f"GATEWAY_LOG_FORMAT must be text or json, got {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_id": {"()": "gateway.observability.logs.RequestIdFilter"}},
+    "formatters": {
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "gateway.observability.logs.JsonFormatter"},
+    },
+    "handlers": {
+        # Lines are formatted where they are logged and written by a thread of the handler's own:
+        # a slow log pipe never stalls the event loop (see gateway.observability.logs).
+        "console": {
+            "class": "gateway.observability.logs.BackgroundStreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["request_id"],
+        }
+    },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.db.backends": {"level": "WARNING"},

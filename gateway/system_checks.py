@@ -47,6 +47,22 @@ def check_trusted_proxies(app_configs: Any, **kwargs: Any) -> list[CheckMessage]
     return []
 
 
+@register(Tags.security, deploy=True)
+def check_metrics_guard(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
+    """/metrics names models, deployments (and tenants, with their label): not for every client."""
+    options = settings.OBSERVABILITY
+    if options["METRICS"] and not options["METRICS_TOKEN"] and not options["METRICS_PORT"]:
+        return [
+            Warning(
+                "/metrics is served on the public port without a token: anyone who reaches the gateway can read it.",
+                hint="Set GATEWAY_METRICS_TOKEN (Prometheus sends it as a bearer token), or GATEWAY_METRICS_PORT "
+                "to serve the metrics on an internal port only.",
+                id="gateway.W011",
+            )
+        ]
+    return []
+
+
 @register()
 def check_gateway_settings(app_configs, **kwargs):
     from django.core.checks import Error

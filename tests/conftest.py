@@ -9,16 +9,19 @@ so worker threads (the snapshot loader, the usage flusher) see them.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
+from django.db.models.signals import post_save
 
 from gateway.models import Deployment, Endpoint
 from tenants.models import AccessPolicy, Quota, Tenant
 from tenants.services import IssuedKey, key_issue
+from tests.log_secrets import endpoint_secrets, endpoint_secrets_note, leaked_secret
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -28,6 +31,36 @@ def private_usage_spill_dir(tmp_path_factory):
     from django.conf import settings
 
     settings.GATEWAY["USAGE_SPILL_DIR"] = str(tmp_path_factory.mktemp("usage-spill"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def log_lines_written_in_their_test():
+    """The console handler writes on the caller's thread during the suite: each test's log lines
+    are captured with that test's output (its writer thread would print them between tests)."""
+    from gateway.observability.logs import BackgroundStreamHandler
+
+    BackgroundStreamHandler.synchronous = True
+
+
+# -- no secret in any log line ----------------------------------------------------------------
+post_save.connect(endpoint_secrets_note, sender=Endpoint, dispatch_uid="tests-endpoint-secrets")
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_logs(caplog) -> Iterator[None]:
+    """Fails a test if any line logged while it ran (at the configured levels) holds a secret."""
+    endpoint_secrets.clear()
+    yield
+    leaks = []
+    for when in ("setup", "call", "teardown"):  # teardown: what the fixtures torn down so far logged
+        for record in caplog.get_records(when):
+            text = record.getMessage()
+            if record.exc_info:
+                text += logging.Formatter().formatException(record.exc_info)
+            secret = leaked_secret(text)
+            if secret is not None:
+                leaks.append(f"{record.name} {record.levelname}: {text[:300]!r} holds {secret[:12]!r}…")
+    assert not leaks, "secrets in the log:\n" + "\n".join(leaks)
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ class NoCapacity(Exception):
         super().__init__(message)
         self.retry_after = retry_after
         self.code = code
+        self.queue_wait = 0.0  # seconds the request waited in the queue before this refusal
 
 
 class Dispatcher(Protocol):

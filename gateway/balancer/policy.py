@@ -102,8 +102,10 @@ class BalancedDispatcher:
                 if lease is not None:
                     break
                 start = self.clock()  # the deployment filled up meanwhile: wait again
-        except BaseException:
+        except BaseException as exc:
             self._requests.pop(id(demand), None)  # no capacity, or the client left: the request ends
+            if isinstance(exc, NoCapacity):
+                exc.queue_wait = self.clock() - began
             raise
         now = self.clock()
         if lease.queue_wait or start != began:  # it waited (a fast-path grant reports 0)

@@ -7,6 +7,7 @@ import logging
 from channels.routing import ProtocolTypeRouter
 from django.conf import settings
 
+from gateway.observability.scrape import metrics_asgi
 from gateway.proxy import probes
 from gateway.proxy.consumer import ProxyConsumer
 from gateway.proxy.runtime import runtime
@@ -33,6 +34,8 @@ def build_application(django_app):
             return await probes.healthz(scope, receive, send)
         if path == "/readyz":
             return await probes.readyz(scope, receive, send)
+        if path == "/metrics":
+            return await metrics_asgi(scope, receive, send)
         return await django_app(scope, receive, send)
 
     return ProtocolTypeRouter({"http": http, "lifespan": lifespan})

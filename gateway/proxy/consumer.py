@@ -16,6 +16,7 @@ from django.conf import settings
 
 from billing.usage_sink import record_usage
 from gateway import snapshot
+from gateway.observability.request import RequestWatch
 from gateway.proxy import errors
 from gateway.proxy.body import BodyReader, ClientLeft, offload
 from gateway.proxy.checks import ForwardPlan, RequestChecks
@@ -65,6 +66,7 @@ class ProxyConsumer(AsyncHttpConsumer):
             return
         await runtime.ensure_started()
         ctx = RequestContext.begin(scope)
+        watch = RequestWatch.begin(scope, ctx)  # metrics, the request log line, the trace
         try:
             await self.serve(ctx)
         except GatewayError as err:
@@ -84,7 +86,9 @@ class ProxyConsumer(AsyncHttpConsumer):
                 ),
             )
         finally:
-            record_usage(ctx.usage_record(snapshot.current().prices_by_model))
+            record = ctx.usage_record(snapshot.current().prices_by_model)
+            record_usage(record)
+            watch.finish(record)
 
     async def send_body(self, body, *, more_body=False):
         await super().send_body(body, more_body=more_body)

@@ -28,6 +28,7 @@ import time
 from django.conf import settings
 
 from gateway.balancer.dispatcher import Lease, NoCapacity
+from gateway.observability.tracing import upstream_headers_traced
 from gateway.proxy import azure_ad, errors, upstream, upstream_errors
 from gateway.proxy.retries import MIN_ATTEMPT_SECONDS, FirstByteBudget, RetryPlan
 from gateway.proxy.routes import UPSTREAM_PATH
@@ -126,6 +127,7 @@ class Forwarder:
             try:
                 lease = await self.lease()
             except NoCapacity as exc:
+                ctx.queue_wait += exc.queue_wait  # a 429 after 30 s in the queue says so in its record
                 if retry.last_error is not None:
                     raise retry.last_error from None
                 # A request larger than any deployment's minute will never fit: tell the SDK not to retry.
@@ -268,6 +270,7 @@ class Forwarder:
                 raise upstream.UpstreamTimeout(upstream.PHASE_CONNECT, left) from None
             left = self.budget.left()
         headers = upstream.build_headers(self.consumer.scope["headers"], endpoint, token)
+        upstream_headers_traced(headers)  # the attempt's traceparent, when tracing is on
         timeouts = _cut(upstream.Timeouts.for_endpoint(endpoint), left)
         return await upstream.open_stream("POST", url, headers, body, timeouts)
 

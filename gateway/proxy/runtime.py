@@ -18,6 +18,8 @@ from gateway import snapshot
 from gateway.balancer import make_state
 from gateway.balancer.failures import FailureNotes
 from gateway.balancer.policy import BalancedDispatcher
+from gateway.observability.dispatch import ObservedDispatcher, dispatcher_observed
+from gateway.observability.service import observability_start, observability_stop
 from gateway.proxy.shared_state import GuardedDispatcher
 from gateway.snapshot.refresher import SnapshotRefresher
 from gateway.snapshot.version import VersionMirror, config_version_read
@@ -62,7 +64,7 @@ class Runtime:
         self.started = False
         self._lock: asyncio.Lock | None = None
         self.refresher: SnapshotRefresher | None = None
-        self.dispatcher: GuardedDispatcher | None = None
+        self.dispatcher: GuardedDispatcher | ObservedDispatcher | None = None
         self.redis: redis.asyncio.Redis | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.in_flight = InFlight()
@@ -106,7 +108,8 @@ class Runtime:
         await self.refresher.load_now()  # also loads the tiktoken encodings its deployments use
         self.refresher.start()
         get_sink().start()
-        self.dispatcher = GuardedDispatcher(make_dispatcher(self.redis))
+        self.dispatcher = dispatcher_observed(GuardedDispatcher(make_dispatcher(self.redis)))
+        await observability_start(self.refresher)
         log.info("gateway runtime started (config v%s, redis=%s)", snapshot.current().version, bool(self.redis))
 
     async def drain(self, grace: float) -> None:
@@ -128,6 +131,7 @@ class Runtime:
         if self.refresher is not None:
             await self.refresher.stop()
         await get_sink().stop()
+        await observability_stop()
         from gateway.proxy import azure_ad, upstream
 
         await upstream.aclose_client()

@@ -49,6 +49,9 @@ class SnapshotRefresher:
         self._mirrored: int | None = None  # the mirror's value at the last poll
         self._database_read_at = float("-inf")
         self._database: ThreadPoolExecutor | None = None
+        # Wall time of the last look at the database's version (or load): how fresh this process
+        # knows its snapshot to be (the metric gateway_snapshot_age_seconds).
+        self.checked_at: float | None = None
 
     async def _on_database_thread(self, function: Callable):
         if self._database is None:
@@ -59,6 +62,7 @@ class SnapshotRefresher:
         """Build and install a snapshot (on the refresher's database thread; the ORM is sync)."""
         snapshot = await self._on_database_thread(snapshot_build)
         install(snapshot)
+        self.checked_at = time.time()
         return snapshot
 
     def start(self) -> None:
@@ -103,6 +107,7 @@ class SnapshotRefresher:
             return
         self._database_read_at = self.clock()
         version = await self._on_database_thread(self.read_version)
+        self.checked_at = time.time()
         if version != current().version:
             snapshot = await self.load_now()
             log.info(

@@ -12,7 +12,10 @@
 7. Big prompts: stream gaps while 5 MB prompts arrive at 2/s (``tests.bench.bigprompts``).
 8. Dashboards (``tests.bench.dashboards``, its own database): roll-up speed on raw records, and
    the staff overview and a team page on a month of roll-ups for 50 tenants x 5 models x 3 keys.
-8. With ``--profile``: one more uvicorn process, profiled during a c=32 run.
+9. Observability: uvicorn again with metrics and the request log off, then with metrics in
+   multiprocess mode and the JSON request line on (the ``uvicorn`` row has metrics on and the
+   request line below its log level); ``python -m tests.bench observe`` gives the CPU per request.
+10. With ``--profile``: one more uvicorn process, profiled during a c=32 run.
 
 A phase that fails is reported (its error verbatim) and the next one still runs.
 """
@@ -54,7 +57,7 @@ from tests.bench.stack import REPO, SIM_API_KEY, BenchEnv, start_simulator
 
 OUTPUT = REPO / "var" / "bench" / "latest.json"
 STREAM_TOKEN_DELAY_MS = 5.0
-PHASES = ("direct", "uvicorn", "daphne", "saturation", "bigprompts", "dashboards")
+PHASES = ("direct", "uvicorn", "daphne", "saturation", "bigprompts", "observability", "dashboards")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -231,6 +234,16 @@ def _run(
             "big prompts beside streams",
             lambda: run_big_prompts(group, env, key, pinning, window=4.0 if args.quick else 8.0),
         )
+    if "observability" in args.only:
+        for label, knobs in _observability_runs(env.root).items():
+            gateways[label] = phase(
+                f"gateway {label}",
+                lambda knobs=knobs, label=label: run_gateway(
+                    group, env, "uvicorn", key, pinning, durations, full=True, extra_env=knobs, label=f"gateway-{label}"
+                ),
+            )
+        results["gateways"] = {k: v for k, v in gateways.items() if v}
+
     if "dashboards" in args.only:
         from tests.bench.dashboards import run_child
 
@@ -295,6 +308,21 @@ def _gateway_config(sim_url: str, sat_url: str, big_url: str, sat_config: Satura
             {"name": "sim-big", "base_url": big_url, "api_key": SIM_API_KEY, "deployments": [big_gateway_deployment()]},
         ],
         "tenants": [{"slug": "bench-a", "keys": ["app"]}, {"slug": "bench-b", "keys": ["app"]}],
+    }
+
+
+def _observability_runs(root: Path) -> dict[str, dict[str, str]]:
+    """Metrics and the request log off; then both on as in production (multiprocess files, JSON)."""
+    metrics_dir = root / "prometheus"
+    metrics_dir.mkdir(exist_ok=True)
+    return {
+        "uvicorn obs off": {"GATEWAY_METRICS": "false", "GATEWAY_REQUEST_LOG_LEVEL": "off"},
+        "uvicorn metrics+json log": {
+            "GATEWAY_METRICS": "true",
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "GATEWAY_LOG_FORMAT": "json",
+            "GATEWAY_REQUEST_LOG_LEVEL": "WARNING",  # the bench's LOG_LEVEL: one line per request
+        },
     }
 
 

@@ -244,10 +244,12 @@ def log_errors(gateway: Gateway, limit: int = 60) -> tuple[int, list[str]]:
     """How many lines the gateway logged, and the first ``limit`` of them verbatim.
 
     The gateway runs with LOG_LEVEL and uvicorn's log level at WARNING and no access log, so
-    every line is a warning, an error or a traceback.
+    every line is a warning, an error or a traceback; the per-request lines of the observability
+    run (``gateway.request``) are not counted.
     """
     try:
         lines = gateway.child.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return 0, []
+    lines = [line for line in lines if '"logger":"gateway.request"' not in line]
     return len(lines), lines[:limit]

@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, set(pinning.load))
     upstream = {
         "api_key": SIM_API_KEY,
-        "prompt_estimate": "fast",
+        "token_estimate": "fast",
         "deployments": [{"name": CHAT_DEPLOYMENT, "completion_tokens": COMPLETION_TOKENS}],
     }
     results: dict[str, Any] = {

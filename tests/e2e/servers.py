@@ -107,10 +107,16 @@ class ProcessGateway:
     """A gateway as its own OS process (uvicorn), sharing the test database and Redis.
 
     It spills usage records to a directory of its own unless ``extra_env`` names one
-    (``GATEWAY_USAGE_SPILL_DIR``); ``uvicorn_args`` are added to uvicorn's command line.
+    (``GATEWAY_USAGE_SPILL_DIR``); ``uvicorn_args`` are added to uvicorn's command line; its
+    standard error (the log) goes to ``log_path`` when given.
     """
 
-    def __init__(self, extra_env: dict[str, str] | None = None, uvicorn_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        extra_env: dict[str, str] | None = None,
+        uvicorn_args: list[str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "DATABASE_URL": database_url_for_children(), "DJANGO_SETTINGS_MODULE": "gateway.settings"}
@@ -118,6 +124,7 @@ class ProcessGateway:
             env["REDIS_URL"] = settings.REDIS_URL
         env["GATEWAY_USAGE_SPILL_DIR"] = tempfile.mkdtemp(prefix="gateway-usage-spill-")
         env.update(extra_env or {})
+        self.log = open(log_path, "wb") if log_path is not None else None  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -136,6 +143,7 @@ class ProcessGateway:
             ],
             cwd=ROOT,
             env=env,
+            stderr=self.log,
         )
 
     def start(self) -> ProcessGateway:
@@ -158,6 +166,8 @@ class ProcessGateway:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+        if self.log is not None:
+            self.log.close()
 
 
 class RedisServer:

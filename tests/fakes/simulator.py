@@ -273,6 +273,7 @@ class ModelCall:
     kind: str  # "chat", "completions" or "embeddings"
     api_version: str | None  # the Azure api-version query parameter (None on /v1 routes)
     body: dict[str, Any]  # the parsed JSON body, copied before the simulator reads it
+    headers: dict[str, str] = field(default_factory=dict)  # the request's headers (names lower-case)
 
 
 class _NotingSimulatorApp(SimulatorApp):
@@ -285,7 +286,8 @@ class _NotingSimulatorApp(SimulatorApp):
     async def _model_call(
         self, request: web.BaseRequest, kind: str, name: str, body: dict, api_version: str | None
     ) -> web.StreamResponse:
-        self.calls.append(ModelCall(name, kind, api_version, copy.deepcopy(body)))
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.calls.append(ModelCall(name, kind, api_version, copy.deepcopy(body), headers))
         return await super()._model_call(request, kind, name, body, api_version)
 
 

@@ -145,3 +145,51 @@ async def gateway_runtime(upstream, secret):
     # collecting closes them (dozens of tests would otherwise exhaust PostgreSQL's connections).
     await asyncio.get_running_loop().shutdown_default_executor()
     gc.collect()
+
+
+# -- observability: the spans and the JSON log lines of a test ------------------------------------
+
+
+@pytest.fixture
+def span_exporter() -> Iterator[Any]:
+    """Tracing on for the test, into an in-memory exporter (``get_finished_spans()``), as
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` turns it on for an OTLP collector; off again afterwards."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from gateway.observability import tracing
+
+    exporter = InMemorySpanExporter()
+    tracing.tracing_configure(exporter, batch=False)
+    yield exporter
+    tracing.tracing_shutdown()
+
+
+@pytest.fixture
+def json_log() -> Iterator[Any]:
+    """Every line logged during the test (DEBUG and up) as the gateway writes it with
+    ``GATEWAY_LOG_FORMAT=json``: ``json_log.lines()`` parses them."""
+    import io
+    import logging
+
+    from gateway.observability.logs import JsonFormatter, RequestIdFilter
+
+    class Lines(io.StringIO):
+        def lines(self) -> list[dict[str, Any]]:
+            import json
+
+            return [json.loads(line) for line in self.getvalue().splitlines()]
+
+    stream = Lines()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    watched = [logging.getLogger(name) for name in ("gateway", "billing", "tenants")]
+    levels = [logger.level for logger in watched]
+    root.addHandler(handler)
+    for logger in watched:
+        logger.setLevel(logging.DEBUG)
+    yield stream
+    root.removeHandler(handler)
+    for logger, level in zip(watched, levels, strict=True):
+        logger.setLevel(level)
