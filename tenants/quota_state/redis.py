@@ -1,0 +1,243 @@
+"""The Redis quota state: every gateway process admits against the same counters.
+
+Each operation is one Lua script call (``lua/*.lua`` with ``lua/lib.lua`` prepended), so
+checking and reserving across a tenant's and a key's windows and budgets is one atomic step and
+one round trip. Every key expires: windows two minutes after their last use, budgets 40 days
+after theirs (a budget that loses its keys is seeded again from the usage records).
+
+Keys are ``<prefix>:q:{t<tenant id>}:<scope>:<b|z|w>``: the hash tag puts a tenant's scopes and
+its keys' in one Redis Cluster slot, so the scripts stay single-slot.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import cache
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from tenants.quota_state.contract import (
+    TENANT,
+    Admitted,
+    Ask,
+    BudgetUse,
+    PeriodIds,
+    QuotaState,
+    QuotaStateConfig,
+    Refused,
+    Reservation,
+    ScopeLimits,
+    ScopeUse,
+    Seed,
+    Unseeded,
+    WindowUse,
+    new_reservation_id,
+)
+
+_LUA = Path(__file__).with_name("lua")
+SCRIPTS = ("admit", "settle", "read", "reconcile")
+
+
+@cache
+def lua_source(name: str) -> str:
+    """A script with the shared library in front (also used by the admin's synchronous reader)."""
+    return (_LUA / "lib.lua").read_text() + "\n" + (_LUA / f"{name}.lua").read_text()
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def scope_keys(prefix: str, scope: ScopeLimits) -> list[str]:
+    """The scope's budget hash, hold leases and window keys."""
+    name = "t" if scope.kind == TENANT else f"k{scope.id}"
+    base = f"{prefix}:q:{{t{scope.tenant_id}}}:{name}"
+    return [f"{base}:b", f"{base}:z", f"{base}:w"]
+
+
+def read_args(scopes: list[ScopeLimits], periods: PeriodIds, now: float, bucket_seconds: float) -> list[str]:
+    args = [repr(now), repr(bucket_seconds), str(periods.day), str(periods.month), str(len(scopes))]
+    for scope in scopes:
+        args += [str(scope.day_stamp), str(scope.month_stamp)]
+    return args
+
+
+def read_rows(rows: list) -> list[ScopeUse]:
+    out = []
+    for row in rows:
+        n, k, seeded, ud, umt, umc, hmt, hmc = (int(_s(x)) for x in row)
+        out.append(ScopeUse(n, k, ud, umt, umc, hmt, hmc, bool(seeded)))
+    return out
+
+
+class RedisQuotaState(QuotaState):
+    def __init__(
+        self, redis: Redis, config: QuotaStateConfig | None = None, *, prefix: str = "gw", owns_client: bool = False
+    ) -> None:
+        super().__init__(config or QuotaStateConfig())
+        self._redis = redis
+        self._owns_client = owns_client
+        self.prefix = prefix
+        self._scripts = {name: redis.register_script(lua_source(name)) for name in SCRIPTS}
+        self._keys: dict[tuple[str, int, int], list[str]] = {}
+        self._scope_args: dict[ScopeLimits, list[str]] = {}
+        cfg = self.config
+        self._fixed = [
+            repr(cfg.bucket),
+            str(int(cfg.budget_ttl * 1000)),
+            str(int((cfg.window * 2 + 5) * 1000)),
+        ]
+
+    @classmethod
+    def from_url(cls, url: str, config: QuotaStateConfig | None = None, *, prefix: str = "gw") -> RedisQuotaState:
+        return cls(Redis.from_url(url), config, prefix=prefix, owns_client=True)
+
+    def keys(self, scope: ScopeLimits) -> list[str]:
+        ref = (scope.kind, scope.id, scope.tenant_id)
+        keys = self._keys.get(ref)
+        if keys is None:
+            keys = self._keys[ref] = scope_keys(self.prefix, scope)
+        return keys
+
+    def _limits(self, scope: ScopeLimits) -> list[str]:
+        args = self._scope_args.get(scope)
+        if args is None:
+            if len(self._scope_args) > 10_000:  # scopes change with the configuration: keep it bounded
+                self._scope_args.clear()
+            args = self._scope_args[scope] = [
+                "1" if scope.budgeted else "0",
+                "1" if scope.windowed else "0",
+                str(scope.rpm),
+                str(scope.tpm),
+                str(scope.daily_tokens),
+                str(scope.monthly_tokens),
+                str(scope.monthly_cost),
+                str(scope.day_stamp),
+                str(scope.month_stamp),
+            ]
+        return args
+
+    async def admit(self, ask: Ask, now: float | None = None) -> Admitted | Refused | Unseeded:
+        now = time.time() if now is None else now
+        rid = new_reservation_id()
+        keys: list[str] = []
+        args = [
+            repr(now),
+            rid,
+            str(ask.tokens),
+            str(ask.cost),
+            str(ask.periods.day),
+            str(ask.periods.month),
+            repr(now + self.config.hold_seconds),
+            *self._fixed,
+            str(len(ask.scopes)),
+        ]
+        seeds = ask.seeds or {}
+        for scope in ask.scopes:
+            keys += self.keys(scope)
+            args += self._limits(scope)
+            seed = seeds.get(scope.ref)
+            if seed is None:
+                args += ["0", "0", "0", "0"]
+            else:
+                args += ["1", str(seed.day_tokens), str(seed.month_tokens), str(seed.month_cost)]
+        res = await self._scripts["admit"](keys=keys, args=args)
+        verdict = _s(res[0])
+        if verdict == "U":
+            return Unseeded([ask.scopes[int(i) - 1] for i in res[1:]])
+        if verdict == "A":
+            uses = _window_uses(ask.scopes, res[2:])
+            return Admitted(Reservation(rid, ask.scopes, ask.tokens, ask.cost, ask.periods, int(res[1])), uses)
+        wait = float(_s(res[5]))
+        return Refused(
+            scope=ask.scopes[int(res[1]) - 1],
+            limit=_s(res[2]),
+            used=int(_s(res[3])),
+            held=int(_s(res[4])),
+            retry_after=None if wait < 0 else wait,
+            windows=_window_uses(ask.scopes, res[6:]),
+        )
+
+    async def settle(
+        self, reservation: Reservation, tokens: int, cost: int, *, dispatched: bool, now: float | None = None
+    ) -> list[BudgetUse]:
+        keys: list[str] = []
+        args = [
+            reservation.id,
+            str(int(tokens)),
+            str(int(cost)),
+            str(reservation.tokens),
+            "1" if dispatched else "0",
+            str(reservation.periods.day),
+            str(reservation.periods.month),
+            str(reservation.bucket),
+            str(len(reservation.scopes)),
+        ]
+        for scope in reservation.scopes:
+            keys += self.keys(scope)
+            args += [
+                "1" if scope.budgeted else "0",
+                "1" if scope.windowed else "0",
+                str(scope.day_stamp),
+                str(scope.month_stamp),
+            ]
+        rows = await self._scripts["settle"](keys=keys, args=args)
+        out = []
+        for scope, row in zip(reservation.scopes, rows, strict=True):
+            if scope.budgeted and int(row[0]):
+                out.append(BudgetUse(scope, int(_s(row[1])), int(_s(row[2])), int(_s(row[3]))))
+        return out
+
+    async def reconcile(self, items: list[tuple[ScopeLimits, Seed]], periods: PeriodIds) -> int:
+        raised = 0
+        for start in range(0, len(items), 200):  # a few hundred scopes per call keeps each call short
+            chunk = items[start : start + 200]
+            keys = [self.keys(scope)[0] for scope, _ in chunk]
+            args = [str(periods.day), str(periods.month), str(len(chunk))]
+            for scope, seed in chunk:
+                args += [
+                    str(scope.day_stamp),
+                    str(scope.month_stamp),
+                    str(seed.day_tokens),
+                    str(seed.month_tokens),
+                    str(seed.month_cost),
+                ]
+            raised += int(await self._scripts["reconcile"](keys=keys, args=args))
+        return raised
+
+    async def read(self, scopes: list[ScopeLimits], periods: PeriodIds, now: float | None = None) -> list[ScopeUse]:
+        if not scopes:
+            return []
+        now = time.time() if now is None else now
+        keys = [key for scope in scopes for key in self.keys(scope)]
+        rows = await self._scripts["read"](keys=keys, args=read_args(scopes, periods, now, self.config.bucket))
+        return read_rows(rows)
+
+    async def reset_all(self) -> None:
+        """Delete every quota key under this prefix (tests; never on a shared production prefix)."""
+        pattern = _glob_escape(f"{self.prefix}:q:") + "*"
+        batch = []
+        async for key in self._redis.scan_iter(match=pattern, count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                await self._redis.delete(*batch)
+                batch.clear()
+        if batch:
+            await self._redis.delete(*batch)
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._redis.aclose()
+
+
+def _window_uses(scopes: tuple[ScopeLimits, ...], flat: list) -> list[WindowUse]:
+    return [
+        WindowUse(scope, int(_s(flat[2 * i])), int(_s(flat[2 * i + 1])))
+        for i, scope in enumerate(scopes)
+        if scope.windowed
+    ]
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
