@@ -133,7 +133,10 @@ class ProxyConsumer(AsyncHttpConsumer):
                 ),
             )
         finally:
-            record_usage(ctx.usage_record(snapshot.current().prices_by_model))
+            record = ctx.usage_record(snapshot.current().prices_by_model)
+            record_usage(record)
+            if ctx.admission is not None:
+                await runtime.quotas.settle(ctx, record)
 
     async def serve(self, ctx: RequestContext, body: bytes) -> None:
         """Route, authenticate, then answer locally (models) or forward upstream."""
@@ -160,6 +163,7 @@ class ProxyConsumer(AsyncHttpConsumer):
         payload = parse_json_object(body)
         checks = RequestChecks(route, key, payload, ctx, scope["headers"])
         plan = checks.run(snapshot.current(), body)
+        ctx.admission = await runtime.quotas.admit(ctx, key, plan)
         forwarder = Forwarder(self, ctx, plan, runtime.dispatcher)
         await forwarder.run()
 
@@ -193,7 +197,7 @@ class ProxyConsumer(AsyncHttpConsumer):
     # -- responses -----------------------------------------------------------------------------
 
     def base_headers(self, ctx: RequestContext, content_type: bytes = b"application/json") -> list:
-        return [(b"content-type", content_type), (b"x-request-id", ctx.request_id.encode())]
+        return [(b"content-type", content_type), (b"x-request-id", ctx.request_id.encode()), *ctx.response_headers]
 
     async def send_json(self, ctx: RequestContext, status: int, payload) -> None:
         ctx.status = status
@@ -202,7 +206,7 @@ class ProxyConsumer(AsyncHttpConsumer):
 
     async def send_error(self, ctx: RequestContext, err: GatewayError) -> None:
         """An OpenAI-shaped error, unless the response had already started (then only record it)."""
-        ctx.status, ctx.outcome, ctx.error_code = err.status, err.outcome, err.code or ""
+        ctx.status, ctx.outcome, ctx.error_code = err.status, err.outcome, err.reason or err.code or ""
         if self.headers_sent:
             return
         self.headers_sent = True

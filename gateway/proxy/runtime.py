@@ -17,6 +17,7 @@ from billing.usage_sink import get_sink
 from gateway import snapshot
 from gateway.balancer import make_state
 from gateway.balancer.policy import BalancedDispatcher
+from gateway.proxy.admission import Admitter
 from gateway.snapshot.refresher import SnapshotRefresher
 from gateway.snapshot.version import REDIS_KEY, config_version_read
 
@@ -31,8 +32,16 @@ class Runtime:
         self._lock: asyncio.Lock | None = None
         self.refresher: SnapshotRefresher | None = None
         self.dispatcher = None
+        self.admitter: Admitter | None = None
+        self.reconciler: asyncio.Task | None = None
         self.redis = None
         self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def quotas(self) -> Admitter:
+        """Quota admission (``gateway.proxy.admission``); exists once the runtime started."""
+        assert self.admitter is not None, "the gateway runtime has not started"
+        return self.admitter
 
     async def ensure_started(self) -> None:
         """Start everything once per event loop; later calls return at once."""
@@ -67,6 +76,10 @@ class Runtime:
         self.refresher.start()
         get_sink().start()
         self.dispatcher = make_dispatcher(self.redis)
+        self.admitter = make_admitter(self.redis)
+        self.reconciler = asyncio.get_running_loop().create_task(
+            self.admitter.run_reconciler(g["QUOTA_RECONCILE_SECONDS"]), name="quota-reconciler"
+        )
         log.info("gateway runtime started (config v%s, redis=%s)", snapshot.current().version, bool(self.redis))
 
     async def _read_version(self) -> int:
@@ -87,6 +100,12 @@ class Runtime:
         self.started = False
         if self.refresher is not None:
             await self.refresher.stop()
+        if self.reconciler is not None:
+            self.reconciler.cancel()
+            await asyncio.wait({self.reconciler}, timeout=5)
+            self.reconciler = None
+        if self.admitter is not None:
+            await self.admitter.aclose()
         await get_sink().stop()
         from gateway.proxy import azure_ad, upstream
 
@@ -112,6 +131,22 @@ def make_dispatcher(redis_client=None) -> BalancedDispatcher:
         queue_max_depth=g["QUEUE_MAX_DEPTH"],
     )
     return BalancedDispatcher(state)
+
+
+def make_admitter(redis_client=None) -> Admitter:
+    """Quota admission on this process's state: Redis (sharing the runtime's client) when configured."""
+    from tenants.quota_state import QuotaStateConfig
+    from tenants.quota_state.memory import MemoryQuotaState
+    from tenants.quota_state.redis import RedisQuotaState
+
+    g = settings.GATEWAY
+    config = QuotaStateConfig(window=g["QUOTA_WINDOW_SECONDS"], hold_seconds=g["QUOTA_HOLD_SECONDS"])
+    state = (
+        RedisQuotaState(redis_client, config, prefix=g["BALANCER_REDIS_PREFIX"])
+        if redis_client is not None
+        else MemoryQuotaState(config)
+    )
+    return Admitter(state, g["BUDGET_TIMEZONE"], g["QUOTA_WINDOW_SECONDS"], redis=redis_client)
 
 
 runtime = Runtime()

@@ -125,7 +125,13 @@ def _quota_view(quota) -> QuotaView:
         monthly_tokens=quota.monthly_tokens,
         monthly_cost=float(quota.monthly_cost),
         alert_thresholds=tuple(quota.alert_thresholds or ()),
+        day_counters_reset_at=_epoch(quota.day_counters_reset_at),
+        month_counters_reset_at=_epoch(quota.month_counters_reset_at),
     )
+
+
+def _epoch(moment) -> float:
+    return moment.timestamp() if moment is not None else 0.0
 
 
 def _networks(cidrs) -> tuple:
