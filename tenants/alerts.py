@@ -25,7 +25,7 @@ from decimal import Decimal
 import httpx
 from django.conf import settings
 from django.core.mail import send_mail
-from django.db import IntegrityError, close_old_connections, transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from tenants.models import AlertEvent
@@ -63,7 +63,6 @@ def alert_raise(notice: AlertNotice) -> AlertEvent | None:
     """
     from tenants.tasks import quota_alert_send
 
-    close_old_connections()
     try:
         with transaction.atomic():
             event, created = AlertEvent.objects.get_or_create(

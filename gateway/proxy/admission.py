@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from django.db import close_old_connections
+
 from billing.prices import cost_of, price_for
 from gateway import snapshot
 from gateway.proxy import errors, tokens
@@ -145,6 +147,8 @@ class Admitter:
             )
         ctx.response_headers = limit_headers(result.windows, now, self.window_seconds)
         if isinstance(result, Refused):
+            # Nothing was served: the record bills nothing (the preflight's estimate is not usage).
+            ctx.prompt_tokens, ctx.tokens_estimated = 0, False
             raise self.refusal(result, key, periods, ask.tokens)
         assert isinstance(result, Admitted)
         return Admission(result.reservation, key, periods)
@@ -253,7 +257,7 @@ class Admitter:
                     used=Decimal(reached.used) / COST_UNITS if money else Decimal(reached.used),
                     limit=Decimal(reached.limit) / COST_UNITS if money else Decimal(reached.limit),
                 )
-                self._in_background(alert_raise, notice)
+                self._in_background(_alert_raise_in_thread, notice)
 
     def _in_background(self, fn: Any, *args: Any) -> None:
         future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -310,6 +314,11 @@ class Admitter:
     async def aclose(self) -> None:
         await self.drain()
         await self.state.aclose()
+
+
+def _alert_raise_in_thread(notice: AlertNotice) -> None:
+    close_old_connections()  # a worker thread's connection may have outlived the database's patience
+    alert_raise(notice)
 
 
 def _seed_ref(scope: ScopeLimits, periods: Periods) -> tuple[Any, ...]:

@@ -84,10 +84,12 @@ async def test_a_team_over_its_rpm_is_refused_with_its_code_and_when_to_retry(
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     assert len(recording_sim.calls) == 2
     rows = await records(gateway_http)
-    assert [(r.status, r.outcome, r.error_code) for r in rows][-1] == (
+    assert [(r.status, r.outcome, r.error_code, r.prompt_tokens, r.cost) for r in rows][-1] == (
         429,
         "rate_limited",
         "tenant_rate_limit_exceeded:tenant_rpm",
+        0,  # nothing was served
+        0,
     )
     assert len(rows) == 3
 
