@@ -313,6 +313,9 @@ class Admitter:
 
     async def aclose(self) -> None:
         await self.drain()
+        serve_locally = getattr(self.state, "serve_locally", None)
+        if serve_locally is not None:
+            serve_locally(False)
         await self.state.aclose()
 
 

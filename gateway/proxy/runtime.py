@@ -141,11 +141,12 @@ def make_admitter(redis_client=None) -> Admitter:
 
     g = settings.GATEWAY
     config = QuotaStateConfig(window=g["QUOTA_WINDOW_SECONDS"], hold_seconds=g["QUOTA_HOLD_SECONDS"])
-    state = (
-        RedisQuotaState(redis_client, config, prefix=g["BALANCER_REDIS_PREFIX"])
-        if redis_client is not None
-        else MemoryQuotaState(config)
-    )
+    state: RedisQuotaState | MemoryQuotaState
+    if redis_client is not None:
+        state = RedisQuotaState(redis_client, config, prefix=g["BALANCER_REDIS_PREFIX"])
+    else:
+        state = MemoryQuotaState(config)
+        state.serve_locally()  # the admin, served by this process too, shows its counters
     return Admitter(state, g["BUDGET_TIMEZONE"], g["QUOTA_WINDOW_SECONDS"], redis=redis_client)
 
 

@@ -82,7 +82,7 @@ def snapshot_build() -> Snapshot:
             revoked=k.revoked_at is not None,
             allowed_models=frozenset(k.allowed_models or ()),
             default_priority=k.default_priority,
-            quota=_quota_view(key_quotas.get(k.id)),
+            quota=quota_view(key_quotas.get(k.id)),
         )
         for k in ClientKey.objects.all()
     }
@@ -115,7 +115,8 @@ def _warm_encodings(deployments: list[DeploymentView]) -> None:
             tokens.encoding_for(d.model, d.upstream_model)
 
 
-def _quota_view(quota) -> QuotaView:
+def quota_view(quota) -> QuotaView:
+    """A Quota row (or None: no quota) as the request path and the admin read it."""
     if quota is None:
         return QuotaView()
     return QuotaView(
@@ -156,5 +157,5 @@ def _tenant_view(tenant, quota, policy) -> TenantView:
         ip_allow=_networks(policy.ip_allow) if policy else (),
         ip_deny=_networks(policy.ip_deny) if policy else (),
         max_tokens_cap=policy.max_tokens_cap if policy else 0,
-        quota=_quota_view(quota),
+        quota=quota_view(quota),
     )

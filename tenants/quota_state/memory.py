@@ -150,6 +150,22 @@ class _Window:
 
 
 class MemoryQuotaState(QuotaState):
+    """Counters in this process's memory. ``local()`` is the one the gateway runtime serves with
+    (the admin, in the same process, reads it)."""
+
+    _local: MemoryQuotaState | None = None
+
+    @classmethod
+    def local(cls) -> MemoryQuotaState | None:
+        return cls._local
+
+    def serve_locally(self, serving: bool = True) -> None:
+        """Make this the state ``local()`` returns (or stop being it)."""
+        if serving:
+            MemoryQuotaState._local = self
+        elif MemoryQuotaState._local is self:
+            MemoryQuotaState._local = None
+
     def __init__(self, config: QuotaStateConfig | None = None) -> None:
         super().__init__(config or QuotaStateConfig())
         self._budgets: dict[tuple[str, int], _Budget] = {}
@@ -271,7 +287,10 @@ class MemoryQuotaState(QuotaState):
         return raised
 
     async def read(self, scopes: list[ScopeLimits], periods: PeriodIds, now: float | None = None) -> list[ScopeUse]:
-        now = time.time() if now is None else now
+        return self.read_now(scopes, periods, time.time() if now is None else now)
+
+    def read_now(self, scopes: list[ScopeLimits], periods: PeriodIds, now: float) -> list[ScopeUse]:
+        """``read`` without the event loop: only reads, so another thread (the admin's) may call it."""
         bucket = bucket_of(now, self.config.bucket)
         out = []
         for scope in scopes:
