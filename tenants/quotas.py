@@ -223,30 +223,40 @@ def go_duration(seconds: float) -> str:
     return text
 
 
+_REQUEST_HEADERS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
+_TOKEN_HEADERS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
+
+
 def limit_headers(windows: list[WindowUse], now: float, window_seconds: float) -> list[tuple[bytes, bytes]]:
     """The caller's tightest rate limits as OpenAI's ``x-ratelimit-*`` headers.
 
     Per kind (requests, tokens), the scope with the least left; ``reset`` is the time until that
     window holds nothing again (OpenAI: "until the limit resets to its initial state").
     """
-    headers: list[tuple[bytes, bytes]] = []
+    requests: tuple[int, int, int] | None = None  # (left, limit, used)
+    tokens: tuple[int, int, int] | None = None
+    for use in windows:
+        scope = use.scope
+        if scope.rpm:
+            candidate = (scope.rpm - use.requests, scope.rpm, use.requests)
+            if requests is None or candidate < requests:
+                requests = candidate
+        if scope.tpm:
+            candidate = (scope.tpm - use.tokens, scope.tpm, use.tokens)
+            if tokens is None or candidate < tokens:
+                tokens = candidate
+    if requests is None and tokens is None:
+        return []
     bucket_seconds = window_seconds / BUCKETS
-    full_reset = bucket_expiry(bucket_of(now, bucket_seconds), bucket_seconds) - now
-    for kind, limit_name in (("requests", RPM), ("tokens", TPM)):
-        best: tuple[int, int, int] | None = None  # (left, limit, used)
-        for use in windows:
-            limit = use.scope.limit(limit_name)
-            if limit:
-                used = use.requests if limit_name == RPM else use.tokens
-                candidate = (limit - used, limit, used)
-                if best is None or candidate < best:
-                    best = candidate
+    reset = go_duration(bucket_expiry(bucket_of(now, bucket_seconds), bucket_seconds) - now).encode()
+    headers: list[tuple[bytes, bytes]] = []
+    for names, best in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
         if best is not None:
             left, limit, used = best
             headers += [
-                (f"x-ratelimit-limit-{kind}".encode(), str(limit).encode()),
-                (f"x-ratelimit-remaining-{kind}".encode(), str(max(left, 0)).encode()),
-                (f"x-ratelimit-reset-{kind}".encode(), go_duration(full_reset if used > 0 else 0).encode()),
+                (names[0], str(limit).encode()),
+                (names[1], str(max(left, 0)).encode()),
+                (names[2], reset if used > 0 else b"0s"),
             ]
     return headers
 
@@ -265,6 +275,13 @@ class ThresholdReached:
 
 def thresholds_reached(use: BudgetUse, thresholds: tuple[int, ...]) -> list[ThresholdReached]:
     """Every (budget, threshold) of the scope that its settled use has reached."""
+    scope, lowest = use.scope, min(thresholds)
+    if not (
+        (scope.daily_tokens and use.day_tokens * 100 >= scope.daily_tokens * lowest)
+        or (scope.monthly_tokens and use.month_tokens * 100 >= scope.monthly_tokens * lowest)
+        or (scope.monthly_cost and use.month_cost * 100 >= scope.monthly_cost * lowest)
+    ):
+        return []  # the usual case, checked first: below every threshold
     reached = []
     for budget in BUDGETS:
         limit = use.scope.limit(budget)

@@ -14,6 +14,10 @@ a smaller default, since its windows are corrected within the minute anyway.)
 A scope whose budget counters the state does not hold (a new process with the in-memory state,
 an emptied Redis, a period an admin reset) is seeded from the usage records: one query in a
 worker thread per scope, shared by the requests that wait for it, not one per request.
+
+This runs for every request of a team with a quota, so it caches what it can: a key's scopes per
+snapshot and day, each price's per-token rates; the in-process state is called without a
+coroutine, and settlements on Redis go in batches (``quota_upkeep``).
 """
 
 from __future__ import annotations
@@ -21,32 +25,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import random
+import math
 import time
-from dataclasses import dataclass, field
-from decimal import Decimal
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from django.db import close_old_connections
-
-from billing.prices import cost_of, price_for
+from billing.prices import price_for
 from gateway import snapshot
 from gateway.proxy import errors, tokens
+from gateway.proxy.quota_upkeep import QuotaUpkeep
 from gateway.snapshot.types import KeyView
-from tenants.alerts import AlertNotice, alert_raise
-from tenants.quota_state import (
-    KEY,
-    Admitted,
-    Ask,
-    BudgetUse,
-    QuotaState,
-    Refused,
-    Reservation,
-    ScopeLimits,
-    Seed,
-    Unseeded,
-)
-from tenants.quota_state.contract import COST_UNITS, MONTHLY_COST, TPM
+from tenants.quota_state import Admitted, Ask, QuotaState, Refused, Reservation, ScopeLimits, Seed, Unseeded
+from tenants.quota_state.contract import TPM
 from tenants.quotas import (
     PeriodClock,
     Periods,
@@ -57,7 +48,6 @@ from tenants.quotas import (
     refusal_code,
     refusal_reason,
     scopes_for,
-    thresholds_reached,
 )
 from tenants.selectors import quota_usage_totals
 
@@ -65,6 +55,7 @@ log = logging.getLogger(__name__)
 
 # The most Retry-After says: OpenAI SDKs 1.x honour up to 60 s (newer ones 120 s).
 MAX_RETRY_AFTER = 60.0
+SCOPE_CACHE_SIZE = 50_000
 
 
 @dataclass(slots=True)
@@ -77,13 +68,15 @@ class Admission:
     settled: bool = False
 
 
-@dataclass(slots=True)
-class _Alerts:
-    """(scope, budget, threshold, period) already handed off by this process: the database decides
-    for all processes, this only keeps a process from asking it on every request."""
-
-    seen: set[tuple[Any, ...]] = field(default_factory=set)
-    day: int = 0
+def unavailable() -> errors.GatewayError:
+    return errors.GatewayError(
+        503,
+        "The gateway cannot check this team's quota right now; retry shortly.",
+        type="api_error",
+        code="quota_state_unavailable",
+        outcome="upstream_error",
+        headers=errors.retry_headers(1.0),
+    )
 
 
 class Admitter:
@@ -91,12 +84,13 @@ class Admitter:
 
     def __init__(self, state: QuotaState, tz_name: str, window_seconds: float, redis: Any = None) -> None:
         self.state = state
+        self.synchronous = state.synchronous
         self.clock = PeriodClock(tz_name)
         self.window_seconds = window_seconds
-        self.redis = redis  # for the reconciliation lock; None: in process
+        self.upkeep = QuotaUpkeep(state, self.clock, redis)
         self._seeding: dict[tuple[Any, ...], asyncio.Future[dict[tuple[str, int], Seed]]] = {}
-        self._alerts = _Alerts()
-        self._background: set[asyncio.Future[Any]] = set()
+        self._scopes: dict[int, tuple[KeyView, int, tuple[ScopeLimits, ...]]] = {}
+        self._rates: dict[int, tuple[Any, float, float]] = {}
 
     # -- admission -------------------------------------------------------------------------------
 
@@ -105,22 +99,21 @@ class Admitter:
         limit refused it. None when neither has a quota. Sets the response's rate-limit headers."""
         now = time.time()
         periods = self.clock.at(now)
-        scopes = scopes_for(key, periods)
+        scopes = self.scopes(key, periods)
         if not scopes:
             return None
-        demand = plan.demand
+        prompt = plan.demand.prompt_tokens
         allowance = tokens.completion_allowance(
             plan.route.operation, plan.payload, max(d.max_output_tokens for d in plan.candidates)
         )
-        price = price_for(snapshot.current().prices_by_model.get(plan.model, ()), ctx.started_at)
         ask = Ask(
-            scopes,
-            demand.prompt_tokens + allowance,
-            cost_units(cost_of(price, demand.prompt_tokens, 0, allowance)),
-            periods.ids,
+            scopes, prompt + allowance, self.cost_bound(plan.model, ctx.started_at, prompt, allowance), periods.ids
         )
         try:
-            result = await self.state.admit(ask, now)
+            if self.synchronous:
+                result = self.state.admit_now(ask, now)  # type: ignore[attr-defined]
+            else:
+                result = await self.admit_carrying(ask, now)
             for _ in range(3):  # a reset landing meanwhile can ask once more
                 if not isinstance(result, Unseeded):
                     break
@@ -128,23 +121,9 @@ class Admitter:
                 result = await self.state.admit(ask)
         except Exception as exc:
             log.warning("quota state unavailable for request %s: %s", ctx.request_id, exc)
-            raise errors.GatewayError(
-                503,
-                "The gateway cannot check this team's quota right now; retry shortly.",
-                type="api_error",
-                code="quota_state_unavailable",
-                outcome="upstream_error",
-                headers=errors.retry_headers(1.0),
-            ) from None
+            raise unavailable() from None
         if isinstance(result, Unseeded):
-            raise errors.GatewayError(
-                503,
-                "The gateway cannot check this team's quota right now; retry shortly.",
-                type="api_error",
-                code="quota_state_unavailable",
-                outcome="upstream_error",
-                headers=errors.retry_headers(1.0),
-            )
+            raise unavailable()
         ctx.response_headers = limit_headers(result.windows, now, self.window_seconds)
         if isinstance(result, Refused):
             # Nothing was served: the record bills nothing (the preflight's estimate is not usage).
@@ -152,6 +131,50 @@ class Admitter:
             raise self.refusal(result, key, periods, ask.tokens)
         assert isinstance(result, Admitted)
         return Admission(result.reservation, key, periods)
+
+    async def admit_carrying(self, ask: Ask, now: float) -> Admitted | Refused | Unseeded:
+        """One state call that also settles the tenant's queued settlements (Redis)."""
+        carry = getattr(self.state, "admit_carrying", None)
+        carried = self.upkeep.take(ask.scopes[0].tenant_id) if carry is not None else []
+        if not carried:
+            return await self.state.admit(ask, now)
+        assert carry is not None
+        try:
+            result, settled = await carry(ask, now, [s.item for s in carried])
+        except BaseException:
+            # Whether the script ran is unknown: the reservations lapse with their leases rather
+            # than risk counting a request twice; reconciliation restores what they used.
+            log.warning("%d quota settlements were lost with a failed admission", len(carried))
+            raise
+        self.upkeep.carried(carried, settled)
+        return result
+
+    def scopes(self, key: KeyView, periods: Periods) -> tuple[ScopeLimits, ...]:
+        """The key's scopes, cached while the snapshot keeps this KeyView and the day lasts."""
+        entry = self._scopes.get(id(key))
+        if entry is not None and entry[0] is key and entry[1] == periods.ids.day:
+            return entry[2]
+        if len(self._scopes) >= SCOPE_CACHE_SIZE:
+            self._scopes.clear()
+        scopes = scopes_for(key, periods)
+        self._scopes[id(key)] = (key, periods.ids.day, scopes)  # holding the key keeps its id unique
+        return scopes
+
+    def cost_bound(self, model: str, started_at: datetime, prompt: int, allowance: int) -> int:
+        """The most the request can cost, in COST_UNITS, at the price in effect when it started.
+
+        Float arithmetic on the price's rates, rounded up and one unit more: an upper bound is
+        what is needed here, not the exact cost (settlement uses the record's exact one).
+        """
+        price = price_for(snapshot.current().prices_by_model.get(model, ()), started_at)
+        if price is None:
+            return 0
+        rates = self._rates.get(id(price))
+        if rates is None or rates[0] is not price:
+            # Per million tokens -> COST_UNITS (10^-8) per token: x 10^8 / 10^6.
+            rates = (price, float(price.input_per_million) * 100.0, float(price.output_per_million) * 100.0)
+            self._rates[id(price)] = rates
+        return math.ceil(prompt * rates[1] + allowance * rates[2]) + 1
 
     def refusal(self, refused: Refused, key: KeyView, periods: Periods, requested: int) -> errors.GatewayError:
         """The 429 for a refusal: a budget as OpenAI's ``insufficient_quota`` (never retried), a
@@ -208,9 +231,10 @@ class Admitter:
 
     # -- settlement ------------------------------------------------------------------------------
 
-    async def settle(self, ctx: Any, record: dict[str, Any]) -> None:
-        """Replace the request's reservation with what its usage record says it used: once, and
-        never raising (a failed settlement leaves the reservation to lapse with its lease)."""
+    def settle(self, ctx: Any, record: dict[str, Any]) -> None:
+        """Replace the request's reservation with what its usage record says it used: once, never
+        blocking and never raising (on Redis it is queued; a settlement that fails leaves the
+        reservation to lapse with its lease)."""
         admission: Admission | None = ctx.admission
         if admission is None or admission.settled:
             return
@@ -219,109 +243,29 @@ class Admitter:
         used_cost = cost_units(record["cost"])
         # A request no upstream took (no capacity, the client gone first) leaves the windows too.
         dispatched = ctx.deployment_id is not None
+        if not self.synchronous:
+            self.upkeep.settle_later(admission, used_tokens, used_cost, dispatched)
+            return
         try:
-            uses = await asyncio.shield(
-                self.state.settle(admission.reservation, used_tokens, used_cost, dispatched=dispatched)
+            uses = self.state.settle_now(  # type: ignore[attr-defined]
+                admission.reservation, used_tokens, used_cost, dispatched=dispatched
             )
-        except Exception as exc:
-            log.warning("could not settle the quota reservation of %s: %s", ctx.request_id, exc)
+        except Exception:
+            log.exception("could not settle the quota reservation of %s", ctx.request_id)
             return
         if uses:
-            self.notice_thresholds(uses, admission)
-
-    def notice_thresholds(self, uses: list[BudgetUse], admission: Admission) -> None:
-        """Hand every threshold the settled use reached, and this process has not handed off this
-        period yet, to a worker thread that records (and so sends) each alert once."""
-        periods, key = admission.periods, admission.key
-        alerts = self._alerts
-        if alerts.day != periods.ids.day:
-            alerts.seen.clear()
-            alerts.day = periods.ids.day
-        for use in uses:
-            quota = key.quota if use.scope.kind == KEY else key.tenant.quota
-            if not quota.alert_thresholds:
-                continue
-            for reached in thresholds_reached(use, quota.alert_thresholds):
-                seen = (reached.scope.ref, reached.budget, reached.threshold, periods.start_of(reached.budget))
-                if seen in alerts.seen:
-                    continue
-                alerts.seen.add(seen)
-                money = reached.budget == MONTHLY_COST
-                notice = AlertNotice(
-                    tenant_id=key.tenant.id,
-                    key_id=key.id if use.scope.kind == KEY else None,
-                    budget=reached.budget,
-                    threshold=reached.threshold,
-                    period_start=periods.start_of(reached.budget),
-                    period_end=periods.end_of(reached.budget),
-                    used=Decimal(reached.used) / COST_UNITS if money else Decimal(reached.used),
-                    limit=Decimal(reached.limit) / COST_UNITS if money else Decimal(reached.limit),
-                )
-                self._in_background(_alert_raise_in_thread, notice)
-
-    def _in_background(self, fn: Any, *args: Any) -> None:
-        future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
-        self._background.add(future)
-        future.add_done_callback(self._background_done)
-
-    def _background_done(self, future: asyncio.Future[Any]) -> None:
-        self._background.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            log.error("budget alert hand-off failed", exc_info=future.exception())
+            self.upkeep.notice(uses, admission)
 
     async def drain(self) -> None:
-        """Wait for alert hand-offs still running (shutdown, tests)."""
-        if self._background:
-            await asyncio.wait(set(self._background), timeout=10)
-
-    # -- reconciliation --------------------------------------------------------------------------
-
-    async def reconcile_once(self, lock_seconds: float = 0.0) -> int:
-        """Raise every seeded budget counter to what the usage records show. With Redis, one
-        process per ``lock_seconds`` does it. Returns how many counters rose."""
-        if self.redis is not None and lock_seconds > 0:
-            prefix = getattr(self.state, "prefix", "gw")
-            if not await self.redis.set(f"{prefix}:q:reconcile-lock", b"1", nx=True, px=int(lock_seconds * 1000)):
-                return 0
-        now = time.time()
-        periods = self.clock.at(now)
-        scopes: dict[tuple[str, int], ScopeLimits] = {}
-        for key in snapshot.current().keys_by_hash.values():
-            for scope in scopes_for(key, periods):
-                if scope.budgeted:
-                    scopes.setdefault(scope.ref, scope)
-        if not scopes:
-            return 0
-        loop = asyncio.get_running_loop()
-        totals = await loop.run_in_executor(None, quota_usage_totals, list(scopes.values()), periods)
-        items = [(scope, totals.get(ref, Seed())) for ref, scope in scopes.items()]
-        raised = await self.state.reconcile(items, periods.ids)
-        if raised:
-            log.info("quota reconciliation raised %d budget counters to the usage records", raised)
-        return raised
-
-    async def run_reconciler(self, interval: float) -> None:
-        """Reconcile about every ``interval`` seconds until cancelled (jittered, so processes spread)."""
-        while True:
-            await asyncio.sleep(interval * random.uniform(0.8, 1.2))
-            try:
-                await self.reconcile_once(lock_seconds=interval * 0.8)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("quota reconciliation failed; trying again later", exc_info=True)
+        """Wait for settlements and alert hand-offs under way (tests)."""
+        await self.upkeep.drain()
 
     async def aclose(self) -> None:
-        await self.drain()
+        await self.upkeep.close()
         serve_locally = getattr(self.state, "serve_locally", None)
         if serve_locally is not None:
             serve_locally(False)
         await self.state.aclose()
-
-
-def _alert_raise_in_thread(notice: AlertNotice) -> None:
-    close_old_connections()  # a worker thread's connection may have outlived the database's patience
-    alert_raise(notice)
 
 
 def _seed_ref(scope: ScopeLimits, periods: Periods) -> tuple[Any, ...]:

@@ -136,7 +136,7 @@ class ProxyConsumer(AsyncHttpConsumer):
             record = ctx.usage_record(snapshot.current().prices_by_model)
             record_usage(record)
             if ctx.admission is not None:
-                await runtime.quotas.settle(ctx, record)
+                runtime.quotas.settle(ctx, record)
 
     async def serve(self, ctx: RequestContext, body: bytes) -> None:
         """Route, authenticate, then answer locally (models) or forward upstream."""

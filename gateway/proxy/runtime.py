@@ -78,7 +78,7 @@ class Runtime:
         self.dispatcher = make_dispatcher(self.redis)
         self.admitter = make_admitter(self.redis)
         self.reconciler = asyncio.get_running_loop().create_task(
-            self.admitter.run_reconciler(g["QUOTA_RECONCILE_SECONDS"]), name="quota-reconciler"
+            self.admitter.upkeep.run_reconciler(g["QUOTA_RECONCILE_SECONDS"]), name="quota-reconciler"
         )
         log.info("gateway runtime started (config v%s, redis=%s)", snapshot.current().version, bool(self.redis))
 

@@ -47,7 +47,7 @@ class ScopeLimits:
     """One scope's limits as admission applies them. 0 means unlimited.
 
     ``day_stamp`` / ``month_stamp``: when an admin last reset that period's counters (epoch
-    seconds), or 0 when not within the current period. The state seeds again when it changes.
+    milliseconds), or 0 when not within the current period. The state seeds again when it changes.
     """
 
     kind: str  # TENANT or KEY
@@ -60,18 +60,15 @@ class ScopeLimits:
     monthly_cost: int = 0  # COST_UNITS
     day_stamp: int = 0
     month_stamp: int = 0
+    # Derived once here, since admission reads them for every request.
+    ref: tuple[str, int] = field(init=False, repr=False, compare=False)
+    windowed: bool = field(init=False, repr=False, compare=False)
+    budgeted: bool = field(init=False, repr=False, compare=False)
 
-    @property
-    def ref(self) -> tuple[str, int]:
-        return (self.kind, self.id)
-
-    @property
-    def windowed(self) -> bool:
-        return bool(self.rpm or self.tpm)
-
-    @property
-    def budgeted(self) -> bool:
-        return bool(self.daily_tokens or self.monthly_tokens or self.monthly_cost)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ref", (self.kind, self.id))
+        object.__setattr__(self, "windowed", bool(self.rpm or self.tpm))
+        object.__setattr__(self, "budgeted", bool(self.daily_tokens or self.monthly_tokens or self.monthly_cost))
 
     def limit(self, name: str) -> int:
         return int(getattr(self, name))
@@ -223,6 +220,9 @@ class QuotaState(abc.ABC):
     gateway hosts keep their clocks in sync.
     """
 
+    # True when ``admit_now`` / ``settle_now`` do the same without a coroutine (in process).
+    synchronous = False
+
     def __init__(self, config: QuotaStateConfig) -> None:
         self.config = config
 
@@ -244,6 +244,11 @@ class QuotaState(abc.ABC):
         ``dispatched`` False (refused later, the client gone before an upstream took it):
         the request leaves the windows too. Returns each budgeted scope's settled use.
         """
+
+    async def settle_many(self, items: list[tuple[Reservation, int, int, bool]]) -> list[list[BudgetUse]]:
+        """Several ``settle`` calls, (reservation, tokens, cost, dispatched) each; the Redis state
+        makes them one script call."""
+        return [await self.settle(r, tokens, cost, dispatched=dispatched) for r, tokens, cost, dispatched in items]
 
     @abc.abstractmethod
     async def reconcile(self, items: list[tuple[ScopeLimits, Seed]], periods: PeriodIds) -> int:

@@ -1,14 +1,14 @@
 """The in-process quota state: the embedded default, and the reference the Redis scripts mirror.
 
-Each method runs without awaiting, so on one event loop it is atomic. A gateway process with
-this state keeps its own counters: several processes need Redis to share them.
+Each method runs without awaiting, so on one event loop it is atomic; ``admit_now`` and
+``settle_now`` are the same steps for callers that need no coroutine (the request path calls
+them directly: this state is on every request's path, so it is written for speed). A gateway
+process with this state keeps its own counters: several processes need Redis to share them.
 """
 
 from __future__ import annotations
 
-import heapq
 import time
-from dataclasses import dataclass, field
 
 from tenants.quota_state.contract import (
     BUCKETS,
@@ -31,37 +31,49 @@ from tenants.quota_state.contract import (
     Unseeded,
     WindowUse,
     bucket_expiry,
-    bucket_of,
     new_reservation_id,
 )
 
-
-@dataclass(slots=True)
-class _Hold:
-    tokens: int
-    cost: int
-    day: int
-    month: int
+# A hold: (tokens, cost, day, month, lease end).
+Hold = tuple[int, int, int, int, float]
 
 
-@dataclass(slots=True)
 class _Budget:
-    seeded: bool = False
-    day: int = 0  # period ids the counters belong to
-    month: int = 0
-    day_stamp: int = 0  # the reset stamps they were seeded under
-    month_stamp: int = 0
-    day_tokens: int = 0  # used by settled requests
-    month_tokens: int = 0
-    month_cost: int = 0
-    held_day_tokens: int = 0  # reserved by requests in flight
-    held_month_tokens: int = 0
-    held_month_cost: int = 0
-    holds: dict[str, _Hold] = field(default_factory=dict)
-    leases: list[tuple[float, str]] = field(default_factory=list)  # heap of (lease end, reservation id)
+    __slots__ = (
+        "day",
+        "day_stamp",
+        "day_tokens",
+        "held_day_tokens",
+        "held_month_cost",
+        "held_month_tokens",
+        "holds",
+        "month",
+        "month_cost",
+        "month_stamp",
+        "month_tokens",
+        "seeded",
+    )
+
+    def __init__(self) -> None:
+        self.seeded = False
+        self.day = self.month = 0  # the period ids the counters belong to
+        self.day_stamp = self.month_stamp = 0  # the reset stamps they were seeded under
+        self.day_tokens = self.month_tokens = self.month_cost = 0  # used by settled requests
+        self.held_day_tokens = self.held_month_tokens = self.held_month_cost = 0  # reserved in flight
+        # Reservation id -> hold, in the order they were made. Leases all last as long, so the
+        # first ones are the first to lapse.
+        self.holds: dict[str, Hold] = {}
 
     def prepare(self, scope: ScopeLimits, periods: PeriodIds, seed: Seed | None) -> bool:
         """Bring the counters to the current periods; False when they must be seeded first."""
+        if (
+            self.seeded
+            and self.day == periods.day
+            and self.month == periods.month
+            and self.day_stamp == scope.day_stamp
+            and self.month_stamp == scope.month_stamp
+        ):
+            return True
         if not self.seeded:
             if seed is None:
                 return False
@@ -90,59 +102,66 @@ class _Budget:
                 self.month_stamp = scope.month_stamp
         return ok
 
-    def unhold(self, hold: _Hold) -> None:
-        if hold.day == self.day:
-            self.held_day_tokens = max(self.held_day_tokens - hold.tokens, 0)
-        if hold.month == self.month:
-            self.held_month_tokens = max(self.held_month_tokens - hold.tokens, 0)
-            self.held_month_cost = max(self.held_month_cost - hold.cost, 0)
+    def unhold(self, hold: Hold) -> None:
+        tokens, cost, day, month, _ = hold
+        if day == self.day:
+            self.held_day_tokens = max(self.held_day_tokens - tokens, 0)
+        if month == self.month:
+            self.held_month_tokens = max(self.held_month_tokens - tokens, 0)
+            self.held_month_cost = max(self.held_month_cost - cost, 0)
 
     def expire_holds(self, now: float) -> None:
         """Forget reservations whose lease ended (their process died without settling)."""
-        while self.leases and self.leases[0][0] <= now:
-            _, rid = heapq.heappop(self.leases)
-            hold = self.holds.pop(rid, None)
-            if hold is not None:
-                self.unhold(hold)
+        lapsed = []
+        for rid, hold in self.holds.items():
+            if hold[4] > now:
+                break
+            lapsed.append(rid)
+        for rid in lapsed:
+            self.unhold(self.holds.pop(rid))
 
     def exhausted(self, scope: ScopeLimits) -> Refused | None:
-        for name, used, held in (
-            (DAILY_TOKENS, self.day_tokens, self.held_day_tokens),
-            (MONTHLY_TOKENS, self.month_tokens, self.held_month_tokens),
-            (MONTHLY_COST, self.month_cost, self.held_month_cost),
-        ):
-            limit = scope.limit(name)
-            if limit and used + held >= limit:
-                return Refused(scope, name, used, held)
+        limit = scope.daily_tokens
+        if limit and self.day_tokens + self.held_day_tokens >= limit:
+            return Refused(scope, DAILY_TOKENS, self.day_tokens, self.held_day_tokens)
+        limit = scope.monthly_tokens
+        if limit and self.month_tokens + self.held_month_tokens >= limit:
+            return Refused(scope, MONTHLY_TOKENS, self.month_tokens, self.held_month_tokens)
+        limit = scope.monthly_cost
+        if limit and self.month_cost + self.held_month_cost >= limit:
+            return Refused(scope, MONTHLY_COST, self.month_cost, self.held_month_cost)
         return None
 
 
-@dataclass(slots=True)
 class _Window:
-    lo: int | None = None  # the oldest bucket still counted
-    requests: int = 0
-    tokens: int = 0
-    r: dict[int, int] = field(default_factory=dict)
-    t: dict[int, int] = field(default_factory=dict)
+    __slots__ = ("lo", "r", "requests", "t", "tokens")
+
+    def __init__(self) -> None:
+        self.lo: int | None = None  # the oldest bucket still counted
+        self.requests = self.tokens = 0
+        self.r: dict[int, int] = {}
+        self.t: dict[int, int] = {}
 
     def advance(self, bucket: int) -> None:
         """Drop the buckets that no longer count when ``bucket`` is filling."""
         new_lo = bucket - BUCKETS
-        if self.lo is None or new_lo - self.lo > BUCKETS:
+        lo = self.lo
+        if lo is not None and lo >= new_lo:
+            return  # the same bucket as the last request (or a clock a little behind)
+        if lo is None or new_lo - lo > BUCKETS:
             self.lo, self.requests, self.tokens = new_lo, 0, 0
             self.r.clear()
             self.t.clear()
             return
-        for b in range(self.lo, new_lo):
+        for b in range(lo, new_lo):
             self.requests -= self.r.pop(b, 0)
             self.tokens -= self.t.pop(b, 0)
-        self.lo = max(self.lo, new_lo)
+        self.lo = new_lo
 
     def wait(self, counts: dict[int, int], excess: int, bucket: int, bucket_seconds: float, now: float) -> float:
         """Seconds until the oldest buckets holding ``excess`` units have stopped counting."""
-        assert self.lo is not None
         freed = 0
-        for b in range(self.lo, bucket + 1):
+        for b in range(self.lo if self.lo is not None else bucket, bucket + 1):
             freed += counts.get(b, 0)
             if freed >= excess:
                 return max(bucket_expiry(b, bucket_seconds) - now, 0.001)
@@ -153,6 +172,7 @@ class MemoryQuotaState(QuotaState):
     """Counters in this process's memory. ``local()`` is the one the gateway runtime serves with
     (the admin, in the same process, reads it)."""
 
+    synchronous = True
     _local: MemoryQuotaState | None = None
 
     @classmethod
@@ -170,68 +190,79 @@ class MemoryQuotaState(QuotaState):
         super().__init__(config or QuotaStateConfig())
         self._budgets: dict[tuple[str, int], _Budget] = {}
         self._windows: dict[tuple[str, int], _Window] = {}
+        self._bucket_seconds = self.config.bucket
+        self._hold_seconds = self.config.hold_seconds
 
     async def admit(self, ask: Ask, now: float | None = None) -> Admitted | Refused | Unseeded:
         return self.admit_now(ask, time.time() if now is None else now)
 
     def admit_now(self, ask: Ask, now: float) -> Admitted | Refused | Unseeded:
-        seeds = ask.seeds or {}
-        unseeded: list[ScopeLimits] = []
+        seeds = ask.seeds
+        periods = ask.periods
+        unseeded: list[ScopeLimits] | None = None
         budgets: list[tuple[ScopeLimits, _Budget]] = []
+        windows: list[tuple[ScopeLimits, _Window]] = []
+        bucket = int(now // self._bucket_seconds)
         for scope in ask.scopes:
             if scope.budgeted:
-                budget = self._budgets.setdefault(scope.ref, _Budget())
-                if not budget.prepare(scope, ask.periods, seeds.get(scope.ref)):
-                    unseeded.append(scope)
+                budget = self._budgets.get(scope.ref)
+                if budget is None:
+                    budget = self._budgets[scope.ref] = _Budget()
+                if not budget.prepare(scope, periods, seeds.get(scope.ref) if seeds else None):
+                    unseeded = [*(unseeded or ()), scope]
                     continue
-                budget.expire_holds(now)
+                if budget.holds:
+                    budget.expire_holds(now)
                 budgets.append((scope, budget))
-        if unseeded:
-            return Unseeded(unseeded)
-        bucket_seconds = self.config.bucket
-        bucket = bucket_of(now, bucket_seconds)
-        windows: list[tuple[ScopeLimits, _Window]] = []
-        for scope in ask.scopes:
             if scope.windowed:
-                window = self._windows.setdefault(scope.ref, _Window())
+                window = self._windows.get(scope.ref)
+                if window is None:
+                    window = self._windows[scope.ref] = _Window()
                 window.advance(bucket)
                 windows.append((scope, window))
-        before = [WindowUse(s, w.requests, w.tokens) for s, w in windows]
+        if unseeded:
+            return Unseeded(unseeded)
         for scope, budget in budgets:
             refused = budget.exhausted(scope)
             if refused is not None:
-                refused.windows = before
+                refused.windows = [WindowUse(s, w.requests, w.tokens) for s, w in windows]
                 return refused
+        tokens = ask.tokens
         for scope, window in windows:
             if scope.rpm and window.requests + 1 > scope.rpm:
-                wait = window.wait(window.r, window.requests + 1 - scope.rpm, bucket, bucket_seconds, now)
-                return Refused(scope, RPM, window.requests, retry_after=wait, windows=before)
-            if scope.tpm and window.tokens + ask.tokens > scope.tpm:
+                wait = window.wait(window.r, window.requests + 1 - scope.rpm, bucket, self._bucket_seconds, now)
+                uses = [WindowUse(s, w.requests, w.tokens) for s, w in windows]
+                return Refused(scope, RPM, window.requests, retry_after=wait, windows=uses)
+            if scope.tpm and window.tokens + tokens > scope.tpm:
+                excess = window.tokens + tokens - scope.tpm
                 wait_or_never = (
-                    None
-                    if ask.tokens > scope.tpm
-                    else window.wait(window.t, window.tokens + ask.tokens - scope.tpm, bucket, bucket_seconds, now)
+                    None if tokens > scope.tpm else window.wait(window.t, excess, bucket, self._bucket_seconds, now)
                 )
-                return Refused(scope, TPM, window.tokens, retry_after=wait_or_never, windows=before)
+                uses = [WindowUse(s, w.requests, w.tokens) for s, w in windows]
+                return Refused(scope, TPM, window.tokens, retry_after=wait_or_never, windows=uses)
         rid = new_reservation_id()
-        lease_end = now + self.config.hold_seconds
+        cost = ask.cost
+        lease_end = now + self._hold_seconds
         for _, budget in budgets:
-            budget.held_day_tokens += ask.tokens
-            budget.held_month_tokens += ask.tokens
-            budget.held_month_cost += ask.cost
-            budget.holds[rid] = _Hold(ask.tokens, ask.cost, budget.day, budget.month)
-            heapq.heappush(budget.leases, (lease_end, rid))
-        for _, window in windows:
+            budget.held_day_tokens += tokens
+            budget.held_month_tokens += tokens
+            budget.held_month_cost += cost
+            budget.holds[rid] = (tokens, cost, budget.day, budget.month, lease_end)
+        uses = []
+        for scope, window in windows:
             window.r[bucket] = window.r.get(bucket, 0) + 1
-            window.t[bucket] = window.t.get(bucket, 0) + ask.tokens
+            window.t[bucket] = window.t.get(bucket, 0) + tokens
             window.requests += 1
-            window.tokens += ask.tokens
-        reservation = Reservation(rid, ask.scopes, ask.tokens, ask.cost, ask.periods, bucket)
-        return Admitted(reservation, [WindowUse(s, w.requests, w.tokens) for s, w in windows])
+            window.tokens += tokens
+            uses.append(WindowUse(scope, window.requests, window.tokens))
+        return Admitted(Reservation(rid, ask.scopes, tokens, cost, periods, bucket), uses)
 
     async def settle(
         self, reservation: Reservation, tokens: int, cost: int, *, dispatched: bool, now: float | None = None
     ) -> list[BudgetUse]:
+        return self.settle_now(reservation, tokens, cost, dispatched=dispatched)
+
+    def settle_now(self, reservation: Reservation, tokens: int, cost: int, *, dispatched: bool) -> list[BudgetUse]:
         out: list[BudgetUse] = []
         periods = reservation.periods
         for scope in reservation.scopes:
@@ -243,12 +274,13 @@ class MemoryQuotaState(QuotaState):
                         budget.unhold(hold)
                     # Counted only into the periods it was admitted in, and not across a reset
                     # (the records counted after a reset start at the reset).
-                    if periods.day == budget.day and scope.day_stamp == budget.day_stamp:
+                    same_day, same_month = periods.day == budget.day, periods.month == budget.month
+                    if same_day and scope.day_stamp == budget.day_stamp:
                         budget.day_tokens += tokens
-                    if periods.month == budget.month and scope.month_stamp == budget.month_stamp:
+                    if same_month and scope.month_stamp == budget.month_stamp:
                         budget.month_tokens += tokens
                         budget.month_cost += cost
-                    if periods.day == budget.day and periods.month == budget.month:
+                    if same_day and same_month:
                         out.append(BudgetUse(scope, budget.day_tokens, budget.month_tokens, budget.month_cost))
             if scope.windowed:
                 window = self._windows.get(scope.ref)
@@ -291,7 +323,7 @@ class MemoryQuotaState(QuotaState):
 
     def read_now(self, scopes: list[ScopeLimits], periods: PeriodIds, now: float) -> list[ScopeUse]:
         """``read`` without the event loop: only reads, so another thread (the admin's) may call it."""
-        bucket = bucket_of(now, self.config.bucket)
+        bucket = int(now // self._bucket_seconds)
         out = []
         for scope in scopes:
             use = ScopeUse()

@@ -81,13 +81,9 @@ class RedisQuotaState(QuotaState):
         self.prefix = prefix
         self._scripts = {name: redis.register_script(lua_source(name)) for name in SCRIPTS}
         self._keys: dict[tuple[str, int, int], list[str]] = {}
-        self._scope_args: dict[ScopeLimits, list[str]] = {}
+        self._scope_args: dict[ScopeLimits, str] = {}
         cfg = self.config
-        self._fixed = [
-            repr(cfg.bucket),
-            str(int(cfg.budget_ttl * 1000)),
-            str(int((cfg.window * 2 + 5) * 1000)),
-        ]
+        self._fixed = f"{cfg.bucket!r}|{int(cfg.budget_ttl * 1000)}|{int((cfg.window * 2 + 5) * 1000)}"
 
     @classmethod
     def from_url(cls, url: str, config: QuotaStateConfig | None = None, *, prefix: str = "gw") -> RedisQuotaState:
@@ -100,94 +96,103 @@ class RedisQuotaState(QuotaState):
             keys = self._keys[ref] = scope_keys(self.prefix, scope)
         return keys
 
-    def _limits(self, scope: ScopeLimits) -> list[str]:
-        args = self._scope_args.get(scope)
-        if args is None:
+    def _limits(self, scope: ScopeLimits) -> str:
+        text = self._scope_args.get(scope)
+        if text is None:
             if len(self._scope_args) > 10_000:  # scopes change with the configuration: keep it bounded
                 self._scope_args.clear()
-            args = self._scope_args[scope] = [
-                "1" if scope.budgeted else "0",
-                "1" if scope.windowed else "0",
-                str(scope.rpm),
-                str(scope.tpm),
-                str(scope.daily_tokens),
-                str(scope.monthly_tokens),
-                str(scope.monthly_cost),
-                str(scope.day_stamp),
-                str(scope.month_stamp),
-            ]
-        return args
+            text = self._scope_args[scope] = "|".join(
+                (
+                    "1" if scope.budgeted else "0",
+                    "1" if scope.windowed else "0",
+                    str(scope.rpm),
+                    str(scope.tpm),
+                    str(scope.daily_tokens),
+                    str(scope.monthly_tokens),
+                    str(scope.monthly_cost),
+                    str(scope.day_stamp),
+                    str(scope.month_stamp),
+                )
+            )
+        return text
 
     async def admit(self, ask: Ask, now: float | None = None) -> Admitted | Refused | Unseeded:
+        result, _ = await self.admit_carrying(ask, now, [])
+        return result
+
+    async def admit_carrying(
+        self, ask: Ask, now: float | None, items: list[tuple[Reservation, int, int, bool]]
+    ) -> tuple[Admitted | Refused | Unseeded, list[list[BudgetUse]]]:
+        """``admit``, with settlements of earlier requests (of the same tenant, on Redis Cluster)
+        done first in the same script call; returns what ``settle_many`` would for them too."""
         now = time.time() if now is None else now
         rid = new_reservation_id()
         keys: list[str] = []
         args = [
-            repr(now),
-            rid,
-            str(ask.tokens),
-            str(ask.cost),
-            str(ask.periods.day),
-            str(ask.periods.month),
-            repr(now + self.config.hold_seconds),
-            *self._fixed,
-            str(len(ask.scopes)),
+            f"{now!r}|{rid}|{ask.tokens}|{ask.cost}|{ask.periods.day}|{ask.periods.month}|"
+            f"{now + self.config.hold_seconds!r}|{self._fixed}|{len(ask.scopes)}"
         ]
-        seeds = ask.seeds or {}
+        seeds = ask.seeds
         for scope in ask.scopes:
             keys += self.keys(scope)
-            args += self._limits(scope)
-            seed = seeds.get(scope.ref)
+            seed = seeds.get(scope.ref) if seeds else None
             if seed is None:
-                args += ["0", "0", "0", "0"]
+                args.append(self._limits(scope))
             else:
-                args += ["1", str(seed.day_tokens), str(seed.month_tokens), str(seed.month_cost)]
-        res = await self._scripts["admit"](keys=keys, args=args)
-        verdict = _s(res[0])
-        if verdict == "U":
-            return Unseeded([ask.scopes[int(i) - 1] for i in res[1:]])
+                args.append(f"{self._limits(scope)}|{seed.day_tokens}|{seed.month_tokens}|{seed.month_cost}")
+        if items:
+            args += self._settlement_args(items, keys)
+        verdict_text, _, settled_text = _s(await self._scripts["admit"](keys=keys, args=args)).partition("#")
+        reply = verdict_text.split("|")
+        settled = _settled(items, settled_text) if items else []
+        verdict = reply[0]
         if verdict == "A":
-            uses = _window_uses(ask.scopes, res[2:])
-            return Admitted(Reservation(rid, ask.scopes, ask.tokens, ask.cost, ask.periods, int(res[1])), uses)
-        wait = float(_s(res[5]))
-        return Refused(
-            scope=ask.scopes[int(res[1]) - 1],
-            limit=_s(res[2]),
-            used=int(_s(res[3])),
-            held=int(_s(res[4])),
+            uses = _window_uses(ask.scopes, reply[2:])
+            reservation = Reservation(rid, ask.scopes, ask.tokens, ask.cost, ask.periods, int(reply[1]))
+            return Admitted(reservation, uses), settled
+        if verdict == "U":
+            return Unseeded([ask.scopes[int(i) - 1] for i in reply[1:]]), settled
+        wait = float(reply[5])
+        refused = Refused(
+            scope=ask.scopes[int(reply[1]) - 1],
+            limit=reply[2],
+            used=int(reply[3]),
+            held=int(reply[4]),
             retry_after=None if wait < 0 else wait,
-            windows=_window_uses(ask.scopes, res[6:]),
+            windows=_window_uses(ask.scopes, reply[6:]),
         )
+        return refused, settled
 
     async def settle(
         self, reservation: Reservation, tokens: int, cost: int, *, dispatched: bool, now: float | None = None
     ) -> list[BudgetUse]:
+        (uses,) = await self.settle_many([(reservation, tokens, cost, dispatched)])
+        return uses
+
+    async def settle_many(self, items: list[tuple[Reservation, int, int, bool]]) -> list[list[BudgetUse]]:
+        """Settle several reservations in one script call (one atomic step); per reservation,
+        what ``settle`` returns. Give reservations of one tenant only when on Redis Cluster (their
+        keys share its slot)."""
         keys: list[str] = []
-        args = [
-            reservation.id,
-            str(int(tokens)),
-            str(int(cost)),
-            str(reservation.tokens),
-            "1" if dispatched else "0",
-            str(reservation.periods.day),
-            str(reservation.periods.month),
-            str(reservation.bucket),
-            str(len(reservation.scopes)),
-        ]
-        for scope in reservation.scopes:
-            keys += self.keys(scope)
-            args += [
-                "1" if scope.budgeted else "0",
-                "1" if scope.windowed else "0",
-                str(scope.day_stamp),
-                str(scope.month_stamp),
+        args = self._settlement_args(items, keys)
+        return _settled(items, _s(await self._scripts["settle"](keys=keys, args=args)))
+
+    def _settlement_args(self, items: list[tuple[Reservation, int, int, bool]], keys: list[str]) -> list[str]:
+        """One argument per settlement (as settle.lua takes them); their keys are added to ``keys``."""
+        args = []
+        for reservation, tokens, cost, dispatched in items:
+            periods = reservation.periods
+            parts = [
+                f"{reservation.id}|{int(tokens)}|{int(cost)}|{reservation.tokens}|{1 if dispatched else 0}|"
+                f"{periods.day}|{periods.month}|{reservation.bucket}|{len(reservation.scopes)}"
             ]
-        rows = await self._scripts["settle"](keys=keys, args=args)
-        out = []
-        for scope, row in zip(reservation.scopes, rows, strict=True):
-            if scope.budgeted and int(row[0]):
-                out.append(BudgetUse(scope, int(_s(row[1])), int(_s(row[2])), int(_s(row[3]))))
-        return out
+            for scope in reservation.scopes:
+                keys += self.keys(scope)
+                parts.append(
+                    f"{1 if scope.budgeted else 0}|{1 if scope.windowed else 0}|{scope.day_stamp}|{scope.month_stamp}"
+                )
+            args.append("|".join(parts))
+        return args
 
     async def reconcile(self, items: list[tuple[ScopeLimits, Seed]], periods: PeriodIds) -> int:
         raised = 0
@@ -231,11 +236,22 @@ class RedisQuotaState(QuotaState):
             await self._redis.aclose()
 
 
-def _window_uses(scopes: tuple[ScopeLimits, ...], flat: list) -> list[WindowUse]:
+def _settled(items: list[tuple[Reservation, int, int, bool]], reply: str) -> list[list[BudgetUse]]:
+    """settle.lua's rows: per reservation, the budgeted scopes' settled use in its periods."""
+    out = []
+    for (reservation, *_), rows in zip(items, reply.split("/"), strict=True):
+        uses = []
+        for scope, row in zip(reservation.scopes, rows.split(";"), strict=True):
+            ok, day_tokens, month_tokens, month_cost = row.split(",")
+            if scope.budgeted and ok == "1":
+                uses.append(BudgetUse(scope, int(day_tokens), int(month_tokens), int(month_cost)))
+        out.append(uses)
+    return out
+
+
+def _window_uses(scopes: tuple[ScopeLimits, ...], flat: list[str]) -> list[WindowUse]:
     return [
-        WindowUse(scope, int(_s(flat[2 * i])), int(_s(flat[2 * i + 1])))
-        for i, scope in enumerate(scopes)
-        if scope.windowed
+        WindowUse(scope, int(flat[2 * i]), int(flat[2 * i + 1])) for i, scope in enumerate(scopes) if scope.windowed
     ]
 
 

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tests.bench.quotas import quota_rows
+
 # Issue 3's performance targets for one gateway process.
 TARGET_ADDED_P50_MS = 1.5
 TARGET_ADDED_TTFT_MS = 2.0
@@ -348,6 +350,10 @@ def render(results: dict[str, Any]) -> str:
     header, sat_rows = saturation_rows(results)
     if sat_rows and len(header) > 1:
         out += ["", _table(sat_rows, header)]
+    quotas = quota_rows(results)
+    if quotas:
+        header = ["quotas (issue 14)", "c=1 p50 ms off / on", "added (<= +0.15)", "c=32 req/s off / on"]
+        out += ["", _table(quotas, [*header, "share (>= 90 %)", "non-200"])]
     targets = target_rows(results)
     if targets:
         out += ["", _table(targets, ["issue 3 target (uvicorn, in-process)", "measured", "target", ""])]
@@ -357,6 +363,7 @@ def render(results: dict[str, Any]) -> str:
     for name, run in [
         *results.get("gateways", {}).items(),
         *((f"saturation {n}", r) for n, r in results.get("saturation", {}).items()),
+        *((f"quotas {n}", r) for n, r in results.get("quotas", {}).items()),
     ]:
         if run.get("log_errors"):
             out += ["", f"Gateway log ({name}), {run.get('log_lines')} lines at warning or above, first ones verbatim:"]

@@ -9,7 +9,9 @@
    beside the generator): uvicorn (every scenario), daphne (c=32), and with ``--redis`` uvicorn
    on Redis state.
 6. Saturation on a gateway with short windows (and again on Redis with ``--redis``).
-7. With ``--profile``: one more uvicorn process, profiled during a c=32 run.
+7. Quotas: one uvicorn process measured with and without a tenant and a key quota, alternately
+   (and again on Redis with ``--redis``).
+8. With ``--profile``: one more uvicorn process, profiled during a c=32 run.
 
 A phase that fails is reported (its error verbatim) and the next one still runs.
 """
@@ -35,6 +37,7 @@ from typing import Any
 from tests.bench import report, wrk
 from tests.bench.loadgen import GENERATOR_NAME
 from tests.bench.procs import ProcessGroup, pin, usable_cpus
+from tests.bench.quotas import quota_tenants, run_quota_comparison
 from tests.bench.saturation import SaturationConfig, run_saturation
 from tests.bench.scenarios import (
     CHAT_DEPLOYMENT,
@@ -50,7 +53,7 @@ from tests.bench.stack import REPO, SIM_API_KEY, BenchEnv, start_simulator
 
 OUTPUT = REPO / "var" / "bench" / "latest.json"
 STREAM_TOKEN_DELAY_MS = 5.0
-PHASES = ("direct", "uvicorn", "daphne", "saturation")
+PHASES = ("direct", "uvicorn", "daphne", "saturation", "quotas")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "direct": {},
         "gateways": {},
         "saturation": {},
+        "quotas": {},
         "failures": [],
     }
     started = time.monotonic()
@@ -221,6 +225,25 @@ def _run(
             )
         results["saturation"] = {k: v for k, v in results["saturation"].items() if v}
 
+    if "quotas" in args.only:
+        results["quotas"]["in-process"] = phase(
+            "quotas on / off", lambda: run_quota_comparison(group, env, keys, pinning, durations)
+        )
+        if args.redis:
+            results["quotas"]["redis"] = phase(
+                "quotas on / off on Redis",
+                lambda: run_quota_comparison(
+                    group,
+                    env,
+                    keys,
+                    pinning,
+                    durations,
+                    extra_env=_redis_env(args.redis),
+                    label="gateway-quotas-redis",
+                ),
+            )
+        results["quotas"] = {k: v for k, v in results["quotas"].items() if v}
+
     if args.profile:
         from tests.bench.profiling import run_profile
 
@@ -275,7 +298,7 @@ def _gateway_config(sim_url: str, sat_url: str, sat_config: SaturationConfig) ->
                 "deployments": sat_config.gateway_deployments(),
             },
         ],
-        "tenants": [{"slug": "bench-a", "keys": ["app"]}, {"slug": "bench-b", "keys": ["app"]}],
+        "tenants": [{"slug": "bench-a", "keys": ["app"]}, {"slug": "bench-b", "keys": ["app"]}, *quota_tenants()],
     }
 
 

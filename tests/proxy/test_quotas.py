@@ -153,6 +153,7 @@ async def test_a_spent_budget_is_refused_as_insufficient_quota_naming_the_budget
     client = gateway_http.with_key(broke_key.secret)
 
     first = await client.post(CHAT_PATH, chat())  # nothing spent yet: admitted, and spends it all
+    await runtime.quotas.drain()  # on Redis, settlements are sent just after the answer
     second = await client.post(CHAT_PATH, chat())
 
     assert (first.status_code, second.status_code) == (200, 429)
@@ -183,6 +184,7 @@ async def test_requests_in_flight_hold_the_most_they_can_use_against_the_budget(
 
     # 0 and 4,104 held are below 5,000; 8,208 is not.
     answers = await asyncio.gather(*(gateway_http.post(CHAT_PATH, chat()) for _ in range(3)))
+    await runtime.quotas.drain()
     later = await gateway_http.post(CHAT_PATH, chat())  # 26 used once they settled
 
     assert sorted(a.status_code for a in answers) == [200, 200, 429]
@@ -284,6 +286,7 @@ async def test_a_team_without_rate_limits_gets_no_ratelimit_headers_even_when_th
 
 async def test_settling_replaces_the_reservation_with_what_the_request_used(gateway_http: GatewayHTTP):
     await gateway_http.post(CHAT_PATH, chat())
+    await runtime.quotas.drain()
     second = await gateway_http.post(CHAT_PATH, chat())
 
     assert second.headers["x-ratelimit-remaining-tokens"] == str(100_000 - USED - RESERVED)
@@ -297,6 +300,7 @@ async def test_a_request_the_balancer_refuses_gives_its_place_back(
     await Deployment.objects.filter(pk__in=[ptu_deployment.pk, standard_deployment.pk]).aupdate(tpm=1_000)
 
     too_large = await gateway_http.post(CHAT_PATH, chat(max_tokens=2_000))  # no deployment's minute holds it
+    await runtime.quotas.drain()
     fits = await gateway_http.post(CHAT_PATH, chat(max_tokens=5))
 
     assert (too_large.status_code, error_of(too_large)["code"]) == (429, "request_too_large")

@@ -337,3 +337,33 @@ async def test_an_emptied_redis_asks_for_seeds_again(make_quota_state):
 
     assert lost == []  # the settlement does not recreate a half-empty budget
     assert isinstance(again, Unseeded)
+
+
+async def test_an_admission_settles_the_settlements_it_carries_before_deciding(make_quota_state):
+    if make_quota_state.backend != "redis":
+        pytest.skip("Redis only: one script call admits and settles")
+    state = await make_quota_state()
+    scope = tenant(daily_tokens=500, rpm=10)
+    first = await admitted(state, ask(scope, tokens=600))  # holds more than the whole budget
+
+    result, settled = await state.admit_carrying(ask(scope, tokens=100), T0 + 1, [(first.reservation, 50, 0, True)])
+
+    assert isinstance(result, Admitted)
+    assert [(u.scope.kind, u.day_tokens) for u in settled[0]] == [(TENANT, 50)]
+    assert [(w.requests, w.tokens) for w in result.windows] == [(2, 150)]
+
+
+async def test_settling_a_batch_settles_each_reservation_once(make_quota_state):
+    state = await make_quota_state()
+    scope, app = tenant(monthly_tokens=10_000, tpm=100_000), key(daily_tokens=10_000)
+    admissions = [await admitted(state, ask(scope, app, tokens=1_000)) for _ in range(3)]
+
+    results = await state.settle_many([(a.reservation, 10 * (i + 1), 0, True) for i, a in enumerate(admissions)])
+
+    assert [[(u.scope.kind, u.month_tokens, u.day_tokens) for u in uses] for uses in results] == [
+        [(TENANT, 10, 10), (KEY, 10, 10)],
+        [(TENANT, 30, 30), (KEY, 30, 30)],
+        [(TENANT, 60, 60), (KEY, 60, 60)],
+    ]
+    (team_use, key_use) = await state.read([scope, app], TODAY, T0)
+    assert (team_use.held_tokens, key_use.held_tokens, team_use.tokens) == (0, 0, 60)

@@ -1,33 +1,46 @@
 -- Admission: check every scope's budgets and windows, then reserve in all of them, atomically.
--- KEYS: per scope B, Z, W.
--- ARGV: now, rid, tokens, cost, pday, pmonth, lease_end, bucket_seconds, budget_ttl_ms,
---       window_ttl_ms, nscopes, then per scope 13 values: budgeted, windowed, rpm, tpm, daily,
---       monthly_tokens, monthly_cost, day_stamp, month_stamp, has_seed, seed_d, seed_mt, seed_mc.
--- Returns {'A', bucket, n1, k1, n2, k2, ...}       admitted (window use with this request)
---         {'R', scope, limit, used, held, wait, n1, k1, ...}  refused (wait '-1': none / never)
---         {'U', scope, ...}                        these scopes must be seeded first
-local now, rid = tonumber(ARGV[1]), ARGV[2]
-local tokens, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
-local pday, pmonth, lease_end = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
-local bs, budget_ttl, window_ttl = tonumber(ARGV[8]), ARGV[9], ARGV[10]
-local n = tonumber(ARGV[11])
+-- Settlements of earlier requests of the same tenant ride along (settled first), so that under
+-- steady traffic a request costs one script call in all.
+-- KEYS: per scope B, Z, W; then the settlements' keys (as settle.lua takes them).
+-- ARGV[1]: now|rid|tokens|cost|pday|pmonth|lease_end|bucket_seconds|budget_ttl_ms|window_ttl_ms|
+--   nscopes
+-- ARGV[1 + s], per scope: budgeted|windowed|rpm|tpm|daily|monthly_tokens|monthly_cost|day_stamp|
+--   month_stamp, then |seed_d|seed_mt|seed_mc when the caller read the scope's seed.
+-- ARGV[2 + nscopes ...]: settlements, one each (as settle.lua takes them).
+-- Returns one string (one reply to read, not an array of them): the verdict '|'-joined,
+--   A|bucket|n1|k1|n2|k2...                 admitted (window use with this request)
+--   R|scope|limit|used|held|wait|n1|k1...   refused (wait -1: none, or never)
+--   U|scope|...                             these scopes must be seeded first
+-- then '#' and the settlements' rows (as settle.lua returns them).
+local h = split(ARGV[1])
+local now, rid = tonumber(h[1]), h[2]
+local tokens, cost = tonumber(h[3]), tonumber(h[4])
+local pday, pmonth, lease_end = tonumber(h[5]), tonumber(h[6]), h[7]
+local bs, budget_ttl, window_ttl = tonumber(h[8]), h[9], h[10]
+local n = tonumber(h[11])
 local bucket = math.floor(now / bs)
 
+local settled = {}
+local k = 3 * n + 1
+for r = 2 + n, #ARGV do
+  settled[#settled + 1], k = settle_one(ARGV[r], k)
+end
+local tail = '#' .. table.concat(settled, '/')
+
 local scopes = {}
-local i = 12
 for s = 1, n do
+  local a = split(ARGV[1 + s])
   local sc = {
-    budgeted = ARGV[i] == '1', windowed = ARGV[i + 1] == '1',
-    rpm = tonumber(ARGV[i + 2]), tpm = tonumber(ARGV[i + 3]),
-    daily = tonumber(ARGV[i + 4]), mtok = tonumber(ARGV[i + 5]), mcost = tonumber(ARGV[i + 6]),
-    dstamp = ARGV[i + 7], mstamp = ARGV[i + 8],
+    budgeted = a[1] == '1', windowed = a[2] == '1',
+    rpm = tonumber(a[3]), tpm = tonumber(a[4]),
+    daily = tonumber(a[5]), mtok = tonumber(a[6]), mcost = tonumber(a[7]),
+    dstamp = a[8], mstamp = a[9],
     kb = KEYS[3 * s - 2], kz = KEYS[3 * s - 1], kw = KEYS[3 * s],
   }
-  if ARGV[i + 9] == '1' then
-    sc.seed = {d = tonumber(ARGV[i + 10]), mt = tonumber(ARGV[i + 11]), mc = tonumber(ARGV[i + 12])}
+  if a[10] then
+    sc.seed = {d = tonumber(a[10]), mt = tonumber(a[11]), mc = tonumber(a[12])}
   end
   scopes[s] = sc
-  i = i + 13
 end
 
 -- Budgets: seed, roll over, drop lapsed holds. Written back even when refusing.
@@ -36,9 +49,13 @@ for s = 1, n do
   local sc = scopes[s]
   if sc.budgeted then
     local b = load_budget(sc.kb)
-    if prepare(b, sc, pday, pmonth) then
-      expire_holds(b, sc.kb, sc.kz, now)
-      save_budget(sc.kb, b, budget_ttl)
+    local current = b.s and b.pd == pday and b.pm == pmonth and b.ed == sc.dstamp and b.em == sc.mstamp
+    if current or prepare(b, sc, pday, pmonth) then
+      if expire_holds(b, sc.kb, sc.kz, now) or not current then
+        -- Seeded, rolled over or reset: the TTLs restart from here (at least once a day in use).
+        save_budget(sc.kb, b, budget_ttl)
+        redis.call('PEXPIRE', sc.kz, budget_ttl)
+      end
       sc.b = b
     else
       unseeded[#unseeded + 1] = s
@@ -46,25 +63,24 @@ for s = 1, n do
   end
 end
 if #unseeded > 0 then
-  return {'U', unpack(unseeded)}
+  return 'U|' .. table.concat(unseeded, '|') .. tail
 end
 
 local use = {}
 for s = 1, n do
   local sc = scopes[s]
   if sc.windowed then
-    sc.w = advance_window(sc.kw, bucket)
-    redis.call('PEXPIRE', sc.kw, window_ttl)
-    use[#use + 1] = sc.w.n
-    use[#use + 1] = sc.w.k
+    sc.w = advance_window(sc.kw, bucket, window_ttl)
+    use[#use + 1] = int(sc.w.n)
+    use[#use + 1] = int(sc.w.k)
   else
-    use[#use + 1] = 0
-    use[#use + 1] = 0
+    use[#use + 1] = '0'
+    use[#use + 1] = '0'
   end
 end
 
 local function refuse(s, limit, used, held, wait)
-  return {'R', s, limit, int(used), int(held), wait, unpack(use)}
+  return table.concat({'R', s, limit, int(used), int(held), wait, table.concat(use, '|')}, '|') .. tail
 end
 
 for s = 1, n do
@@ -99,18 +115,17 @@ for s = 1, n do
     redis.call('HSET', sc.kb, 'hd', int(b.hd), 'hmt', int(b.hmt), 'hmc', int(b.hmc),
       'x:' .. rid, int(tokens) .. '|' .. int(cost) .. '|' .. int(b.pd) .. '|' .. int(b.pm))
     redis.call('ZADD', sc.kz, lease_end, rid)
-    redis.call('PEXPIRE', sc.kz, budget_ttl)
   end
   if w then
     redis.call('HINCRBY', sc.kw, 'r' .. int(bucket), 1)
     redis.call('HINCRBY', sc.kw, 't' .. int(bucket), tokens)
     w.n = redis.call('HINCRBY', sc.kw, 'n', 1)
     w.k = redis.call('HINCRBY', sc.kw, 'k', tokens)
-    out[#out + 1] = w.n
-    out[#out + 1] = w.k
+    out[#out + 1] = int(w.n)
+    out[#out + 1] = int(w.k)
   else
-    out[#out + 1] = 0
-    out[#out + 1] = 0
+    out[#out + 1] = '0'
+    out[#out + 1] = '0'
   end
 end
-return out
+return table.concat(out, '|') .. tail

@@ -28,6 +28,14 @@ local function flt(x)
   return string.format('%.17g', x)
 end
 
+-- The hot scripts take their numbers '|'-joined, one argument per scope: packing and sending
+-- each argument costs the client more than splitting them here costs Redis.
+local function split(text)
+  local out = {}
+  for part in string.gmatch(text, '[^|]+') do out[#out + 1] = part end
+  return out
+end
+
 local B_FIELDS = {'s', 'pd', 'pm', 'ed', 'em', 'ud', 'umt', 'umc', 'hd', 'hmt', 'hmc'}
 
 local function load_budget(kb)
@@ -86,6 +94,7 @@ local function prepare(b, sc, pday, pmonth)
   return ok
 end
 
+-- Drop holds whose lease ended (their process died); true when any was dropped.
 local function expire_holds(b, kb, kz, now)
   local lapsed = redis.call('ZRANGEBYSCORE', kz, '-inf', flt(now), 'LIMIT', 0, 64)
   for _, rid in ipairs(lapsed) do
@@ -96,18 +105,23 @@ local function expire_holds(b, kb, kz, now)
     end
     redis.call('ZREM', kz, rid)
   end
+  return #lapsed > 0
 end
 
--- The window with the buckets that stopped counting dropped (mutates W).
-local function advance_window(kw, bucket)
+-- The window with the buckets that stopped counting dropped (mutates W; its TTL restarts
+-- whenever the oldest bucket moves, so at most once per bucket).
+local function advance_window(kw, bucket, ttl_ms)
   local v = redis.call('HMGET', kw, 'lo', 'n', 'k')
   local w = {lo = tonumber(v[1]), n = num(v[2], 0), k = num(v[3], 0)}
   local new_lo = bucket - BUCKETS
+  if w.lo ~= nil and w.lo >= new_lo then
+    return w  -- the same bucket as the last request (or a clock a little behind)
+  end
   if w.lo == nil or new_lo - w.lo > BUCKETS then
     if w.lo ~= nil then redis.call('DEL', kw) end
     w.lo, w.n, w.k = new_lo, 0, 0
     redis.call('HSET', kw, 'lo', int(new_lo), 'n', '0', 'k', '0')
-  elseif w.lo < new_lo then
+  else
     local fields = {}
     for b = w.lo, new_lo - 1 do
       fields[#fields + 1] = 'r' .. int(b)
@@ -122,6 +136,7 @@ local function advance_window(kw, bucket)
     w.lo = new_lo
     redis.call('HSET', kw, 'lo', int(new_lo), 'n', int(w.n), 'k', int(w.k))
   end
+  redis.call('PEXPIRE', kw, ttl_ms)
   return w
 end
 
@@ -161,4 +176,63 @@ local function wait_for(kw, w, bucket, prefix, excess, bs, now)
     end
   end
   return math.max((bucket + BUCKETS + 1) * bs - now, 0.001)
+end
+
+-- Settle one reservation, given as its '|'-joined argument, whose scopes' keys start at KEYS[k]:
+-- the hold is dropped and what the request used is counted (or, when no upstream took it, it
+-- leaves the windows). Returns the per-scope rows ("ok,ud,umt,umc" joined by ';') and the next k.
+local function settle_one(text, k)
+  local a = split(text)
+  local rid, tokens, cost = a[1], tonumber(a[2]), tonumber(a[3])
+  local reserved, dispatched = tonumber(a[4]), a[5] == '1'
+  local pday, pmonth, bucket = tonumber(a[6]), tonumber(a[7]), tonumber(a[8])
+  local n = tonumber(a[9])
+  local i = 10
+  local rows = {}
+  for s = 1, n do
+    local budgeted, windowed = a[i] == '1', a[i + 1] == '1'
+    local dstamp, mstamp = a[i + 2], a[i + 3]
+    local kb, kz, kw = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+    i, k = i + 4, k + 3
+    local row = '0,0,0,0'
+    if budgeted then
+      local b = load_budget(kb)
+      -- A lost hash (emptied Redis) is not recreated here: its absence is what asks for seeding.
+      if b.s then
+        local hold = redis.call('HGET', kb, 'x:' .. rid)
+        if hold then
+          unhold(b, hold)
+          redis.call('HDEL', kb, 'x:' .. rid)
+          redis.call('ZREM', kz, rid)
+        end
+        -- Counted only into the periods it was admitted in, and not across an admin's reset.
+        if pday == b.pd and dstamp == b.ed then b.ud = b.ud + tokens end
+        if pmonth == b.pm and mstamp == b.em then
+          b.umt = b.umt + tokens
+          b.umc = b.umc + cost
+        end
+        redis.call('HSET', kb, 'ud', int(b.ud), 'umt', int(b.umt), 'umc', int(b.umc),
+          'hd', int(b.hd), 'hmt', int(b.hmt), 'hmc', int(b.hmc))
+        if pday == b.pd and pmonth == b.pm then row = '1,' .. int(b.ud) .. ',' .. int(b.umt) .. ',' .. int(b.umc) end
+      end
+    end
+    if windowed then
+      local lo = tonumber(redis.call('HGET', kw, 'lo'))
+      if lo ~= nil and bucket >= lo then
+        if dispatched then
+          if tokens ~= reserved then
+            redis.call('HINCRBY', kw, 't' .. int(bucket), tokens - reserved)
+            redis.call('HINCRBY', kw, 'k', tokens - reserved)
+          end
+        else
+          redis.call('HINCRBY', kw, 'r' .. int(bucket), -1)
+          redis.call('HINCRBY', kw, 'n', -1)
+          redis.call('HINCRBY', kw, 't' .. int(bucket), -reserved)
+          redis.call('HINCRBY', kw, 'k', -reserved)
+        end
+      end
+    end
+    rows[s] = row
+  end
+  return table.concat(rows, ';'), k
 end
