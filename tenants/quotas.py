@@ -8,6 +8,7 @@ The state that counts is in ``tenants.quota_state``; the request path that uses 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -223,6 +224,20 @@ def go_duration(seconds: float) -> str:
     return text
 
 
+_RESET_TEXTS: dict[int, bytes] = {}
+
+
+def _reset_text(seconds: float) -> bytes:
+    """``go_duration`` to the next 10 ms up, as header bytes, cached (a few thousand values at most)."""
+    centis = math.ceil(seconds * 100)
+    text = _RESET_TEXTS.get(centis)
+    if text is None:
+        if len(_RESET_TEXTS) > 10_000:
+            _RESET_TEXTS.clear()
+        text = _RESET_TEXTS[centis] = go_duration(centis / 100).encode()
+    return text
+
+
 _REQUEST_HEADERS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
 _TOKEN_HEADERS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
 
@@ -248,7 +263,7 @@ def limit_headers(windows: list[WindowUse], now: float, window_seconds: float) -
     if requests is None and tokens is None:
         return []
     bucket_seconds = window_seconds / BUCKETS
-    reset = go_duration(bucket_expiry(bucket_of(now, bucket_seconds), bucket_seconds) - now).encode()
+    reset = _reset_text(bucket_expiry(bucket_of(now, bucket_seconds), bucket_seconds) - now)
     headers: list[tuple[bytes, bytes]] = []
     for names, best in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
         if best is not None:

@@ -137,13 +137,14 @@ def make_admitter(redis_client=None) -> Admitter:
     """Quota admission on this process's state: Redis (sharing the runtime's client) when configured."""
     from tenants.quota_state import QuotaStateConfig
     from tenants.quota_state.memory import MemoryQuotaState
-    from tenants.quota_state.redis import RedisQuotaState
+    from tenants.quota_state.redis import RedisQuotaState, fast_client
 
     g = settings.GATEWAY
     config = QuotaStateConfig(window=g["QUOTA_WINDOW_SECONDS"], hold_seconds=g["QUOTA_HOLD_SECONDS"])
     state: RedisQuotaState | MemoryQuotaState
     if redis_client is not None:
-        state = RedisQuotaState(redis_client, config, prefix=g["BALANCER_REDIS_PREFIX"])
+        fast = fast_client(str(settings.REDIS_URL))
+        state = RedisQuotaState(redis_client, config, prefix=g["BALANCER_REDIS_PREFIX"], fast=fast)
     else:
         state = MemoryQuotaState(config)
         state.serve_locally()  # the admin, served by this process too, shows its counters

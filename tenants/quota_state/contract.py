@@ -24,6 +24,7 @@ so sums are exact and agree with the records to the last digit.
 from __future__ import annotations
 
 import abc
+import itertools
 import os
 from dataclasses import dataclass, field
 
@@ -200,8 +201,23 @@ class QuotaStateConfig:
         return self.window / BUCKETS
 
 
+_ID_PREFIX = ""
+_id_counter = itertools.count(1)
+
+
+def _new_id_prefix() -> None:
+    global _ID_PREFIX, _id_counter
+    _ID_PREFIX = os.urandom(6).hex()
+    _id_counter = itertools.count(1)
+
+
+_new_id_prefix()
+os.register_at_fork(after_in_child=_new_id_prefix)  # a forked worker must not repeat its parent's ids
+
+
 def new_reservation_id() -> str:
-    return os.urandom(8).hex()
+    """Unique across processes and restarts (48 random bits per process, then a counter)."""
+    return f"{_ID_PREFIX}{next(_id_counter):x}"
 
 
 def bucket_of(now: float, bucket_seconds: float) -> int:

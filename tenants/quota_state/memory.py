@@ -36,6 +36,7 @@ from tenants.quota_state.contract import (
 
 # A hold: (tokens, cost, day, month, lease end).
 Hold = tuple[int, int, int, int, float]
+INF = float("inf")
 
 
 class _Budget:
@@ -51,6 +52,7 @@ class _Budget:
         "month_cost",
         "month_stamp",
         "month_tokens",
+        "next_lease",
         "seeded",
     )
 
@@ -63,6 +65,7 @@ class _Budget:
         # Reservation id -> hold, in the order they were made. Leases all last as long, so the
         # first ones are the first to lapse.
         self.holds: dict[str, Hold] = {}
+        self.next_lease = INF  # no hold lapses before this (a lower bound)
 
     def prepare(self, scope: ScopeLimits, periods: PeriodIds, seed: Seed | None) -> bool:
         """Bring the counters to the current periods; False when they must be seeded first."""
@@ -113,8 +116,10 @@ class _Budget:
     def expire_holds(self, now: float) -> None:
         """Forget reservations whose lease ended (their process died without settling)."""
         lapsed = []
+        self.next_lease = INF
         for rid, hold in self.holds.items():
             if hold[4] > now:
+                self.next_lease = hold[4]
                 break
             lapsed.append(rid)
         for rid in lapsed:
@@ -199,26 +204,35 @@ class MemoryQuotaState(QuotaState):
     def admit_now(self, ask: Ask, now: float) -> Admitted | Refused | Unseeded:
         seeds = ask.seeds
         periods = ask.periods
+        day, month = periods.day, periods.month
         unseeded: list[ScopeLimits] | None = None
         budgets: list[tuple[ScopeLimits, _Budget]] = []
         windows: list[tuple[ScopeLimits, _Window]] = []
         bucket = int(now // self._bucket_seconds)
         for scope in ask.scopes:
+            ref = scope.ref
             if scope.budgeted:
-                budget = self._budgets.get(scope.ref)
+                budget = self._budgets.get(ref)
                 if budget is None:
-                    budget = self._budgets[scope.ref] = _Budget()
-                if not budget.prepare(scope, periods, seeds.get(scope.ref) if seeds else None):
+                    budget = self._budgets[ref] = _Budget()
+                if not (
+                    budget.seeded
+                    and budget.day == day
+                    and budget.month == month
+                    and budget.day_stamp == scope.day_stamp
+                    and budget.month_stamp == scope.month_stamp
+                ) and not budget.prepare(scope, periods, seeds.get(ref) if seeds else None):
                     unseeded = [*(unseeded or ()), scope]
                     continue
-                if budget.holds:
+                if budget.next_lease <= now:
                     budget.expire_holds(now)
                 budgets.append((scope, budget))
             if scope.windowed:
-                window = self._windows.get(scope.ref)
+                window = self._windows.get(ref)
                 if window is None:
-                    window = self._windows[scope.ref] = _Window()
-                window.advance(bucket)
+                    window = self._windows[ref] = _Window()
+                if window.lo is None or window.lo < bucket - BUCKETS:
+                    window.advance(bucket)
                 windows.append((scope, window))
         if unseeded:
             return Unseeded(unseeded)
@@ -229,7 +243,7 @@ class MemoryQuotaState(QuotaState):
                 return refused
         tokens = ask.tokens
         for scope, window in windows:
-            if scope.rpm and window.requests + 1 > scope.rpm:
+            if scope.rpm and window.requests >= scope.rpm:
                 wait = window.wait(window.r, window.requests + 1 - scope.rpm, bucket, self._bucket_seconds, now)
                 uses = [WindowUse(s, w.requests, w.tokens) for s, w in windows]
                 return Refused(scope, RPM, window.requests, retry_after=wait, windows=uses)
@@ -242,16 +256,19 @@ class MemoryQuotaState(QuotaState):
                 return Refused(scope, TPM, window.tokens, retry_after=wait_or_never, windows=uses)
         rid = new_reservation_id()
         cost = ask.cost
-        lease_end = now + self._hold_seconds
         for _, budget in budgets:
             budget.held_day_tokens += tokens
             budget.held_month_tokens += tokens
             budget.held_month_cost += cost
+            lease_end = now + self._hold_seconds
             budget.holds[rid] = (tokens, cost, budget.day, budget.month, lease_end)
+            if lease_end < budget.next_lease:
+                budget.next_lease = lease_end
         uses = []
         for scope, window in windows:
-            window.r[bucket] = window.r.get(bucket, 0) + 1
-            window.t[bucket] = window.t.get(bucket, 0) + tokens
+            r, t = window.r, window.t
+            r[bucket] = r.get(bucket, 0) + 1
+            t[bucket] = t.get(bucket, 0) + tokens
             window.requests += 1
             window.tokens += tokens
             uses.append(WindowUse(scope, window.requests, window.tokens))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -34,6 +35,7 @@ from tenants.quota_state.contract import (
     WindowUse,
     new_reservation_id,
 )
+from tenants.quota_state.resp import RespClient
 
 _LUA = Path(__file__).with_name("lua")
 SCRIPTS = ("admit", "settle", "read", "reconcile")
@@ -73,13 +75,23 @@ def read_rows(rows: list) -> list[ScopeUse]:
 
 class RedisQuotaState(QuotaState):
     def __init__(
-        self, redis: Redis, config: QuotaStateConfig | None = None, *, prefix: str = "gw", owns_client: bool = False
+        self,
+        redis: Redis,
+        config: QuotaStateConfig | None = None,
+        *,
+        prefix: str = "gw",
+        owns_client: bool = False,
+        fast: RespClient | None = None,
     ) -> None:
+        """``redis`` serves every call; ``fast`` (owned), when given, serves the two calls of the
+        request path, admit and settle (``resp.py`` says why)."""
         super().__init__(config or QuotaStateConfig())
         self._redis = redis
         self._owns_client = owns_client
         self.prefix = prefix
         self._scripts = {name: redis.register_script(lua_source(name)) for name in SCRIPTS}
+        self._fast = fast
+        self._shas = {name: fast.register(lua_source(name)) for name in ("admit", "settle")} if fast else {}
         self._keys: dict[tuple[str, int, int], list[str]] = {}
         self._scope_args: dict[ScopeLimits, str] = {}
         cfg = self.config
@@ -87,7 +99,12 @@ class RedisQuotaState(QuotaState):
 
     @classmethod
     def from_url(cls, url: str, config: QuotaStateConfig | None = None, *, prefix: str = "gw") -> RedisQuotaState:
-        return cls(Redis.from_url(url), config, prefix=prefix, owns_client=True)
+        return cls(Redis.from_url(url), config, prefix=prefix, owns_client=True, fast=fast_client(url))
+
+    async def _hot(self, name: str, keys: list[str], args: list[str]) -> Any:
+        if self._fast is not None:
+            return await self._fast.evalsha(self._shas[name], keys, args)
+        return await self._scripts[name](keys=keys, args=args)
 
     def keys(self, scope: ScopeLimits) -> list[str]:
         ref = (scope.kind, scope.id, scope.tenant_id)
@@ -142,7 +159,7 @@ class RedisQuotaState(QuotaState):
                 args.append(f"{self._limits(scope)}|{seed.day_tokens}|{seed.month_tokens}|{seed.month_cost}")
         if items:
             args += self._settlement_args(items, keys)
-        verdict_text, _, settled_text = _s(await self._scripts["admit"](keys=keys, args=args)).partition("#")
+        verdict_text, _, settled_text = _s(await self._hot("admit", keys, args)).partition("#")
         reply = verdict_text.split("|")
         settled = _settled(items, settled_text) if items else []
         verdict = reply[0]
@@ -175,7 +192,7 @@ class RedisQuotaState(QuotaState):
         keys share its slot)."""
         keys: list[str] = []
         args = self._settlement_args(items, keys)
-        return _settled(items, _s(await self._scripts["settle"](keys=keys, args=args)))
+        return _settled(items, _s(await self._hot("settle", keys, args)))
 
     def _settlement_args(self, items: list[tuple[Reservation, int, int, bool]], keys: list[str]) -> list[str]:
         """One argument per settlement (as settle.lua takes them); their keys are added to ``keys``."""
@@ -232,8 +249,18 @@ class RedisQuotaState(QuotaState):
             await self._redis.delete(*batch)
 
     async def aclose(self) -> None:
+        if self._fast is not None:
+            await self._fast.aclose()
         if self._owns_client:
             await self._redis.aclose()
+
+
+def fast_client(url: str) -> RespClient | None:
+    """The small pipelined client for ``url``, or None where it cannot go (e.g. a unix socket)."""
+    try:
+        return RespClient(url)
+    except ValueError:
+        return None
 
 
 def _settled(items: list[tuple[Reservation, int, int, bool]], reply: str) -> list[list[BudgetUse]]:
