@@ -305,3 +305,54 @@ async def test_a_request_the_balancer_refuses_gives_its_place_back(
 
     assert (too_large.status_code, error_of(too_large)["code"]) == (429, "request_too_large")
     assert fits.status_code == 200
+
+
+# -- reconciliation and faults --------------------------------------------------------------------
+
+
+async def test_reconciling_raises_the_counters_to_usage_recorded_elsewhere(
+    tenant_a: Tenant, key_a: IssuedKey, gateway_http: GatewayHTTP
+):
+    await sync_to_async(set_tenant_quota)(tenant_a, monthly_tokens=1_000)
+    first = await gateway_http.post(CHAT_PATH, chat(max_tokens=5))  # seeds the counters: 13 used
+    await runtime.quotas.drain()
+    # Another gateway (its own in-process state) served this team too; its records are stored.
+    await UsageRecord.objects.acreate(
+        request_id="elsewhere-1",
+        tenant=tenant_a,
+        key=key_a.key,
+        model="gpt-4o",
+        route="chat.completions",
+        status=200,
+        outcome="ok",
+        prompt_tokens=900,
+        completion_tokens=100,
+        started_at=datetime.now(UTC),
+    )
+
+    await records(gateway_http)  # this gateway's own record written out too
+
+    raised = await runtime.quotas.upkeep.reconcile_once()
+    refused = await gateway_http.post(CHAT_PATH, chat(max_tokens=5))
+
+    assert (first.status_code, raised, refused.status_code) == (200, 2, 429)  # today's and this month's
+    assert "(1,013 tokens used)" in error_of(refused)["message"]
+
+
+async def test_a_quota_state_that_cannot_answer_is_a_503_the_sdk_retries(gateway_http: GatewayHTTP, monkeypatch):
+    await gateway_http.post(CHAT_PATH, chat())  # the runtime is up
+
+    async def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("Connection refused")
+
+    monkeypatch.setattr(runtime.quotas, "synchronous", False)
+    monkeypatch.setattr(runtime.quotas.state, "admit", unreachable)
+    monkeypatch.setattr(runtime.quotas.state, "admit_carrying", unreachable, raising=False)
+    response = await gateway_http.post(CHAT_PATH, chat())
+
+    assert response.status_code == 503
+    error = error_of(response)
+    assert (error["type"], error["code"]) == ("api_error", "quota_state_unavailable")
+    assert response.headers["retry-after"] == "1"
+    rows = await records(gateway_http)
+    assert (rows[-1].status, rows[-1].error_code) == (503, "quota_state_unavailable")
