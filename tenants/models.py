@@ -16,6 +16,13 @@ class Tenant(models.Model):
     slug = models.SlugField(max_length=100, unique=True)
     name = models.CharField(max_length=200)
     active = models.BooleanField(default=True, help_text="Inactive tenants' keys are refused.")
+    # Who hears about budget alerts (tenants.alerts). The secret signs webhook bodies; it is
+    # write-only in the admin and exported as an ${ENV} reference.
+    alert_emails = models.JSONField(default=list, blank=True, help_text="E-mail addresses that receive budget alerts.")
+    alert_webhook_url = models.URLField(
+        max_length=500, blank=True, help_text="Budget alerts are POSTed here as JSON, signed with the secret."
+    )
+    alert_webhook_secret = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -93,6 +100,10 @@ class Quota(models.Model):
     alert_thresholds = models.JSONField(
         default=list, blank=True, help_text="Percentages of a budget that raise an alert, e.g. [50, 80, 100]."
     )
+    # Set by the admin's reset actions (tenants.services.quota_counters_reset): the period's
+    # budget counters count usage records from this moment on.
+    day_counters_reset_at = models.DateTimeField(null=True, blank=True, editable=False)
+    month_counters_reset_at = models.DateTimeField(null=True, blank=True, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -110,6 +121,51 @@ class Quota(models.Model):
 
     def __str__(self) -> str:
         return f"quota for {self.key or self.tenant}"
+
+
+class AlertEvent(models.Model):
+    """A budget of a tenant or key reached one of its alert thresholds in one period.
+
+    At most one row per (scope, budget, threshold, period): whichever process inserts it sends
+    the alert, so it goes out once however many processes noticed, and never again after a
+    restart. The delivery columns let a retried send skip what already went out.
+    """
+
+    class Budget(models.TextChoices):
+        DAILY_TOKENS = "daily_tokens", "Daily tokens"
+        MONTHLY_TOKENS = "monthly_tokens", "Monthly tokens"
+        MONTHLY_COST = "monthly_cost", "Monthly cost"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="alert_events")
+    key = models.ForeignKey(ClientKey, on_delete=models.CASCADE, null=True, blank=True, related_name="alert_events")
+    budget = models.CharField(max_length=20, choices=Budget.choices)
+    threshold = models.PositiveSmallIntegerField(help_text="Percent of the budget.")
+    period_start = models.DateField(help_text="The day, or the month's first day, in the budget time zone.")
+    used = models.DecimalField(max_digits=24, decimal_places=8, help_text="Tokens or money used when noticed.")
+    limit = models.DecimalField(max_digits=24, decimal_places=8)
+    created_at = models.DateTimeField(auto_now_add=True)
+    emailed_at = models.DateTimeField(null=True, blank=True)
+    webhook_sent_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "budget", "threshold", "period_start"],
+                condition=Q(key__isnull=True),
+                name="alert_event_once_per_tenant_period",
+            ),
+            models.UniqueConstraint(
+                fields=["key", "budget", "threshold", "period_start"],
+                condition=Q(key__isnull=False),
+                name="alert_event_once_per_key_period",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key or self.tenant}: {self.get_budget_display()} at {self.threshold}% ({self.period_start})"
 
 
 class AccessPolicy(models.Model):

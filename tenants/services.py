@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from gateway import defaults
 from tenants.keys import key_generate, key_hash, key_visible_prefix
-from tenants.models import ClientKey, Tenant
+from tenants.models import ClientKey, Quota, Tenant
 
 
 @dataclass(frozen=True)
@@ -62,3 +62,18 @@ def key_expire(key: ClientKey) -> None:
     if key.expires_at is None or key.expires_at > now:
         key.expires_at = now
         key.save(update_fields=["expires_at"])
+
+
+COUNTER_PERIODS = {"day": "day_counters_reset_at", "month": "month_counters_reset_at"}
+
+
+def quota_counters_reset(quota: Quota, period: str) -> None:
+    """Start the quota's budget counters for the current day or month afresh, from now on.
+
+    Every gateway process sees the new reset time with the next configuration snapshot and counts
+    that period again from the usage records made since: requests in flight at the reset no
+    longer count. The rate-limit windows are not reset (they empty within a minute anyway).
+    """
+    field = COUNTER_PERIODS[period]
+    setattr(quota, field, timezone.now())
+    quota.save(update_fields=[field, "updated_at"])

@@ -242,6 +242,7 @@ def _plan_tenants(plan: ApplyPlan, specs: list[TenantSpec], prune: bool) -> None
             create=Tenant,
             identity={"slug": spec.slug},
             note=spec.name,
+            names=TenantSpec.FIELD_NAMES,
         )
         quota = quotas.get(current.pk) if current else None
         policy = policies.get(current.pk) if current else None
@@ -307,8 +308,11 @@ def _plan_row(
     create: type[models.Model],
     identity: dict[str, Any],
     note: str = "",
+    names: dict[str, str] | None = None,
 ) -> Any:
-    """Plan one row the file names: create it, update the columns that differ, or count it unchanged."""
+    """Plan one row the file names: create it, update the columns that differ, or count it unchanged.
+
+    ``names`` spells columns as the file does (``alert_webhook_url`` -> ``alerts.webhook_url``)."""
     if row is None:
         row = create(**identity, **values)
         plan.changes.append(Change(Action.CREATE, kind, label, row, note=note))
@@ -319,7 +323,8 @@ def _plan_row(
         return row
     for column in changed:
         setattr(row, column, values[column])
-    plan.changes.append(Change(Action.UPDATE, kind, label, row, tuple(changed), tuple(changed)))
+    fields = tuple((names or {}).get(column, column) for column in changed)
+    plan.changes.append(Change(Action.UPDATE, kind, label, row, fields, tuple(changed)))
     return row
 
 

@@ -1,7 +1,8 @@
 """Writing the database's configuration as a file ``gateway_apply`` reads back.
 
 Secrets never leave the database: each is written as a ``${VAR}`` reference whose name is derived
-from the endpoint (``EAST_API_KEY``), and the header lists the variables to set before applying.
+from the endpoint or tenant (``EAST_API_KEY``, ``TEAM_A_ALERT_WEBHOOK_SECRET``), and the header lists
+the variables to set before applying.
 The output is deterministic (sorted, no timestamps), so exporting twice gives the same text and
 files can be kept in version control and diffed.
 """
@@ -34,10 +35,11 @@ def config_export() -> Export:
     """The whole configuration (endpoints, deployments, tenants with quota and policy, prices) as YAML."""
     secrets = _SecretNames()
     endpoints = [_endpoint(row, secrets) for row in _endpoint_rows()]
+    tenants = [_tenant(*row, secrets) for row in _tenant_rows()]
     sections = [
         {"version": 1},
         {"endpoints": endpoints},
-        {"tenants": [_tenant(*row) for row in _tenant_rows()]},
+        {"tenants": tenants},
         {"prices": [_price(row) for row in Price.objects.order_by("model", "effective_from")]},
     ]
     body = "\n".join(
@@ -103,7 +105,7 @@ def _deployment(row: Deployment) -> dict[str, Any]:
     return data
 
 
-def _tenant(row: Tenant, quota: Quota | None, policy: AccessPolicy | None) -> dict[str, Any]:
+def _tenant(row: Tenant, quota: Quota | None, policy: AccessPolicy | None, secrets: _SecretNames) -> dict[str, Any]:
     data: dict[str, Any] = {"slug": row.slug, "name": _text(row.name), "active": row.active}
     if quota is not None:
         data["quota"] = {
@@ -121,6 +123,15 @@ def _tenant(row: Tenant, quota: Quota | None, policy: AccessPolicy | None) -> di
             "ip_deny": _FlowList(policy.ip_deny),
             "max_tokens_cap": policy.max_tokens_cap,
         }
+    if row.alert_emails or row.alert_webhook_url or row.alert_webhook_secret:
+        alerts: dict[str, Any] = {"emails": _FlowList(_text(email) for email in row.alert_emails)}
+        if row.alert_webhook_url:
+            alerts["webhook_url"] = _text(row.alert_webhook_url)
+        if row.alert_webhook_secret:
+            alerts["webhook_secret"] = secrets.reference(
+                row.slug, "ALERT_WEBHOOK_SECRET", f"alerts.webhook_secret of tenant {row.slug}"
+            )
+        data["alerts"] = alerts
     return data
 
 
@@ -146,8 +157,8 @@ class _SecretNames:
     def __init__(self) -> None:
         self.used: list[tuple[str, str]] = []
 
-    def reference(self, endpoint_name: str, field: str, what: str) -> str:
-        name = base = secret_env_name(endpoint_name, field)
+    def reference(self, owner: str, field: str, what: str) -> str:
+        name = base = secret_env_name(owner, field)
         taken = {variable for variable, _ in self.used}
         suffix = 2
         while name in taken:

@@ -124,6 +124,13 @@ def _secret(value: Any) -> str:
     return str(value)
 
 
+def _email(value: str) -> str:
+    # Deliberately simple: the mail server is the judge; this catches typos such as a missing @.
+    if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", value):
+        raise ValueError("must be an e-mail address")
+    return value
+
+
 def _unique(values: list[Any]) -> list[Any]:
     if len(set(values)) != len(values):
         raise ValueError("lists a value twice")
@@ -135,6 +142,7 @@ Text100 = Annotated[str, Field(min_length=1, max_length=100)]
 Text200 = Annotated[str, Field(min_length=1, max_length=200)]
 Slug = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_slug)]
 Url = Annotated[str, Field(max_length=500), AfterValidator(_url)]
+Email = Annotated[str, Field(max_length=254), AfterValidator(_email)]
 Cidr = Annotated[str, AfterValidator(_cidr)]
 Secret = Annotated[str, BeforeValidator(_secret), Field(max_length=500)]
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -283,17 +291,40 @@ class PolicySpec(_Spec):
         return self.model_dump()
 
 
+class AlertsSpec(_Spec):
+    """Who hears about the tenant's budget alerts: e-mail addresses and a webhook signed with a secret."""
+
+    emails: Annotated[list[Email], AfterValidator(_unique)] = Field(default_factory=list)
+    webhook_url: Annotated[str, Field(max_length=500), AfterValidator(lambda v: v and _url(v))] = ""
+    webhook_secret: Secret = ""
+
+
 class TenantSpec(_Spec):
-    """A team. An omitted quota or policy block leaves the existing row alone (``--prune`` removes it)."""
+    """A team. An omitted quota, policy or alerts block leaves what is stored alone (``--prune``
+    removes a quota or policy; alert contacts are columns of the tenant and stay)."""
 
     slug: Slug
     name: Text200
     active: bool = True
     quota: QuotaSpec | None = None
     policy: PolicySpec | None = None
+    alerts: AlertsSpec | None = None
+
+    FIELD_NAMES: ClassVar[dict[str, str]] = {
+        "alert_emails": "alerts.emails",
+        "alert_webhook_url": "alerts.webhook_url",
+        "alert_webhook_secret": "alerts.webhook_secret",
+    }
 
     def model_values(self) -> dict[str, Any]:
-        return {"name": self.name, "active": self.active}
+        values: dict[str, Any] = {"name": self.name, "active": self.active}
+        if self.alerts is not None:
+            values.update(
+                alert_emails=list(self.alerts.emails),
+                alert_webhook_url=self.alerts.webhook_url,
+                alert_webhook_secret=self.alerts.webhook_secret,
+            )
+        return values
 
 
 # --- prices --------------------------------------------------------------------------------------

@@ -88,6 +88,8 @@ class ProxyConsumer(AsyncHttpConsumer):
         finally:
             record = ctx.usage_record(snapshot.current().prices_by_model)
             record_usage(record)
+            if ctx.admission is not None:
+                runtime.quotas.settle(ctx, record)
             watch.finish(record)
 
     async def send_body(self, body, *, more_body=False):
@@ -129,6 +131,7 @@ class ProxyConsumer(AsyncHttpConsumer):
             plan = await self.prepare(ctx, route, key, await reader.read())
         finally:
             reader.release()  # admitted or refused: the body no longer counts as waiting
+        ctx.admission = await runtime.quotas.admit(ctx, key, plan)
         await Forwarder(self, ctx, plan, runtime.dispatcher).run()
 
     async def prepare(self, ctx: RequestContext, route: Route, key: KeyView, raw: bytes) -> ForwardPlan:
@@ -169,7 +172,7 @@ class ProxyConsumer(AsyncHttpConsumer):
     # -- responses -----------------------------------------------------------------------------
 
     def base_headers(self, ctx: RequestContext, content_type: bytes = b"application/json") -> list:
-        return [(b"content-type", content_type), (b"x-request-id", ctx.request_id.encode())]
+        return [(b"content-type", content_type), (b"x-request-id", ctx.request_id.encode()), *ctx.response_headers]
 
     async def send_json(self, ctx: RequestContext, status: int, payload) -> None:
         ctx.status = status
@@ -178,7 +181,7 @@ class ProxyConsumer(AsyncHttpConsumer):
 
     async def send_error(self, ctx: RequestContext, err: GatewayError) -> None:
         """An OpenAI-shaped error, unless the response had already started (then only record it)."""
-        ctx.status, ctx.outcome, ctx.error_code = err.status, err.outcome, err.code or ""
+        ctx.status, ctx.outcome, ctx.error_code = err.status, err.outcome, err.reason or err.code or ""
         if self.headers_sent:
             return
         self.headers_sent = True

@@ -12,8 +12,9 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from billing.prices import cost_of, price_for
 from gateway.proxy.client_address import client_address
@@ -64,6 +65,10 @@ class RequestContext:
     priority: int = 5
     queue_wait: float = 0.0
     retries: int = 0
+    # Quota admission (gateway.proxy.admission): the reservation to settle once the request ends,
+    # and the caller's rate-limit headers that every answer carries.
+    admission: Any = None
+    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     @classmethod
     def begin(cls, scope) -> RequestContext:

@@ -15,7 +15,8 @@ class GatewayError(Exception):
     """An error answered to the client before any response byte was sent.
 
     ``outcome`` is the usage record's outcome for it; ``headers`` are extra response headers
-    (for example ``retry-after-ms`` on a 429).
+    (for example ``retry-after-ms`` on a 429); ``reason``, when given, is what the usage record
+    keeps as its error code instead of ``code`` (which limit refused a request, for example).
     """
 
     def __init__(
@@ -28,6 +29,7 @@ class GatewayError(Exception):
         param: str | None = None,
         outcome: str = "client_error",
         headers: list[tuple[bytes, bytes]] | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -38,6 +40,7 @@ class GatewayError(Exception):
         self.outcome = outcome
         self.headers = headers or []
         self.extra: dict | None = None  # more members of the error object (Azure's innererror)
+        self.reason = reason
 
     def body(self) -> bytes:
         return error_body(self.message, type=self.type, code=self.code, param=self.param, extra=self.extra)

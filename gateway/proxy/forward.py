@@ -39,16 +39,11 @@ from gateway.snapshot.types import AUTH_AZURE_AD, EndpointView
 log = logging.getLogger(__name__)
 
 # Upstream response headers a client may see. Others (server, set-cookie, upstream ids, the
-# deployment's utilisation) are the gateway's business.
+# deployment's utilisation, its x-ratelimit-* headers: a client's limits are its team's and
+# key's, sent by admission) are the gateway's business.
 PASS_HEADERS = frozenset(
     {
         b"content-type",
-        b"x-ratelimit-remaining-requests",
-        b"x-ratelimit-remaining-tokens",
-        b"x-ratelimit-limit-requests",
-        b"x-ratelimit-limit-tokens",
-        b"x-ratelimit-reset-requests",
-        b"x-ratelimit-reset-tokens",
         b"openai-processing-ms",
         b"openai-version",
         b"retry-after",
@@ -356,7 +351,11 @@ class Forwarder:
         ctx.served = True
         ctx.status = response.status
         ctx.ttft = time.monotonic() - ctx.t0
-        headers = [*_passed_headers(response.headers), (b"x-request-id", ctx.request_id.encode())]
+        headers = [
+            *_passed_headers(response.headers),
+            (b"x-request-id", ctx.request_id.encode()),
+            *ctx.response_headers,
+        ]
         self.consumer.headers_sent = True
         await self.consumer.send_response(response.status, body, headers=headers)
 
@@ -369,7 +368,8 @@ class Forwarder:
         ctx.served = True  # from here on, what arrives is billed
         consumer.headers_sent = True
         await consumer.send_headers(
-            status=response.status, headers=[*STREAM_HEADERS, (b"x-request-id", ctx.request_id.encode())]
+            status=response.status,
+            headers=[*STREAM_HEADERS, (b"x-request-id", ctx.request_id.encode()), *ctx.response_headers],
         )
         try:
             async for chunk in response:

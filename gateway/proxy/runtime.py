@@ -20,6 +20,7 @@ from gateway.balancer.failures import FailureNotes
 from gateway.balancer.policy import BalancedDispatcher
 from gateway.observability.dispatch import ObservedDispatcher, dispatcher_observed
 from gateway.observability.service import observability_start, observability_stop
+from gateway.proxy.admission import Admitter
 from gateway.proxy.shared_state import GuardedDispatcher
 from gateway.snapshot.refresher import SnapshotRefresher
 from gateway.snapshot.version import VersionMirror, config_version_read
@@ -66,8 +67,16 @@ class Runtime:
         self.refresher: SnapshotRefresher | None = None
         self.dispatcher: GuardedDispatcher | ObservedDispatcher | None = None
         self.redis: redis.asyncio.Redis | None = None
+        self.admitter: Admitter | None = None
+        self.reconciler: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.in_flight = InFlight()
+
+    @property
+    def quotas(self) -> Admitter:
+        """Quota admission (``gateway.proxy.admission``); exists once the runtime started."""
+        assert self.admitter is not None, "the gateway runtime has not started"
+        return self.admitter
 
     async def ensure_started(self) -> None:
         """Start everything once per event loop; later calls return at once."""
@@ -110,6 +119,10 @@ class Runtime:
         get_sink().start()
         self.dispatcher = dispatcher_observed(GuardedDispatcher(make_dispatcher(self.redis)))
         await observability_start(self.refresher)
+        self.admitter = make_admitter(self.redis)
+        self.reconciler = asyncio.get_running_loop().create_task(
+            self.admitter.upkeep.run_reconciler(g["QUOTA_RECONCILE_SECONDS"]), name="quota-reconciler"
+        )
         log.info("gateway runtime started (config v%s, redis=%s)", snapshot.current().version, bool(self.redis))
 
     async def drain(self, grace: float) -> None:
@@ -130,6 +143,12 @@ class Runtime:
         self.started = False
         if self.refresher is not None:
             await self.refresher.stop()
+        if self.reconciler is not None:
+            self.reconciler.cancel()
+            await asyncio.wait({self.reconciler}, timeout=5)
+            self.reconciler = None
+        if self.admitter is not None:
+            await self.admitter.aclose()
         await get_sink().stop()
         await observability_stop()
         from gateway.proxy import azure_ad, upstream
@@ -160,6 +179,24 @@ def make_dispatcher(redis_client=None) -> BalancedDispatcher:
         queue_max_depth=g["QUEUE_MAX_DEPTH"],
     )
     return BalancedDispatcher(state, notes=FailureNotes(redis_client, g["BALANCER_REDIS_PREFIX"]))
+
+
+def make_admitter(redis_client=None) -> Admitter:
+    """Quota admission on this process's state: Redis (sharing the runtime's client) when configured."""
+    from tenants.quota_state import QuotaStateConfig
+    from tenants.quota_state.memory import MemoryQuotaState
+    from tenants.quota_state.redis import RedisQuotaState, fast_client
+
+    g = settings.GATEWAY
+    config = QuotaStateConfig(window=g["QUOTA_WINDOW_SECONDS"], hold_seconds=g["QUOTA_HOLD_SECONDS"])
+    state: RedisQuotaState | MemoryQuotaState
+    if redis_client is not None:
+        fast = fast_client(str(settings.REDIS_URL))
+        state = RedisQuotaState(redis_client, config, prefix=g["BALANCER_REDIS_PREFIX"], fast=fast)
+    else:
+        state = MemoryQuotaState(config)
+        state.serve_locally()  # the admin, served by this process too, shows its counters
+    return Admitter(state, g["BUDGET_TIMEZONE"], g["QUOTA_WINDOW_SECONDS"], redis=redis_client)
 
 
 runtime = Runtime()

@@ -83,7 +83,7 @@ def snapshot_build() -> Snapshot:
             allowed_models=frozenset(k.allowed_models or ()),
             default_priority=k.default_priority,
             best_priority=k.effective_best_priority,
-            quota=_quota_view(key_quotas.get(k.id)),
+            quota=quota_view(key_quotas.get(k.id)),
         )
         for k in ClientKey.objects.all()
     }
@@ -116,7 +116,8 @@ def _warm_encodings(deployments: list[DeploymentView]) -> None:
             tokens.encoding_for(d.model, d.upstream_model)
 
 
-def _quota_view(quota) -> QuotaView:
+def quota_view(quota) -> QuotaView:
+    """A Quota row (or None: no quota) as the request path and the admin read it."""
     if quota is None:
         return QuotaView()
     return QuotaView(
@@ -126,7 +127,13 @@ def _quota_view(quota) -> QuotaView:
         monthly_tokens=quota.monthly_tokens,
         monthly_cost=float(quota.monthly_cost),
         alert_thresholds=tuple(quota.alert_thresholds or ()),
+        day_counters_reset_at=_epoch(quota.day_counters_reset_at),
+        month_counters_reset_at=_epoch(quota.month_counters_reset_at),
     )
+
+
+def _epoch(moment) -> float:
+    return moment.timestamp() if moment is not None else 0.0
 
 
 def _networks(cidrs) -> tuple:
@@ -151,5 +158,5 @@ def _tenant_view(tenant, quota, policy) -> TenantView:
         ip_allow=_networks(policy.ip_allow) if policy else (),
         ip_deny=_networks(policy.ip_deny) if policy else (),
         max_tokens_cap=policy.max_tokens_cap if policy else 0,
-        quota=_quota_view(quota),
+        quota=quota_view(quota),
     )

@@ -72,7 +72,7 @@ class DeploymentView:
 
 @dataclass(frozen=True, slots=True)
 class QuotaView:
-    """A quota (per tenant or per key). 0 or None means unlimited. Enforced by the quotas issue."""
+    """A quota (per tenant or per key). 0 means unlimited. Admission: ``gateway.proxy.admission``."""
 
     rpm: int = defaults.NO_LIMIT
     tpm: int = defaults.NO_LIMIT
@@ -80,6 +80,13 @@ class QuotaView:
     monthly_tokens: int = defaults.NO_LIMIT
     monthly_cost: float = defaults.NO_LIMIT
     alert_thresholds: tuple[int, ...] = ()
+    # When an admin last reset the day's / the month's budget counters (epoch seconds; 0: never).
+    day_counters_reset_at: float = 0.0
+    month_counters_reset_at: float = 0.0
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.rpm or self.tpm or self.daily_tokens or self.monthly_tokens or self.monthly_cost)
 
 
 @dataclass(frozen=True, slots=True)

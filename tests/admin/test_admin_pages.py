@@ -20,7 +20,7 @@ from billing.models import ParkedUsageRecord, Price, Rollup, Statement, UsageRec
 from billing.paginator import EstimatedCountPaginator
 from gateway.admin_forms import EndpointAdminForm
 from gateway.models import ConfigVersion, Deployment, Endpoint
-from tenants.models import AccessPolicy, Membership, Quota, Tenant
+from tenants.models import AccessPolicy, AlertEvent, Membership, Quota, Tenant
 from tenants.services import key_issue
 
 UPSTREAM_SECRET = "sk-upstream-XYZ"
@@ -82,6 +82,14 @@ def one_of_each(db, admin_user, endpoint, ptu_deployment, standard_deployment, t
     Group.objects.create(name="operators")
     ParkedUsageRecord.objects.create(
         request_id="req-refused", record={"request_id": "req-refused", "model": "gpt-4o"}, error="IntegrityError: x"
+    )
+    AlertEvent.objects.create(
+        tenant=tenant_a,
+        budget=AlertEvent.Budget.MONTHLY_COST,
+        threshold=80,
+        period_start=timezone.now().date().replace(day=1),
+        used=Decimal("80.5"),
+        limit=Decimal("100"),
     )
 
 

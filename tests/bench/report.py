@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.bigprompts import big_prompt_lines
+from tests.bench.quotas import quota_rows
 
 # Issue 3's performance targets for one gateway process.
 TARGET_ADDED_P50_MS = 1.5
@@ -350,6 +351,15 @@ def render(results: dict[str, Any]) -> str:
     header, sat_rows = saturation_rows(results)
     if sat_rows and len(header) > 1:
         out += ["", _table(sat_rows, header)]
+    quotas = quota_rows(results)
+    if quotas:
+        header = ["quotas (issue 14)", "c=1 p50 ms off / on", "added (<= +0.15)", "c=32 req/s off / on"]
+        header += ["c=32 CPU ms/req off / on", "throughput share (>= 90 %)", "non-200"]
+        out += ["", _table(quotas, header)]
+        out.append(
+            "* medians of alternating rounds in one process; throughput share = CPU per request off / on "
+            "(req/s, beside, moves with other work on the machine)."
+        )
     targets = target_rows(results)
     if targets:
         out += ["", _table(targets, ["issue 3 target (uvicorn, in-process)", "measured", "target", ""])]
@@ -367,6 +377,7 @@ def render(results: dict[str, Any]) -> str:
         *results.get("gateways", {}).items(),
         *((f"saturation {n}", r) for n, r in results.get("saturation", {}).items()),
         *([("big prompts", results["bigprompts"])] if results.get("bigprompts") else []),
+        *((f"quotas {n}", r) for n, r in results.get("quotas", {}).items()),
     ]:
         if run.get("log_errors"):
             out += ["", f"Gateway log ({name}), {run.get('log_lines')} lines at warning or above, first ones verbatim:"]

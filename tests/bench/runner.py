@@ -15,7 +15,9 @@
 9. Observability: uvicorn again with metrics and the request log off, then with metrics in
    multiprocess mode and the JSON request line on (the ``uvicorn`` row has metrics on and the
    request line below its log level); ``python -m tests.bench observe`` gives the CPU per request.
-10. With ``--profile``: one more uvicorn process, profiled during a c=32 run.
+10. Quotas: one uvicorn process measured with and without a tenant and a key quota, alternately
+    (and again on Redis with ``--redis``).
+11. With ``--profile``: one more uvicorn process, profiled during a c=32 run.
 
 A phase that fails is reported (its error verbatim) and the next one still runs.
 """
@@ -42,6 +44,7 @@ from tests.bench import report, wrk
 from tests.bench.bigprompts import big_gateway_deployment, big_upstream, run_big_prompts
 from tests.bench.loadgen import GENERATOR_NAME
 from tests.bench.procs import ProcessGroup, pin, usable_cpus
+from tests.bench.quotas import quota_tenants, run_quota_comparison
 from tests.bench.saturation import SaturationConfig, run_saturation
 from tests.bench.scenarios import (
     CHAT_DEPLOYMENT,
@@ -57,7 +60,7 @@ from tests.bench.stack import REPO, SIM_API_KEY, BenchEnv, start_simulator
 
 OUTPUT = REPO / "var" / "bench" / "latest.json"
 STREAM_TOKEN_DELAY_MS = 5.0
-PHASES = ("direct", "uvicorn", "daphne", "saturation", "bigprompts", "observability", "dashboards")
+PHASES = ("direct", "uvicorn", "daphne", "saturation", "bigprompts", "observability", "quotas", "dashboards")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "direct": {},
         "gateways": {},
         "saturation": {},
+        "quotas": {},
         "failures": [],
     }
     started = time.monotonic()
@@ -244,6 +248,25 @@ def _run(
             )
         results["gateways"] = {k: v for k, v in gateways.items() if v}
 
+    if "quotas" in args.only:
+        results["quotas"]["in-process"] = phase(
+            "quotas on / off", lambda: run_quota_comparison(group, env, keys, pinning, durations)
+        )
+        if args.redis:
+            results["quotas"]["redis"] = phase(
+                "quotas on / off on Redis",
+                lambda: run_quota_comparison(
+                    group,
+                    env,
+                    keys,
+                    pinning,
+                    durations,
+                    extra_env=_redis_env(args.redis),
+                    label="gateway-quotas-redis",
+                ),
+            )
+        results["quotas"] = {k: v for k, v in results["quotas"].items() if v}
+
     if "dashboards" in args.only:
         from tests.bench.dashboards import run_child
 
@@ -307,7 +330,7 @@ def _gateway_config(sim_url: str, sat_url: str, big_url: str, sat_config: Satura
             },
             {"name": "sim-big", "base_url": big_url, "api_key": SIM_API_KEY, "deployments": [big_gateway_deployment()]},
         ],
-        "tenants": [{"slug": "bench-a", "keys": ["app"]}, {"slug": "bench-b", "keys": ["app"]}],
+        "tenants": [{"slug": "bench-a", "keys": ["app"]}, {"slug": "bench-b", "keys": ["app"]}, *quota_tenants()],
     }
 
 

@@ -5,9 +5,11 @@ benchmark process itself never imports Django or touches a database. The spec (J
 
     {"endpoints": [{"name": "sim", "base_url": "http://127.0.0.1:9100", "api_key": "k",
                     "deployments": [{"name": "d", "model": "m", "rpm": 0, "tpm": 0, ...}]}],
-     "tenants": [{"slug": "bench-a", "keys": ["app"]}]}
+     "tenants": [{"slug": "bench-a", "keys": ["app"]},
+                 {"slug": "bench-q", "keys": ["app"], "quota": {"rpm": 1000}, "key_quota": {"rpm": 100}}]}
 
-Deployment entries take any ``gateway.models.Deployment`` field. Prints
+Deployment entries take any ``gateway.models.Deployment`` field; ``quota`` and ``key_quota`` any
+``tenants.models.Quota`` field (a tenant without ``quota`` gets an unlimited one). Prints
 ``{"keys": {"bench-a/app": "<secret>", ...}}`` on stdout. Idempotent for endpoints, deployments
 and tenants; a key is issued on every run (secrets are shown once, so an old one cannot be read).
 """
@@ -45,13 +47,17 @@ def seed(spec: dict) -> dict[str, str]:
                 Deployment.objects.update_or_create(endpoint=endpoint, name=name, defaults=fields)
         for tenant_spec in spec.get("tenants", []):
             tenant, _ = Tenant.objects.get_or_create(slug=tenant_spec["slug"], defaults={"name": tenant_spec["slug"]})
-            # Unlimited quota and an open policy: the bench measures the gateway, not a tenant's limits.
-            Quota.objects.get_or_create(tenant=tenant, key=None)
+            # Unlimited quota (unless the spec sets one) and an open policy: the bench measures the
+            # gateway, not a tenant's limits.
+            Quota.objects.update_or_create(tenant=tenant, key=None, defaults=tenant_spec.get("quota", {}))
             AccessPolicy.objects.get_or_create(tenant=tenant)
             for key_name in tenant_spec.get("keys", []):
                 tenant.keys.filter(name=key_name).delete()
                 # Entitled to priority 0: the saturation scenario sends priorities 0 and 9.
-                secrets[f"{tenant.slug}/{key_name}"] = key_issue(tenant, name=key_name, best_priority=0).secret
+                issued = key_issue(tenant, name=key_name, best_priority=0)
+                secrets[f"{tenant.slug}/{key_name}"] = issued.secret
+                if tenant_spec.get("key_quota"):
+                    Quota.objects.create(tenant=tenant, key=issued.key, **tenant_spec["key_quota"])
     return secrets
 
 

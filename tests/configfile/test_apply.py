@@ -209,6 +209,30 @@ def test_a_changed_field_is_updated_and_reported_by_name_only(tmp_path: Path, mo
 
 
 @pytest.mark.django_db
+def test_alert_contacts_are_applied_and_reported_by_name_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    apply(write(tmp_path, BASE))
+    monkeypatch.setenv("TEAM_A_HOOK_SECRET", "whsec-applied-value-31")
+    alerts = (
+        "    alerts:\n"
+        "      emails: [ops@team-a.example]\n"
+        "      webhook_url: https://hooks.team-a.example/budget\n"
+        "      webhook_secret: ${TEAM_A_HOOK_SECRET}\n"
+    )
+
+    output = apply(write(tmp_path, BASE.replace("    name: Team A\n", "    name: Team A\n" + alerts)))
+
+    assert "~ tenant team-a: alerts.emails, alerts.webhook_url, alerts.webhook_secret" in output
+    assert "whsec-applied-value-31" not in output
+    tenant = Tenant.objects.get(slug="team-a")
+    assert (tenant.alert_emails, tenant.alert_webhook_url, tenant.alert_webhook_secret) == (
+        ["ops@team-a.example"],
+        "https://hooks.team-a.example/budget",
+        "whsec-applied-value-31",
+    )
+    assert "0 to create, 0 to update" in apply(write(tmp_path, BASE))  # no alerts block: left as they are
+
+
+@pytest.mark.django_db
 def test_a_file_that_moves_an_endpoint_without_its_key_leaves_it_keyless_and_says_so(tmp_path: Path) -> None:
     apply(write(tmp_path, BASE))
     moved = BASE.replace("https://east.openai.azure.com", "https://east2.openai.azure.com").replace(
@@ -332,6 +356,14 @@ BAD_FILES = {
         ("    kind: azure\n", "    kind: azure\n    auth: azure_ad\n"),
         ["gateway.yaml: endpoints[0] (east): auth is azure_ad, so an azure_ad block", "(line 3)"],
     ),
+    "bad alert address": (
+        ("    name: Team A\n", "    name: Team A\n    alerts: {emails: [ops-at-team-a.example]}\n"),
+        ["gateway.yaml: tenants[0] (team-a).alerts.emails[0]: must be an e-mail address"],
+    ),
+    "literal webhook secret": (
+        ("    name: Team A\n", "    name: Team A\n    alerts: {webhook_secret: sk-pasted-literal-secret}\n"),
+        ["gateway.yaml: tenants[0] (team-a).alerts.webhook_secret: a literal secret is not allowed"],
+    ),
     "bad cidr": (
         ("ip_allow: [10.0.0.0/8]", "ip_allow: [10.0.0.300/8]"),
         ["gateway.yaml: tenants[0] (team-a).policy.ip_allow[0]: not a valid network address or CIDR"],
@@ -429,7 +461,13 @@ def test_references_expand_in_any_string_and_double_dollar_escapes(
 
 @pytest.mark.django_db
 def test_the_example_file_applies_as_a_dry_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("AZURE_EAST_KEY", "AZURE_WEST_CLIENT_SECRET", "AZURE_TENANT_ID", "LOCAL_LLM_KEY"):
+    for name in (
+        "AZURE_EAST_KEY",
+        "AZURE_WEST_CLIENT_SECRET",
+        "AZURE_TENANT_ID",
+        "LOCAL_LLM_KEY",
+        "TEAM_SEARCH_ALERT_WEBHOOK_SECRET",
+    ):
         monkeypatch.setenv(name, f"value-of-{name}")
 
     output = apply(Path(settings.BASE_DIR) / "gateway.example.yaml", "--dry-run")

@@ -17,6 +17,7 @@ from gateway.models import Deployment, Endpoint
 from tenants.models import AccessPolicy, Quota, Tenant
 
 AD_SECRET = "ad-client-secret-value-777"
+WEBHOOK_SECRET = "whsec-team-a-value-555"
 
 
 def export(*args: str) -> tuple[str, str]:
@@ -44,6 +45,12 @@ def cast(endpoint, ptu_deployment, standard_deployment, tenant_a, tenant_b, exha
     )
     Deployment.objects.create(endpoint=endpoint, name="odd-${name}", model="gpt-4o-mini", upstream_model="gpt-4o")
     AccessPolicy.objects.filter(tenant=tenant_a).update(ip_allow=["10.0.0.0/8", "::1"], allowed_models=["gpt-4o"])
+    Tenant.objects.filter(pk=tenant_a.pk).update(
+        alert_emails=["ops@team-a.example", "lead@team-a.example"],
+        alert_webhook_url="https://hooks.team-a.example/budget",
+        alert_webhook_secret=WEBHOOK_SECRET,
+    )
+    Tenant.objects.filter(pk=tenant_b.pk).update(alert_emails=["b@team-b.example"])  # e-mail only
     Tenant.objects.create(slug="team-old", name="Old team", active=False)
     Quota.objects.create(tenant=tenant_a, key=key_a.key, rpm=5)  # per-key: not part of the file
     Price.objects.create(
@@ -66,6 +73,7 @@ def secrets_in_env(monkeypatch: pytest.MonkeyPatch, endpoint) -> None:
     """What a user does after an export: set the variables it names to the real secrets."""
     monkeypatch.setenv("EAST_API_KEY", endpoint.api_key)
     monkeypatch.setenv("WEST_AD_AD_CLIENT_SECRET", AD_SECRET)
+    monkeypatch.setenv("TEAM_A_ALERT_WEBHOOK_SECRET", WEBHOOK_SECRET)
 
 
 @pytest.mark.django_db
@@ -78,6 +86,9 @@ def test_export_redacts_secrets_as_named_env_references(cast, tmp_path: Path) ->
     assert "EAST_API_KEY" in err and "WEST_AD_AD_CLIENT_SECRET" in err  # told which variables to set
     assert "name: odd-$${name}" in text  # a literal "${" is escaped, so apply does not expand it
     assert "team-old" in text and "active: false" in text
+    assert WEBHOOK_SECRET not in text
+    assert "webhook_secret: ${TEAM_A_ALERT_WEBHOOK_SECRET}" in text and "TEAM_A_ALERT_WEBHOOK_SECRET" in err
+    assert "emails: [ops@team-a.example, lead@team-a.example]" in text
 
     export("-o", str(tmp_path / "out.yaml"))
     assert (tmp_path / "out.yaml").read_text() == text
@@ -111,6 +122,8 @@ def test_export_apply_to_an_empty_database_export_gives_the_same_text(cast, secr
     assert Endpoint.objects.get(name="east").api_key == "upstream-secret-east"
     assert Endpoint.objects.get(name="west-ad").ad_client_secret == AD_SECRET
     assert Quota.objects.get(tenant__slug="team-broke").monthly_tokens == 1  # a spent budget stays spent
+    team_a = Tenant.objects.get(slug="team-a")
+    assert (team_a.alert_webhook_secret, team_a.alert_emails[0]) == (WEBHOOK_SECRET, "ops@team-a.example")
 
 
 @pytest.mark.django_db

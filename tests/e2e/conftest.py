@@ -15,6 +15,7 @@ generator and the assertions they share are in ``tests/e2e/balancing.py``.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from gateway.models import Deployment, Endpoint
 from tenants.models import Tenant
 from tenants.services import key_issue
 from tests.e2e.balancing import MINUTE, MODEL, SIM_KEY
-from tests.e2e.servers import ProcessGateway, ThreadGateway, stop_thread_gateway
+from tests.e2e.servers import ProcessGateway, RedisServer, ThreadGateway, stop_thread_gateway
 from tests.fakes.simulator import (
     ProcessSimulatorHandle,
     ThreadSimulatorHandle,
@@ -108,6 +109,16 @@ def sdk_client(gateway, key_a) -> OpenAI:
 def azure_sdk_client(gateway, key_a) -> AzureOpenAI:
     """The AzureOpenAI SDK on the live gateway, with tenant A's key."""
     return AzureOpenAI(azure_endpoint=gateway.url, api_key=key_a.secret, api_version="2024-10-21", max_retries=0)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own (the test may restart it); skipped without the binary."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer().start()
+    yield server
+    server.stop()
 
 
 # -- the balancing cast ----------------------------------------------------------------------------
