@@ -98,8 +98,12 @@ class RedisQuotaState(QuotaState):
         self._fixed = f"{cfg.bucket!r}|{int(cfg.budget_ttl * 1000)}|{int((cfg.window * 2 + 5) * 1000)}"
 
     @classmethod
-    def from_url(cls, url: str, config: QuotaStateConfig | None = None, *, prefix: str = "gw") -> RedisQuotaState:
-        return cls(Redis.from_url(url), config, prefix=prefix, owns_client=True, fast=fast_client(url))
+    def from_url(
+        cls, url: str, config: QuotaStateConfig | None = None, *, prefix: str = "gw", timeout: float = 0.5
+    ) -> RedisQuotaState:
+        """A state with clients of its own on ``url``, every wait bounded by ``timeout`` seconds."""
+        client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        return cls(client, config, prefix=prefix, owns_client=True, fast=fast_client(url, timeout))
 
     async def _hot(self, name: str, keys: list[str], args: list[str]) -> Any:
         if self._fast is not None:
@@ -255,10 +259,13 @@ class RedisQuotaState(QuotaState):
             await self._redis.aclose()
 
 
-def fast_client(url: str) -> RespClient | None:
-    """The small pipelined client for ``url``, or None where it cannot go (e.g. a unix socket)."""
+def fast_client(url: str, timeout: float) -> RespClient | None:
+    """The small pipelined client for ``url``, or None where it cannot go (e.g. a unix socket).
+
+    ``timeout`` bounds connecting and each reply, as for every other Redis client of the gateway
+    (``REDIS_TIMEOUT_SECONDS``): a paused Redis must turn into a 503 within a second."""
     try:
-        return RespClient(url)
+        return RespClient(url, connect_timeout=timeout, timeout=timeout)
     except ValueError:
         return None
 

@@ -27,6 +27,8 @@ pytestmark = [
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 BOUND_SECONDS = 1.0
 
+STATE_CODES = {"state_unavailable", "quota_state_unavailable"}
+
 
 def staff_cookie() -> dict[str, str]:
     user = User.objects.create_user("ops", password="x-very-long-password", is_staff=True)
@@ -61,7 +63,8 @@ class Chat:
             assert response.status_code == 503, response.text
             assert elapsed < BOUND_SECONDS, f"answered after {elapsed:.2f}s"
             error = response.json()["error"]
-            assert (error["type"], error["code"]) == ("api_error", "state_unavailable")
+            # Admission (quotas) or the balancer, whichever asks Redis first, names the state it lacks.
+            assert error["type"] == "api_error" and error["code"] in STATE_CODES, error
             assert int(response.headers["retry-after"]) >= 1 and int(response.headers["retry-after-ms"]) >= 1
 
     def wait_until_served(self, timeout: float = 5.0) -> float:
@@ -110,4 +113,4 @@ def test_requests_are_refused_within_a_second_while_redis_is_paused_or_gone_and_
     print(f"\nserved again {after_resume:.2f}s after SIGCONT, {after_restart:.2f}s after the restart")
     records = wait_for_records(chat.sent)  # one per request, refusals included
     refused = [r for r in records if r.status == 503]
-    assert len(refused) >= 6 and {r.error_code for r in refused} == {"state_unavailable"}
+    assert len(refused) >= 6 and {r.error_code for r in refused} <= STATE_CODES
