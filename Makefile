@@ -25,13 +25,16 @@ run: install
 	$(PY) -m gateway.demo --host $(HOST) --port $(PORT) --sim-port $(SIM_PORT)
 
 # The whole suite on whatever DATABASE_URL / REDIS_URL say (embedded defaults when unset).
+# In-process tests on two workers (pytest-xdist: each has its own test database), then the e2e
+# tests one at a time: they start servers and measure time, and must not share the CPU with each other.
 test: install
 	$(PY) manage.py makemigrations --check --dry-run
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not e2e" -n 2
+	$(PY) -m pytest -q -m e2e
 
-# The fast loop: everything but the tests that start real servers (under a minute).
+# The fast loop: everything but the tests that start real servers.
 test-fast: install
-	$(PY) -m pytest -q -m "not e2e"
+	$(PY) -m pytest -q -m "not e2e" -n 2
 
 # Lint (ruff), format check and types (mypy with django-stubs); configured in pyproject.toml.
 lint: install
