@@ -7,9 +7,10 @@ from typing import Any, cast
 from rest_framework import serializers
 
 from billing.models import Price, Rollup, Statement
+from gateway.api.serializers import ConstrainedModelSerializer
 
 
-class PriceSerializer(serializers.ModelSerializer):
+class PriceSerializer(ConstrainedModelSerializer):
     class Meta:
         model = Price
         fields = [
@@ -34,7 +35,7 @@ class PriceSerializer(serializers.ModelSerializer):
         for name in ("input_per_million", "cached_input_per_million", "output_per_million"):
             if name in attrs and attrs[name] < 0:
                 raise serializers.ValidationError({name: "Prices are not negative."})
-        return attrs
+        return super().validate(attrs)
 
 
 class UsageSerializer(serializers.ModelSerializer):

@@ -25,7 +25,7 @@ from billing.exports import FORMATS, statement_response
 from billing.models import Price, Rollup, Statement
 from billing.periods import parse_month
 from billing.statements import statement_document, statement_for
-from gateway.api.pagination import CursorPagination
+from gateway.api.pagination import ID_PATTERN, CursorPagination
 from gateway.api.permissions import IsStaffOrTenantToken, request_tenant
 from tenants.models import Tenant
 
@@ -33,6 +33,7 @@ from tenants.models import Tenant
 class PriceViewSet(viewsets.ModelViewSet):
     queryset = Price.objects.all()
     serializer_class = PriceSerializer
+    lookup_value_regex = ID_PATTERN
     filterset_fields = ["model"]
     ordering_fields = ["model", "effective_from"]
 
@@ -65,6 +66,7 @@ class UsageViewSet(viewsets.ReadOnlyModelViewSet):
     """Usage per period, tenant, key, model and deployment, from the roll-ups."""
 
     serializer_class = UsageSerializer
+    lookup_value_regex = ID_PATTERN
     permission_classes = [IsStaffOrTenantToken]
     filterset_class = UsageFilter
     pagination_class = CursorPagination
@@ -100,6 +102,7 @@ class StatementViewSet(viewsets.ReadOnlyModelViewSet):
     """Stored monthly statements (drafts and final ones)."""
 
     serializer_class = StatementSerializer
+    lookup_value_regex = ID_PATTERN
     permission_classes = [IsStaffOrTenantToken]
     filterset_class = StatementFilter
     pagination_class = StatementPagination

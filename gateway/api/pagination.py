@@ -18,3 +18,7 @@ class CursorPagination(pagination.CursorPagination):
     page_size_query_param = "page_size"
     max_page_size = 1000
     ordering = ("-period_start", "-id")
+
+
+#: Ids in detail URLs: anything else is a 404 from the router, never a failed integer cast.
+ID_PATTERN = "[0-9]+"

@@ -12,6 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from gateway.api.pagination import ID_PATTERN
 from gateway.api.serializers import DeploymentSerializer, EndpointSerializer
 from gateway.models import Deployment, Endpoint
 from gateway.status import deployment_status
@@ -21,6 +22,7 @@ from gateway.views import finite_json
 class EndpointViewSet(viewsets.ModelViewSet):
     queryset = Endpoint.objects.all()
     serializer_class = EndpointSerializer
+    lookup_value_regex = ID_PATTERN
     filterset_fields = ["kind", "auth", "enabled"]
     ordering_fields = ["name", "created_at"]
 
@@ -28,6 +30,7 @@ class EndpointViewSet(viewsets.ModelViewSet):
 class DeploymentViewSet(viewsets.ModelViewSet):
     queryset = Deployment.objects.select_related("endpoint")
     serializer_class = DeploymentSerializer
+    lookup_value_regex = ID_PATTERN
     filterset_fields = {
         "model": ["exact"],
         "sku": ["exact"],

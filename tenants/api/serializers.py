@@ -7,12 +7,14 @@ from typing import Any
 from django.utils import timezone
 from rest_framework import serializers
 
+from gateway.api.serializers import ConstrainedModelSerializer
 from tenants.models import AccessPolicy, ClientKey, ManagementToken, Quota, Tenant
 
 
-class TenantSerializer(serializers.ModelSerializer):
+class TenantSerializer(ConstrainedModelSerializer):
     # Write-only like the admin: the webhook secret is never read back.
     alert_webhook_secret = serializers.CharField(write_only=True, required=False, allow_blank=True, max_length=500)
+    alert_emails = serializers.ListField(child=serializers.EmailField(), required=False)
 
     class Meta:
         model = Tenant
@@ -35,6 +37,7 @@ class ClientKeySerializer(serializers.ModelSerializer):
 
     tenant = serializers.SlugRelatedField(slug_field="slug", queryset=Tenant.objects.all())
     revoked = serializers.BooleanField(read_only=True)
+    allowed_models = serializers.ListField(child=serializers.CharField(max_length=200), required=False)
     expired = serializers.BooleanField(read_only=True)
 
     class Meta:
@@ -67,11 +70,6 @@ class ClientKeySerializer(serializers.ModelSerializer):
         if self.instance is not None and not isinstance(self.instance, list | tuple):
             self.fields["tenant"].read_only = True  # a key never moves to another tenant
 
-    def validate_allowed_models(self, value: Any) -> list[str]:
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise serializers.ValidationError("A list of model names.")
-        return value
-
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         default = attrs.get("default_priority", getattr(self.instance, "default_priority", None))
         best = attrs.get("best_priority", getattr(self.instance, "best_priority", None))
@@ -99,8 +97,13 @@ class IssuedKeySerializer(ClientKeySerializer):
         fields = [*ClientKeySerializer.Meta.fields, "secret"]
 
 
-class QuotaSerializer(serializers.ModelSerializer):
+class QuotaSerializer(ConstrainedModelSerializer):
     tenant = serializers.SlugRelatedField(slug_field="slug", queryset=Tenant.objects.all())
+    alert_thresholds = serializers.ListField(
+        child=serializers.IntegerField(min_value=1, max_value=1000),
+        required=False,
+        help_text="Percentages of a budget that raise an alert, e.g. [50, 80, 100].",
+    )
 
     class Meta:
         model = Quota
@@ -130,20 +133,18 @@ class QuotaSerializer(serializers.ModelSerializer):
             clash = clash.exclude(pk=self.instance.pk)
         if clash.exists():
             raise serializers.ValidationError("This tenant or key already has a quota.")
-        return attrs
-
-    def validate_alert_thresholds(self, value: Any) -> list[int]:
-        if not isinstance(value, list) or not all(isinstance(v, int) and 0 < v <= 1000 for v in value):
-            raise serializers.ValidationError("A list of percentages (whole numbers, 1 to 1000).")
-        return value
+        return super().validate(attrs)
 
 
 class QuotaResetSerializer(serializers.Serializer):
     period = serializers.ChoiceField(choices=["day", "month"])
 
 
-class AccessPolicySerializer(serializers.ModelSerializer):
+class AccessPolicySerializer(ConstrainedModelSerializer):
     tenant = serializers.SlugRelatedField(slug_field="slug", queryset=Tenant.objects.all())
+    allowed_models = serializers.ListField(child=serializers.CharField(max_length=200), required=False)
+    ip_allow = serializers.ListField(child=serializers.CharField(max_length=50), required=False)
+    ip_deny = serializers.ListField(child=serializers.CharField(max_length=50), required=False)
 
     class Meta:
         model = AccessPolicy
@@ -167,11 +168,6 @@ class AccessPolicySerializer(serializers.ModelSerializer):
 
     def validate_ip_deny(self, value: Any) -> list[str]:
         return self._cidrs(value)
-
-    def validate_allowed_models(self, value: Any) -> list[str]:
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise serializers.ValidationError("A list of model names.")
-        return value
 
 
 class ManagementTokenSerializer(serializers.ModelSerializer):

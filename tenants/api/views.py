@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import django_filters
-from django.db.models import QuerySet
+from django.db.models import ProtectedError, QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 
+from gateway.api.pagination import ID_PATTERN
 from gateway.api.permissions import IsStaff, IsStaffOrTenantToken, request_tenant
 from tenants import services
 from tenants.api import serializers as s
@@ -28,6 +30,12 @@ class TenantViewSet(viewsets.ModelViewSet):
     lookup_field = "slug"
     filterset_fields = ["active"]
     ordering_fields = ["slug", "name", "created_at"]
+
+    def perform_destroy(self, instance: Tenant) -> None:
+        try:
+            instance.delete()
+        except ProtectedError as exc:
+            raise ValidationError("This tenant has statements: deactivate it instead.") from exc
 
 
 class ClientKeyFilter(django_filters.FilterSet):
@@ -53,6 +61,7 @@ class ClientKeyViewSet(
     """
 
     serializer_class = s.ClientKeySerializer
+    lookup_value_regex = ID_PATTERN
     permission_classes = [IsStaffOrTenantToken]
     filterset_class = ClientKeyFilter
     ordering_fields = ["name", "created_at", "expires_at", "last_used_at"]
@@ -111,6 +120,7 @@ class QuotaViewSet(viewsets.ModelViewSet):
 
     queryset = Quota.objects.select_related("tenant", "key").order_by("tenant__slug", "id")
     serializer_class = s.QuotaSerializer
+    lookup_value_regex = ID_PATTERN
     permission_classes = [IsStaff]
     filterset_class = QuotaFilter
     ordering_fields = ["id", "updated_at"]
@@ -131,6 +141,7 @@ class AccessPolicyViewSet(viewsets.ModelViewSet):
 
     queryset = AccessPolicy.objects.select_related("tenant").order_by("tenant__slug")
     serializer_class = s.AccessPolicySerializer
+    lookup_value_regex = ID_PATTERN
     permission_classes = [IsStaff]
     filterset_fields = {"tenant__slug": ["exact"]}
 
@@ -142,6 +153,7 @@ class ManagementTokenViewSet(
 
     queryset = ManagementToken.objects.select_related("tenant", "created_by")
     serializer_class = s.ManagementTokenSerializer
+    lookup_value_regex = ID_PATTERN
     permission_classes = [IsStaff]
     filterset_fields = {"tenant__slug": ["exact"]}
     ordering_fields = ["created_at", "expires_at"]
