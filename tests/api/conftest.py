@@ -23,6 +23,24 @@ def fresh_throttle_counts() -> Iterator[None]:
     cache.clear()
 
 
+@pytest.fixture(autouse=True)
+def status_runtime_stopped_after_each_call(monkeypatch) -> None:
+    """The status view starts the gateway runtime (as the first proxied request would). Served by
+    ASGI that is the process's runtime on the server's loop; here every sync call gets a loop of its
+    own, so the runtime is stopped on that loop before it closes (later tests must not find one)."""
+    from gateway.api import views
+    from gateway.proxy.runtime import runtime
+    from gateway.status import deployment_status
+
+    async def status_then_stop() -> dict:
+        try:
+            return await deployment_status()
+        finally:
+            await runtime.shutdown()
+
+    monkeypatch.setattr(views, "deployment_status", status_then_stop)
+
+
 @pytest.fixture
 def anonymous() -> APIClient:
     return APIClient()

@@ -164,3 +164,10 @@ def test_the_schema_and_the_docs_page_are_served_from_own_static_files(anonymous
     docs = anonymous.get("/api/docs/").content.decode()
     assert "/static/drf_spectacular_sidecar/swagger-ui-dist/" in docs
     assert "cdn" not in docs.lower() and "unpkg" not in docs.lower()
+
+
+@pytest.mark.django_db(transaction=True)  # the runtime builds its snapshot on a connection of its own
+def test_deployment_status_serves_the_live_balancer_state(staff, standard_deployment):
+    body = staff.get("/api/v1/deployment-status/").json()
+    assert [row["id"] for row in body["deployments"]] == [standard_deployment.pk]
+    assert body["shared_state"]["reachable"] is True and "gpt-4o" in body["queues"]
