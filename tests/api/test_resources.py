@@ -171,3 +171,10 @@ def test_deployment_status_serves_the_live_balancer_state(staff, standard_deploy
     body = staff.get("/api/v1/deployment-status/").json()
     assert [row["id"] for row in body["deployments"]] == [standard_deployment.pk]
     assert body["shared_state"]["reachable"] is True and "gpt-4o" in body["queues"]
+
+
+def test_the_schema_generates_without_a_warning_and_validates(tmp_path):
+    from django.core.management import call_command
+
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
+    assert "/api/v1/usage/" in (tmp_path / "schema.yaml").read_text()
