@@ -91,6 +91,9 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "gateway",
     "tenants",
@@ -195,8 +198,43 @@ STORAGES = {
 # Serve admin assets straight from the apps' folders, so `make run` needs no collectstatic.
 WHITENOISE_USE_FINDERS = True
 
+# The management API (/api/v1/, docs/architecture.md "Management API"): staff by session or a
+# staff management token, team leads by a tenant-scoped management token (``gwm-...``).
+# Throttled per user or token (per address when anonymous) in the default cache, which is Redis
+# when configured, so the rates hold across every gateway process.
 REST_FRAMEWORK = {
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "gateway.api.authentication.ManagementTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["gateway.api.permissions.IsStaff"],
+    "DEFAULT_PAGINATION_CLASS": "gateway.api.pagination.PageNumberPagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_FILTER_BACKENDS": [
+        "django_filters.rest_framework.DjangoFilterBackend",
+        "rest_framework.filters.OrderingFilter",
+    ],
+    "DEFAULT_THROTTLE_CLASSES": [
+        "gateway.api.throttling.ManagementUserThrottle",
+        "gateway.api.throttling.ManagementAnonThrottle",
+    ],
+    "DEFAULT_THROTTLE_RATES": {
+        "management": env.str("GATEWAY_API_RATE", default="1200/min"),
+        "management-anon": env.str("GATEWAY_API_ANON_RATE", default="60/min"),
+    },
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "LLM gateway management API",
+    "DESCRIPTION": "Tenants, client keys, quotas, upstreams, prices, usage and statements.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    # The docs page loads Swagger UI from the project's own static files (no CDN).
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 
 # Celery: a worker and beat on Redis when configured. Without a broker, tasks called with

@@ -1,4 +1,4 @@
-"""Ordinary Django views: the admin console, the status API, the usage dashboards and team pages.
+"""Ordinary Django views: the admin console, the status API, the management REST API (``/api/v1/``), the usage dashboards and team pages.
 
 The OpenAI-compatible API (``/v1/...``, ``/openai/...``) and the health probes are not here:
 ``gateway.proxy.application`` sends them to the proxy consumer and the probes before Django is involved.
@@ -16,6 +16,7 @@ urlpatterns = [
     path("admin/overview/", billing_views.overview, name="billing-overview"),
     path("admin/", admin.site.urls),
     path("api/status/deployments", views.status_api, name="gateway-status-api"),
+    path("api/", include("gateway.api.urls")),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("team/", include("billing.urls")),

@@ -11,14 +11,14 @@ from django.shortcuts import render
 from gateway.status import deployment_status
 
 
-def _finite(value):
+def finite_json(value):
     """JSON has no infinity: an unreachable wait is reported as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 
@@ -28,7 +28,7 @@ async def status_api(request: HttpRequest) -> JsonResponse:
     if not (user.is_active and user.is_staff):
         status = 401 if not user.is_authenticated else 403
         return JsonResponse({"error": {"message": "Staff login required.", "type": "permission_error"}}, status=status)
-    return JsonResponse(_finite(await deployment_status()))
+    return JsonResponse(finite_json(await deployment_status()))
 
 
 @staff_member_required

@@ -464,3 +464,6 @@ class MembershipAdmin(admin.ModelAdmin):
     list_select_related = ("user", "tenant")
     search_fields = ("user__username", "user__email", "tenant__slug")
     autocomplete_fields = ("user", "tenant")
+
+
+from tenants import admin_tokens  # noqa: E402,F401  (registers the management tokens admin)

@@ -23,3 +23,13 @@ def key_hash(secret: str) -> str:
 
 def key_visible_prefix(secret: str) -> str:
     return secret[:VISIBLE_CHARS]
+
+
+# Management API tokens (tenants.models.ManagementToken): a prefix distinct from client keys, so
+# neither is ever mistaken for the other.
+MANAGEMENT_TOKEN_PREFIX = "gwm-"
+
+
+def management_token_generate() -> str:
+    """A new management token secret: ``gwm-`` and 256 random bits, URL-safe."""
+    return MANAGEMENT_TOKEN_PREFIX + secrets.token_urlsafe(32)

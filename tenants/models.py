@@ -203,3 +203,35 @@ class Membership(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} in {self.tenant} ({self.role})"
+
+
+class ManagementToken(models.Model):
+    """A credential for the management REST API (``/api/v1/``). Only its SHA-256 hash is stored.
+
+    With a ``tenant`` it is a team lead's token: it reads that tenant's usage and statements and
+    manages that tenant's client keys, nothing else. Without one it is a staff token: it acts as
+    ``created_by``, who must still be an active staff user when it is presented. Client keys
+    (``sk-gw-``) are never management credentials; these start with ``gwm-``.
+    """
+
+    tenant = models.ForeignKey(
+        Tenant, on_delete=models.CASCADE, null=True, blank=True, related_name="management_tokens"
+    )
+    name = models.CharField(max_length=200)
+    prefix = models.CharField(max_length=20, help_text="The first characters, to recognise a token.")
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="management_tokens")
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(help_text="Every management token expires.")
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def usable(self) -> bool:
+        return self.revoked_at is None and self.expires_at > timezone.now()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from django.db import transaction
 from django.utils import timezone
 
 from gateway import defaults
-from tenants.keys import key_generate, key_hash, key_visible_prefix
-from tenants.models import ClientKey, Quota, Tenant
+from tenants.keys import key_generate, key_hash, key_visible_prefix, management_token_generate
+from tenants.models import ClientKey, ManagementToken, Quota, Tenant
 
 
 @dataclass(frozen=True)
@@ -77,3 +78,34 @@ def quota_counters_reset(quota: Quota, period: str) -> None:
     field = COUNTER_PERIODS[period]
     setattr(quota, field, timezone.now())
     quota.save(update_fields=[field, "updated_at"])
+
+
+@dataclass(frozen=True)
+class IssuedManagementToken:
+    """A management token just issued. ``secret`` exists only here: it is shown once."""
+
+    token: ManagementToken
+    secret: str
+
+
+def management_token_issue(
+    *, name: str, created_by: Any, expires_at: datetime, tenant: Tenant | None = None
+) -> IssuedManagementToken:
+    """Create a management API token (a tenant's, or with no tenant a staff token acting as ``created_by``)."""
+    secret = management_token_generate()
+    token = ManagementToken.objects.create(
+        tenant=tenant,
+        name=name,
+        prefix=key_visible_prefix(secret),
+        token_hash=key_hash(secret),
+        created_by=created_by,
+        expires_at=expires_at,
+    )
+    return IssuedManagementToken(token=token, secret=secret)
+
+
+def management_token_revoke(token: ManagementToken) -> None:
+    """Refuse the token from now on. Idempotent."""
+    if token.revoked_at is None:
+        token.revoked_at = timezone.now()
+        token.save(update_fields=["revoked_at"])

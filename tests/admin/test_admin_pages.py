@@ -21,7 +21,7 @@ from billing.paginator import EstimatedCountPaginator
 from gateway.admin_forms import EndpointAdminForm
 from gateway.models import ConfigVersion, Deployment, Endpoint
 from tenants.models import AccessPolicy, AlertEvent, Membership, Quota, Tenant
-from tenants.services import key_issue
+from tenants.services import key_issue, management_token_issue
 
 UPSTREAM_SECRET = "sk-upstream-XYZ"
 
@@ -80,6 +80,9 @@ def one_of_each(db, admin_user, endpoint, ptu_deployment, standard_deployment, t
         computed_at=timezone.now(),
     )
     Group.objects.create(name="operators")
+    management_token_issue(
+        name="lead", created_by=admin_user, expires_at=timezone.now() + timedelta(days=1), tenant=tenant_a
+    )
     ParkedUsageRecord.objects.create(
         request_id="req-refused", record={"request_id": "req-refused", "model": "gpt-4o"}, error="IntegrityError: x"
     )

@@ -1,0 +1,1 @@
+"""The management API for billing: prices, usage (read from roll-ups) and monthly statements."""

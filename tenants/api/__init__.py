@@ -1,0 +1,1 @@
+"""The management API for tenants: tenants, client keys, quotas, access policies, management tokens."""
