@@ -32,7 +32,7 @@ def big_upstream(api_key: str) -> dict[str, Any]:
     """The simulator that answers the big prompts: no limits, one completion token, a cheap estimate."""
     return {
         "api_key": api_key,
-        "prompt_estimate": "fast",
+        "token_estimate": "fast",
         "deployments": [{"name": BIG_DEPLOYMENT, "completion_tokens": 1}],
     }
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.bigprompts import big_prompt_lines
+from tests.bench.manystreams import many_streams_lines
 
 # Issue 3's performance targets for one gateway process.
 TARGET_ADDED_P50_MS = 1.5
@@ -356,6 +357,9 @@ def render(results: dict[str, Any]) -> str:
     big = big_prompt_lines(results)
     if big:
         out += ["", *big]
+    streams = many_streams_lines(results)
+    if streams:
+        out += ["", *streams]
     profile = profile_lines(results)
     if profile:
         out += ["", *profile]
@@ -363,6 +367,7 @@ def render(results: dict[str, Any]) -> str:
         *results.get("gateways", {}).items(),
         *((f"saturation {n}", r) for n, r in results.get("saturation", {}).items()),
         *([("big prompts", results["bigprompts"])] if results.get("bigprompts") else []),
+        *([("many streams", results["manystreams"])] if results.get("manystreams") else []),
     ]:
         if run.get("log_errors"):
             out += ["", f"Gateway log ({name}), {run.get('log_lines')} lines at warning or above, first ones verbatim:"]
