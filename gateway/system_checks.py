@@ -59,4 +59,7 @@ def check_gateway_settings(app_configs, **kwargs):
     for name in ("USAGE_FLUSH_SECONDS", "WINDOW_MINUTE_SECONDS", "QUEUE_TIMEOUT_SECONDS", "SNAPSHOT_POLL_SECONDS"):
         if g[name] <= 0:
             errors.append(Error(f"GATEWAY[{name!r}] must be positive, got {g[name]}.", id="gateway.E002"))
+    for name in ("OVERLOAD_LAG_MS", "STREAM_COALESCE_MS", "UPSTREAM_MAX_CONNECTIONS"):
+        if g[name] < 0:
+            errors.append(Error(f"GATEWAY[{name!r}] must be 0 (off) or positive, got {g[name]}.", id="gateway.E003"))
     return errors

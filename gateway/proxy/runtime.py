@@ -18,6 +18,7 @@ from gateway import snapshot
 from gateway.balancer import make_state
 from gateway.balancer.failures import FailureNotes
 from gateway.balancer.policy import BalancedDispatcher
+from gateway.proxy.pressure import pressure
 from gateway.proxy.shared_state import GuardedDispatcher
 from gateway.snapshot.refresher import SnapshotRefresher
 from gateway.snapshot.version import VersionMirror, config_version_read
@@ -107,6 +108,8 @@ class Runtime:
         self.refresher.start()
         get_sink().start()
         self.dispatcher = GuardedDispatcher(make_dispatcher(self.redis))
+        pressure.configure(g["OVERLOAD_LAG_MS"] / 1000.0, g["STREAM_COALESCE_MS"] / 1000.0)
+        pressure.start()
         log.info("gateway runtime started (config v%s, redis=%s)", snapshot.current().version, bool(self.redis))
 
     async def drain(self, grace: float) -> None:
@@ -125,6 +128,7 @@ class Runtime:
             await get_sink().stop()  # writes (or spills) whatever was recorded
             return
         self.started = False
+        await pressure.stop()
         if self.refresher is not None:
             await self.refresher.stop()
         await get_sink().stop()
