@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 
 import redis.asyncio
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 from billing.usage_sink import get_sink
-from gateway import snapshot
+from gateway import snapshot, workers
 from gateway.balancer import make_state
 from gateway.balancer.failures import FailureNotes
 from gateway.balancer.policy import BalancedDispatcher
@@ -89,6 +91,7 @@ class Runtime:
             gc.freeze()
 
     async def _start(self) -> None:
+        refuse_several_workers_without_redis()
         g = settings.GATEWAY
         # A runtime from an earlier event loop (tests start several) must leave nothing behind.
         self.redis = None
@@ -145,6 +148,20 @@ class Runtime:
         # event loop) must stay collectable, or the database connections it opened never close.
         gc.unfreeze()
         log.info("gateway runtime stopped")
+
+
+def refuse_several_workers_without_redis() -> None:
+    """Raise ``ImproperlyConfigured`` (the server then refuses to start) when this process is one of
+    several workers (``WEB_CONCURRENCY``, or ``--workers`` on the server's command line) and
+    ``REDIS_URL`` is not set: their limits, queues and breakers would not be shared."""
+    try:
+        asked = workers.asked_workers(os.environ, workers.server_command_line())
+    except workers.WorkersRefused as refused:
+        raise ImproperlyConfigured(str(refused)) from None
+    problem = workers.refusal(asked or 1, settings.REDIS_URL)
+    if problem:
+        log.error("refusing to start: %s", problem)
+        raise ImproperlyConfigured(problem)
 
 
 def make_dispatcher(redis_client=None) -> BalancedDispatcher:
