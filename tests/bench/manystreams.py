@@ -16,18 +16,33 @@ divided by the concurrency.
 Placement: direct runs have the upstream alone on the gateway's CPU and the generator on the
 other (the upstream's best case); gateway runs move the upstream beside the generator, as every
 gateway phase of the bench does.
+
+Last, at the highest concurrency, a bare relay (``tests.bench.rawrelay``: one upstream read and one
+client write per event, nothing else) takes the gateway's place: its CPU per event is the floor
+that any relay pays here, mostly in the kernel.
 """
 
 from __future__ import annotations
 
+import socket
+import sys
 import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from tests.bench.driver import Request, run_load
-from tests.bench.procs import ProcessGroup, cpu_seconds, pin, rss_mb
+from tests.bench.procs import ProcessGroup, cpu_seconds, pin, rss_mb, wait_until
 from tests.bench.scenarios import PROMPT, Pinning, log_errors
-from tests.bench.stack import SIM_API_KEY, BenchEnv, azure_path, post_json, settle, start_gateway
+from tests.bench.stack import (
+    REPO,
+    SIM_API_KEY,
+    BenchEnv,
+    azure_path,
+    free_port,
+    post_json,
+    settle,
+    start_gateway,
+)
 
 LONG_DEPLOYMENT = LONG_MODEL = "bench-long"
 LONG_TOKENS = 100
@@ -185,7 +200,34 @@ def run_many_streams(
         group.stop(gateway.child)
         results["exit_code"] = gateway.child.process.returncode
         results["log_lines"], results["log_errors"] = log_errors(gateway)
+    results["floor"] = run_floor(group, sim, pinning, config)
     return results
+
+
+def run_floor(group: ProcessGroup, sim: Any, pinning: Pinning, config: ManyStreamsConfig) -> dict[str, Any]:
+    """The bare relay (``tests.bench.rawrelay``) in the gateway's place, at the highest concurrency."""
+    port = free_port()
+    relay = group.start(
+        "rawrelay",
+        [sys.executable, "-m", "tests.bench.rawrelay", sim.url, azure_path(LONG_DEPLOYMENT), SIM_API_KEY, str(port)],
+        cpus=pinning.gateway,
+        cwd=REPO,
+    )
+    try:
+        wait_until(lambda: _accepts(port), timeout=30, what="raw relay listening")
+        concurrency = max(config.concurrencies)
+        request = Request("/relay", {}, {"stream": True})
+        return {
+            "concurrency": concurrency,
+            **one_run(f"http://127.0.0.1:{port}", request, concurrency, relay.pid, pinning, config),
+        }
+    finally:
+        group.stop(relay)
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 # --- the report -----------------------------------------------------------------------------------
@@ -231,6 +273,13 @@ def many_streams_lines(results: dict[str, Any]) -> list[str]:
             f"  {int(concurrency):7d}  {_f(_ttft(direct, 'p50')):>5} / {_f(_ttft(gateway, 'p50')):<6}  "
             f"{_f(d99):>6} / {_f(g99):<6}  {_f(direct.get('streams_per_second'), 1):>5} / {_f((gateway or {}).get('streams_per_second'), 1):<5}  "
             f"{_f(cpu, 1):>6} us  {_f(server.get('rss_kb_per_stream'), 1):>6} KB  {_statuses(gateway)}"
+        )
+    floor = run.get("floor") or {}
+    floor_cpu = (floor.get("server") or {}).get("cpu_us_per_event")
+    if floor_cpu is not None:
+        lines.append(
+            f"  floor: a bare uvloop relay (tests/bench/rawrelay.py, no ASGI, nothing looked at) in the gateway's "
+            f"place at {floor['concurrency']} streams: {floor_cpu:.1f} us per event"
         )
     if worst_cpu is not None:
         lines.append(
