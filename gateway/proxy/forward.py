@@ -414,15 +414,12 @@ class Forwarder:
             await consumer.send_body(tail, more_body=False)
             return None
         except (upstream.UpstreamError, OSError, ValueError) as exc:
+            log.warning("upstream stream for %s broke: %s", ctx.request_id, exc)
+            if relay.error is not None:  # the client already has the upstream's own error event
+                return await self.upstream_stream_error(relay.error, b"")
             # Headers are out: report in-stream as the SDK expects, then close.
             ctx.outcome, ctx.error_code = "upstream_error", "stream_interrupted"
-            log.warning("upstream stream for %s broke: %s", ctx.request_id, exc)
-            if relay.error is not None:
-                await consumer.send_body(b"", more_body=False)  # the client has the upstream's error event
-            else:
-                await consumer.send_body(
-                    b"data: " + json.dumps(_STREAM_INTERRUPTED).encode() + b"\n\n", more_body=False
-                )
+            await consumer.send_body(b"data: " + json.dumps(_STREAM_INTERRUPTED).encode() + b"\n\n", more_body=False)
             return f"stream broke off: {type(exc).__name__}"
         finally:
             await response.aclose()
