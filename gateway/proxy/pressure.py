@@ -3,7 +3,9 @@
 A timer task wakes every ``TICK_SECONDS`` (50 ms) and notes:
 
 * **lag**: how late it woke, i.e. how long anything queued on the loop now waits for its turn;
-* **busy**: the process's CPU seconds per wall second since the previous tick (all its threads).
+* **busy**: the event loop thread's CPU seconds per wall second since the previous tick (work in
+  other threads, such as big prompts counted off the loop, does not count: it does not delay
+  the streams).
 
 Both are smoothed (exponentially, over ``SMOOTHING_SECONDS``) so that one slow callback or one
 garbage collection does not count as overload. From them:
@@ -14,7 +16,7 @@ garbage collection does not count as overload. From them:
   it to another process), before their body is read or capacity reserved, rather than waiting
   seconds for a first token while nothing tells the client. Streams already running are not
   touched, and keep their pace because no new work joins them.
-* **Stream coalescing** (``stream_hold``): when the process is more than half busy, a stream's
+* **Stream coalescing** (``stream_hold``): when the event loop is more than half busy, a stream's
   relay reads its upstream at most once per ``stream_hold`` seconds (up to ``STREAM_COALESCE_MS``,
   growing with the pressure), with the upstream connection paused in between. The events that
   arrive meanwhile wait in the socket and go out together: one read, one wake-up, one write to the
@@ -45,7 +47,7 @@ COALESCE_FROM = 0.5
 
 
 class LoopPressure:
-    """Smoothed event-loop lag and CPU share of this process; admission and stream coalescing from them.
+    """Smoothed lag and CPU share of this process's event loop; admission and stream coalescing from them.
 
     ``lag_limit``: seconds of smoothed lag that mean overload (0: never refuse).
     ``max_hold``: the longest a stream may hold its upstream reads under pressure (0: never).
@@ -55,7 +57,7 @@ class LoopPressure:
         self.lag_limit = lag_limit
         self.max_hold = max_hold
         self.lag = 0.0  # smoothed seconds
-        self.busy = 0.0  # smoothed CPU seconds per wall second
+        self.busy = 0.0  # smoothed CPU seconds of the loop's thread per wall second
         self.overloaded = False
         self.stream_hold = 0.0  # seconds; read by every stream relay after each write
         self._weight = 1.0 - math.exp(-TICK_SECONDS / SMOOTHING_SECONDS)
@@ -87,12 +89,12 @@ class LoopPressure:
 
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
-        wall, cpu = time.monotonic(), time.process_time()
+        wall, cpu = time.monotonic(), time.thread_time()  # this task runs on the loop's thread
         while True:
             due = loop.time() + TICK_SECONDS
             await asyncio.sleep(TICK_SECONDS)
             lag = max(loop.time() - due, 0.0)
-            now_wall, now_cpu = time.monotonic(), time.process_time()
+            now_wall, now_cpu = time.monotonic(), time.thread_time()
             busy = (now_cpu - cpu) / (now_wall - wall) if now_wall > wall else self.busy
             wall, cpu = now_wall, now_cpu
             self.observe(lag, busy)
