@@ -31,9 +31,13 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=20s \
 # GATEWAY_TRUSTED_PROXIES alone decides whom the gateway believes.
 # On SIGTERM uvicorn lets requests in flight finish for up to GATEWAY_SHUTDOWN_GRACE_SECONDS (whole
 # seconds), then the usage buffer is flushed: give the container a longer stop timeout than that.
+# Workers: one uvicorn process per core the container may use (its CPU affinity and quota), or
+# WEB_CONCURRENCY. More than one needs REDIS_URL (shared limits and queues): without it the image
+# runs one, and an explicit WEB_CONCURRENCY above 1 is refused at start-up (python -m gateway.workers
+# and the gateway.E020 check that migrate runs say why).
 ENV GATEWAY_SHUTDOWN_GRACE_SECONDS=30
 # Prometheus multiprocess mode: every worker writes its series to files here and a scrape of any of
 # them adds them up. Emptied at each start (series of a previous run would be added to this one's);
 # it may be a mounted tmpfs, so its files go, not the directory. Set it empty for one process.
 ENV PROMETHEUS_MULTIPROC_DIR=/tmp/gateway-metrics
-CMD ["sh", "-c", "if [ -n \"$PROMETHEUS_MULTIPROC_DIR\" ]; then mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && rm -f \"$PROMETHEUS_MULTIPROC_DIR\"/*.db; fi && python manage.py migrate --noinput && exec uvicorn gateway.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http httptools --lifespan on --no-proxy-headers --no-access-log --timeout-graceful-shutdown ${GATEWAY_SHUTDOWN_GRACE_SECONDS}"]
+CMD ["sh", "-c", "if [ -n \"$PROMETHEUS_MULTIPROC_DIR\" ]; then mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && rm -f \"$PROMETHEUS_MULTIPROC_DIR\"/*.db; fi && python manage.py migrate --noinput && WEB_CONCURRENCY=$(python -m gateway.workers) && export WEB_CONCURRENCY && exec uvicorn gateway.asgi:application --host 0.0.0.0 --port 8000 --workers ${WEB_CONCURRENCY} --loop uvloop --http httptools --lifespan on --no-proxy-headers --no-access-log --timeout-graceful-shutdown ${GATEWAY_SHUTDOWN_GRACE_SECONDS}"]

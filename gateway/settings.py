@@ -322,8 +322,18 @@ GATEWAY = {
     # Namespace of the balancer's Redis keys (windows, cool-downs, breakers, queues).
     "BALANCER_REDIS_PREFIX": env.str("GATEWAY_BALANCER_REDIS_PREFIX", default="gw"),
     "UPSTREAM_KEEPALIVE_SECONDS": env.float("GATEWAY_UPSTREAM_KEEPALIVE_SECONDS", default=15.0),
-    # Upstream connection pool per process.
-    "UPSTREAM_MAX_CONNECTIONS": env.int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", default=512),
+    # Upstream connections per process; 0: no cap. Every stream holds one for its whole length,
+    # so a cap below the streams in flight makes new requests wait, silently, for a stream to end
+    # (at 512, 1,000 streams of 5 s waited seconds for their first token). What bounds the work
+    # is the balancer's capacity and overload admission, not this pool.
+    "UPSTREAM_MAX_CONNECTIONS": env.int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", default=0),
+    # Overload admission: when the process's event loop lags this much (smoothed), new proxied
+    # requests get 503 server_overloaded with Retry-After instead of waiting; 0 turns it off.
+    # See gateway.proxy.pressure.
+    "OVERLOAD_LAG_MS": env.float("GATEWAY_OVERLOAD_LAG_MS", default=100.0),
+    # Under CPU pressure a stream's events are sent on in bursts at most this far apart, rather
+    # than one write each (the first event is never held); 0 turns it off.
+    "STREAM_COALESCE_MS": env.float("GATEWAY_STREAM_COALESCE_MS", default=200.0),
     # Quotas (tenants.quotas): daily and monthly budgets run over calendar periods in this zone.
     "BUDGET_TIMEZONE": _timezone("GATEWAY_BUDGET_TIMEZONE", "UTC"),
     # Length of a tenant's or key's rate-limit "minute" (RPM/TPM); tests shorten it.

@@ -75,4 +75,22 @@ def check_gateway_settings(app_configs, **kwargs):
     for name in ("USAGE_FLUSH_SECONDS", "WINDOW_MINUTE_SECONDS", "QUEUE_TIMEOUT_SECONDS", "SNAPSHOT_POLL_SECONDS"):
         if g[name] <= 0:
             errors.append(Error(f"GATEWAY[{name!r}] must be positive, got {g[name]}.", id="gateway.E002"))
+    for name in ("OVERLOAD_LAG_MS", "STREAM_COALESCE_MS", "UPSTREAM_MAX_CONNECTIONS"):
+        if g[name] < 0:
+            errors.append(Error(f"GATEWAY[{name!r}] must be 0 (off) or positive, got {g[name]}.", id="gateway.E003"))
     return errors
+
+
+@register()
+def check_workers_share_state(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
+    """Several worker processes without Redis would each apply every deployment's limits alone."""
+    import os
+
+    from gateway import workers
+
+    try:
+        asked = workers.asked_workers(os.environ)
+    except workers.WorkersRefused as refused:
+        return [Error(str(refused), id="gateway.E020")]
+    problem = workers.refusal(asked or 1, settings.REDIS_URL)
+    return [Error(problem, hint="Set REDIS_URL, or WEB_CONCURRENCY=1.", id="gateway.E020")] if problem else []

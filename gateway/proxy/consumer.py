@@ -24,6 +24,7 @@ from gateway.proxy.context import RequestContext
 from gateway.proxy.errors import GatewayError
 from gateway.proxy.forward import ClientDisconnected, Forwarder
 from gateway.proxy.jsonbody import parse_json_body
+from gateway.proxy.pressure import pressure
 from gateway.proxy.routes import MODEL, MODELS, Route, query_param, route_for
 from gateway.proxy.runtime import runtime
 from gateway.snapshot.types import KeyView
@@ -126,6 +127,7 @@ class ProxyConsumer(AsyncHttpConsumer):
             return await self.send_json(ctx, 200, models_list(key))
         if route.operation == MODEL:
             return await self.send_json(ctx, 200, model_object(key, route.model or ""))
+        pressure.admit()  # an overloaded process refuses before it reads the body or reserves capacity
         reader = BodyReader(self.asgi_receive, scope["headers"])
         try:
             plan = await self.prepare(ctx, route, key, await reader.read())

@@ -111,6 +111,22 @@ def overloaded(retry_after: float = 1.0) -> GatewayError:
     )
 
 
+def server_overloaded(retry_after: float) -> GatewayError:
+    """This process's event loop is saturated: a new request would wait seconds for its first byte.
+
+    503 with ``Retry-After``: the SDKs retry it after the pause, and a load balancer can send it to
+    another process at once. Nothing was reserved or sent upstream.
+    """
+    return GatewayError(
+        503,
+        "The gateway process is overloaded; retry shortly.",
+        type="api_error",
+        code="server_overloaded",
+        outcome="rate_limited",
+        headers=retry_headers(retry_after),
+    )
+
+
 def rate_limited(
     message: str, retry_after: float, *, code: str = "rate_limit_exceeded", should_retry: bool = True
 ) -> GatewayError:

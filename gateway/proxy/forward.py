@@ -30,6 +30,7 @@ from django.conf import settings
 from gateway.balancer.dispatcher import Lease, NoCapacity
 from gateway.observability.tracing import upstream_headers_traced
 from gateway.proxy import azure_ad, errors, upstream, upstream_errors
+from gateway.proxy.pressure import pressure
 from gateway.proxy.retries import MIN_ATTEMPT_SECONDS, FirstByteBudget, RetryPlan
 from gateway.proxy.routes import UPSTREAM_PATH
 from gateway.proxy.sse import SseRelay, usage_from_json_body
@@ -56,6 +57,16 @@ STREAM_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+
+
+_STREAM_INTERRUPTED = {
+    "error": {
+        "message": "The upstream stream was interrupted.",
+        "type": "api_error",
+        "param": None,
+        "code": "stream_interrupted",
+    }
+}
 
 
 class ClientDisconnected(Exception):
@@ -361,7 +372,14 @@ class Forwarder:
 
     async def relay_stream(self, response) -> str | None:
         """Pass the event stream on as it arrives and count usage. Returns None when it ended well,
-        else why the upstream broke it (after ending the client's stream with an error event)."""
+        else why the upstream broke it (after ending the client's stream with an error event).
+
+        Each upstream read becomes at most one ASGI message with the complete events it brought,
+        exactly as the upstream wrote them (``SseRelay``); the messages go to the server's
+        ``send`` directly, without Channels' wrappers, since this loop runs once per token. Under
+        CPU pressure the loop holds its upstream reads for a moment, so that events go out in
+        bursts, one write each (``gateway.proxy.pressure``); the first event is never held.
+        """
         ctx, consumer = self.ctx, self.consumer
         relay = SseRelay(self.plan.client_wants_usage, counter=self.stream_token_counter)
         ctx.status = response.status
@@ -371,35 +389,54 @@ class Forwarder:
             status=response.status,
             headers=[*STREAM_HEADERS, (b"x-request-id", ctx.request_id.encode()), *ctx.response_headers],
         )
+        read, feed, send = response.read_some, relay.feed, consumer.base_send
         try:
-            async for chunk in response:
-                out = relay.feed(chunk)
+            while True:  # until the first event has gone out: its time is the TTFT
+                chunk = await read()
+                if not chunk:
+                    break
+                out = feed(chunk)
                 if out:
-                    if ctx.ttft is None:
-                        ctx.ttft = time.monotonic() - ctx.t0
-                    await consumer.send_body(out, more_body=True)
+                    ctx.ttft = time.monotonic() - ctx.t0
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    break
+            while chunk:
+                hold = pressure.stream_hold  # 0 unless the process is pressed: see gateway.proxy.pressure
+                if hold and not relay.done:
+                    await response.hold(hold)
+                chunk = await read()
+                if chunk:
+                    out = feed(chunk)
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
             tail = relay.finish()
+            if relay.error is not None:
+                return await self.upstream_stream_error(relay.error, tail)
             if not relay.done:
                 raise upstream.UpstreamConnectError("the stream ended before [DONE]")
             await consumer.send_body(tail, more_body=False)
             return None
         except (upstream.UpstreamError, OSError, ValueError) as exc:
+            log.warning("upstream stream for %s broke: %s", ctx.request_id, exc)
+            if relay.error is not None:  # the client already has the upstream's own error event
+                return await self.upstream_stream_error(relay.error, b"")
             # Headers are out: report in-stream as the SDK expects, then close.
             ctx.outcome, ctx.error_code = "upstream_error", "stream_interrupted"
-            log.warning("upstream stream for %s broke: %s", ctx.request_id, exc)
-            error = {
-                "error": {
-                    "message": "The upstream stream was interrupted.",
-                    "type": "api_error",
-                    "param": None,
-                    "code": "stream_interrupted",
-                }
-            }
-            await consumer.send_body(b"data: " + json.dumps(error).encode() + b"\n\n", more_body=False)
+            await consumer.send_body(b"data: " + json.dumps(_STREAM_INTERRUPTED).encode() + b"\n\n", more_body=False)
             return f"stream broke off: {type(exc).__name__}"
         finally:
             await response.aclose()
             self.take_stream_usage(relay)
+
+    async def upstream_stream_error(self, error: dict, tail: bytes) -> str:
+        """The upstream ended its stream with an error event (relayed as it came): the deployment's
+        failure, recorded with the upstream's code."""
+        ctx = self.ctx
+        code = error.get("code") or error.get("type")
+        ctx.outcome = "upstream_error"
+        ctx.error_code = str(code)[:64] if code else "upstream_stream_error"
+        await self.consumer.send_body(tail, more_body=False)
+        return f"upstream error event: {ctx.error_code}"
 
     def take_usage(self, usage: dict | None) -> None:
         if not usage:

@@ -9,18 +9,21 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 
 import redis.asyncio
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 from billing.usage_sink import get_sink
-from gateway import snapshot
+from gateway import snapshot, workers
 from gateway.balancer import make_state
 from gateway.balancer.failures import FailureNotes
 from gateway.balancer.policy import BalancedDispatcher
 from gateway.observability.dispatch import ObservedDispatcher, dispatcher_observed
 from gateway.observability.service import observability_start, observability_stop
 from gateway.proxy.admission import Admitter
+from gateway.proxy.pressure import pressure
 from gateway.proxy.shared_state import GuardedDispatcher
 from gateway.snapshot.refresher import SnapshotRefresher
 from gateway.snapshot.version import VersionMirror, config_version_read
@@ -99,6 +102,7 @@ class Runtime:
             gc.freeze()
 
     async def _start(self) -> None:
+        refuse_several_workers_without_redis()
         g = settings.GATEWAY
         # A runtime from an earlier event loop (tests start several) must leave nothing behind.
         self.redis = None
@@ -123,6 +127,8 @@ class Runtime:
         self.reconciler = asyncio.get_running_loop().create_task(
             self.admitter.upkeep.run_reconciler(g["QUOTA_RECONCILE_SECONDS"]), name="quota-reconciler"
         )
+        pressure.configure(g["OVERLOAD_LAG_MS"] / 1000.0, g["STREAM_COALESCE_MS"] / 1000.0)
+        pressure.start()
         log.info("gateway runtime started (config v%s, redis=%s)", snapshot.current().version, bool(self.redis))
 
     async def drain(self, grace: float) -> None:
@@ -141,6 +147,7 @@ class Runtime:
             await get_sink().stop()  # writes (or spills) whatever was recorded
             return
         self.started = False
+        await pressure.stop()
         if self.refresher is not None:
             await self.refresher.stop()
         if self.reconciler is not None:
@@ -164,6 +171,20 @@ class Runtime:
         # event loop) must stay collectable, or the database connections it opened never close.
         gc.unfreeze()
         log.info("gateway runtime stopped")
+
+
+def refuse_several_workers_without_redis() -> None:
+    """Raise ``ImproperlyConfigured`` (the server then refuses to start) when this process is one of
+    several workers (``WEB_CONCURRENCY``, or ``--workers`` on the server's command line) and
+    ``REDIS_URL`` is not set: their limits, queues and breakers would not be shared."""
+    try:
+        asked = workers.asked_workers(os.environ, workers.server_command_line())
+    except workers.WorkersRefused as refused:
+        raise ImproperlyConfigured(str(refused)) from None
+    problem = workers.refusal(asked or 1, settings.REDIS_URL)
+    if problem:
+        log.error("refusing to start: %s", problem)
+        raise ImproperlyConfigured(problem)
 
 
 def make_dispatcher(redis_client=None) -> BalancedDispatcher:

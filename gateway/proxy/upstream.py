@@ -238,6 +238,16 @@ class UpstreamResponse:
         return self
 
     async def __anext__(self) -> bytes:
+        chunk = await self.read_some()
+        if chunk:
+            return chunk
+        raise StopAsyncIteration
+
+    async def read_some(self) -> bytes:
+        """Whatever body bytes have arrived (waiting for some if none has), or b"" at the end.
+
+        The stream relay's read: one call per upstream read, without the iterator protocol.
+        """
         try:
             # readany returns whatever has arrived, without waiting to fill a buffer.
             chunk = await self._resp.content.readany()
@@ -248,10 +258,28 @@ class UpstreamResponse:
             if isinstance(exc, aiohttp.ClientError):
                 raise UpstreamProtocolError(f"upstream body broken: {exc!r}") from exc
             raise
-        if chunk:
-            return chunk
-        self._resp.release()
-        raise StopAsyncIteration
+        if not chunk:
+            self._resp.release()
+        return chunk
+
+    async def hold(self, seconds: float) -> None:
+        """Read nothing from the upstream for ``seconds``: what it sends meanwhile waits in the
+        socket and arrives as one read, instead of one read (and one wake-up) per event.
+
+        The transport is paused, not aiohttp's protocol: pausing the protocol also pauses its
+        parser, which then stops after the first chunk of the next read, one event per read.
+        """
+        connection = self._resp.connection
+        transport = connection.transport if connection is not None else None
+        if transport is None or transport.is_closing():
+            await asyncio.sleep(seconds)
+            return
+        transport.pause_reading()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            if not transport.is_closing():
+                transport.resume_reading()
 
     async def aclose(self) -> None:
         if self._resp.content.at_eof():
@@ -293,7 +321,7 @@ class UpstreamClient:
     Create it inside the event loop that will use it: aiohttp binds its session to that loop.
     """
 
-    def __init__(self, max_connections: int = 512, keepalive_expiry: float = 15.0) -> None:
+    def __init__(self, max_connections: int = 0, keepalive_expiry: float = 15.0) -> None:
         connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=keepalive_expiry)
         # auto_decompress=False: bytes go to the client exactly as the upstream sent them.
         # trust_env stays off: with it aiohttp reads ~/.netrc in a thread on *every* request.
@@ -346,7 +374,7 @@ def client_from_settings() -> UpstreamClient:
     except ImportError:
         pass
     return UpstreamClient(
-        max_connections=config.get("UPSTREAM_MAX_CONNECTIONS", 512),
+        max_connections=config.get("UPSTREAM_MAX_CONNECTIONS", 0),
         keepalive_expiry=config.get("UPSTREAM_KEEPALIVE_SECONDS", 15.0),
     )
 

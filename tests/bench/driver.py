@@ -61,6 +61,8 @@ def run_load(
     max_connections: int = 2000,
     sse: bool = False,
     drain: float = 10.0,
+    ramp: float = 0.0,
+    retry_after: bool = False,
 ) -> dict[str, Any]:
     """Closed loop at ``concurrency`` (or open loop at ``rate`` req/s); returns the generator's result."""
     host, port = url.removeprefix("http://").split(":")
@@ -75,6 +77,8 @@ def run_load(
         "duration_s": duration,
         "drain_s": drain,
         "sse": sse,
+        "ramp_s": ramp,
+        "retry_after": retry_after,
         "variants": [r.to_spec() for r in requests],
     }
     with tempfile.NamedTemporaryFile("w", prefix="bench-load-", suffix=".json", delete=False) as f:
@@ -88,7 +92,7 @@ def run_load(
             capture_output=True,
             text=True,
             preexec_fn=affinity_setter(cpus),
-            timeout=warmup + duration + drain + 60,
+            timeout=warmup + duration + drain + max(60.0, concurrency / 10.0),
         )
     finally:
         os.unlink(f.name)

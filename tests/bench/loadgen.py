@@ -16,13 +16,18 @@ Modes:
   on as many connections as needed up to ``max_connections``; latency is from the scheduled
   send time, so a slow server cannot hide its queue (no coordinated omission).
 
-With ``sse`` the time to the first byte of the first ``data:`` event is recorded too.
+With ``sse`` the time to the first byte of the first ``data:`` event is recorded too, and the
+``data:`` events received are counted (``events``: what a gateway relayed, for its CPU per event).
+``ramp_s`` (closed loop): the connections send their first requests spread evenly over that many
+seconds rather than all at once, so long streams arrive at a steady rate instead of in waves.
+``retry_after`` (closed loop): after a 429 or 503 with ``retry-after-ms`` / ``retry-after``, that
+connection waits as long before its next request, as the OpenAI SDKs do (rather than hammering).
 
 The spec (JSON)::
 
     {"host": "127.0.0.1", "port": 8000, "mode": "closed", "concurrency": 32,
      "rate": 0, "max_connections": 2000, "warmup_s": 1, "duration_s": 5, "drain_s": 10,
-     "sse": false,
+     "sse": false, "ramp_s": 0, "retry_after": false,
      "variants": [{"path": "/v1/chat/completions", "headers": {"authorization": "Bearer k"},
                    "body": "{...}", "tags": {"priority": "0"}}]}
 
@@ -91,6 +96,7 @@ class Connection(asyncio.Protocol):
         self.ttfb: float | None = None
         self.busy = False
         self.idle_since = 0.0
+        self.retry_after = 0.0  # seconds the server asked for (RetryAwareConnection only)
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -111,8 +117,12 @@ class Connection(asyncio.Protocol):
     # -- httptools callbacks -------------------------------------------------------------------
 
     def on_body(self, body: bytes) -> None:
-        if self.ttfb is None and self.load.sse and b"data:" in body:
-            self.ttfb = perf_counter()
+        if self.load.sse:
+            events = body.count(b"data:")
+            if events:
+                self.load.events += events
+                if self.ttfb is None:
+                    self.ttfb = perf_counter()
 
     def on_message_complete(self) -> None:
         done = perf_counter()
@@ -126,6 +136,7 @@ class Connection(asyncio.Protocol):
     def send(self, variant: Variant, t0: float | None = None) -> None:
         self.variant = variant
         self.ttfb = None
+        self.retry_after = 0.0
         self.busy = True
         self.t0 = perf_counter() if t0 is None else t0
         self.transport.write(variant.data)
@@ -138,12 +149,28 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
 
+class RetryAwareConnection(Connection):
+    """A connection that notes the server's ``retry-after-ms`` / ``retry-after`` (httptools calls
+    ``on_header`` only where it is defined, so plain runs do not pay for it)."""
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        try:
+            if name == b"retry-after-ms":
+                self.retry_after = float(value) / 1000.0
+            elif name == b"retry-after" and not self.retry_after:
+                self.retry_after = float(value)
+        except ValueError:
+            pass
+
+
 class Load:
     """The state of one run: connections, the measured window and what was measured."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.host, self.port = spec["host"], int(spec["port"])
         self.sse = bool(spec.get("sse"))
+        self.connection_class = RetryAwareConnection if spec.get("retry_after") else Connection
         self.variants = [
             Variant(
                 build_request(self.host, self.port, v["path"], v.get("headers", {}), v.get("body", "")),
@@ -158,6 +185,7 @@ class Load:
         self.start = self.window_start = self.window_end = 0.0
         self.in_window = 0  # completions inside the window (throughput)
         self.total_completed = 0  # every completion, warm-up and drain included (CPU per request)
+        self.events = 0  # SSE data events received, warm-up and drain included (CPU per event)
         self.errors: Counter = Counter()
         self.in_flight = 0
         self.idle: list[Connection] = []
@@ -170,7 +198,7 @@ class Load:
 
     async def connect(self) -> Connection:
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(lambda: Connection(self), self.host, self.port)
+        _, conn = await loop.create_connection(lambda: self.connection_class(self), self.host, self.port)
         self.connections.add(conn)
         return conn
 
@@ -272,6 +300,7 @@ class Load:
             "window_end_monotonic": self.window_end,
             "rps": self.in_window / window if window > 0 else 0.0,
             "total_completed": self.total_completed,
+            "events": self.events,
             "unfinished": unfinished,
             "errors": dict(self.errors),
             "cpu_seconds": cpu_seconds,
@@ -290,11 +319,17 @@ class ClosedLoad(Load):
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__(spec)
         self.concurrency = int(spec["concurrency"])
+        self.ramp = float(spec.get("ramp_s", 0.0))
 
     async def run(self) -> None:
         conns = [await self.connect() for _ in range(self.concurrency)]
         self.open_window()
-        for conn in conns:
+        step = self.ramp / len(conns) if conns else 0.0
+        for i, conn in enumerate(conns):
+            if step:
+                delay = self.start + i * step - perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             self.in_flight += 1
             conn.send(self._next_variant())
         await asyncio.sleep(self.window_end - perf_counter())
@@ -308,10 +343,21 @@ class ClosedLoad(Load):
             self.check_drained()
             return
         self.in_flight += 1
-        if conn is not None:
+        if conn is not None and conn.retry_after > 0:
+            asyncio.get_running_loop().call_later(min(conn.retry_after, 30.0), self._send_after_wait, conn)
+        elif conn is not None:
             conn.send(self._next_variant())
         else:
             asyncio.get_running_loop().create_task(self._send_on_new_connection(self._next_variant(), None))
+
+    def _send_after_wait(self, conn: Connection) -> None:
+        if not self.issuing or conn.transport is None or conn.transport.is_closing():
+            self.in_flight -= 1
+            self.check_drained()
+            if self.issuing:
+                self.next_request(None)
+            return
+        conn.send(self._next_variant())
 
 
 class OpenLoad(Load):

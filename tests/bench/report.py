@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.bigprompts import big_prompt_lines
+from tests.bench.manystreams import many_streams_lines
 from tests.bench.quotas import quota_rows
 
 # Issue 3's performance targets for one gateway process.
@@ -366,6 +367,9 @@ def render(results: dict[str, Any]) -> str:
     big = big_prompt_lines(results)
     if big:
         out += ["", *big]
+    streams = many_streams_lines(results)
+    if streams:
+        out += ["", *streams]
     profile = profile_lines(results)
     if profile:
         out += ["", *profile]
@@ -378,6 +382,7 @@ def render(results: dict[str, Any]) -> str:
         *((f"saturation {n}", r) for n, r in results.get("saturation", {}).items()),
         *([("big prompts", results["bigprompts"])] if results.get("bigprompts") else []),
         *((f"quotas {n}", r) for n, r in results.get("quotas", {}).items()),
+        *([("many streams", results["manystreams"])] if results.get("manystreams") else []),
     ]:
         if run.get("log_errors"):
             out += ["", f"Gateway log ({name}), {run.get('log_lines')} lines at warning or above, first ones verbatim:"]

@@ -17,7 +17,9 @@
    request line below its log level); ``python -m tests.bench observe`` gives the CPU per request.
 10. Quotas: one uvicorn process measured with and without a tenant and a key quota, alternately
     (and again on Redis with ``--redis``).
-11. With ``--profile``: one more uvicorn process, profiled during a c=32 run.
+11. Many streams: 100 to 1,000 concurrent 100-token streams, direct and through one gateway worker
+    (``tests.bench.manystreams``).
+12. With ``--profile``: one more uvicorn process, profiled during a c=32 run.
 
 A phase that fails is reported (its error verbatim) and the next one still runs.
 """
@@ -43,6 +45,7 @@ from typing import Any
 from tests.bench import report, wrk
 from tests.bench.bigprompts import big_gateway_deployment, big_upstream, run_big_prompts
 from tests.bench.loadgen import GENERATOR_NAME
+from tests.bench.manystreams import ManyStreamsConfig, long_gateway_deployment, long_upstream, run_many_streams
 from tests.bench.procs import ProcessGroup, pin, usable_cpus
 from tests.bench.quotas import quota_tenants, run_quota_comparison
 from tests.bench.saturation import SaturationConfig, run_saturation
@@ -60,7 +63,17 @@ from tests.bench.stack import REPO, SIM_API_KEY, BenchEnv, start_simulator
 
 OUTPUT = REPO / "var" / "bench" / "latest.json"
 STREAM_TOKEN_DELAY_MS = 5.0
-PHASES = ("direct", "uvicorn", "daphne", "saturation", "bigprompts", "observability", "quotas", "dashboards")
+PHASES = (
+    "direct",
+    "uvicorn",
+    "daphne",
+    "saturation",
+    "bigprompts",
+    "manystreams",
+    "observability",
+    "quotas",
+    "dashboards",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,6 +94,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(PHASES)} (default: all)",
     )
     parser.add_argument("--quick", action="store_true", help="short windows, for checking the bench itself")
+    parser.add_argument(
+        "--streams",
+        type=_concurrencies,
+        default=None,
+        metavar="N,N,...",
+        help="concurrencies of the many-streams phase (default 100,250,500,1000; --quick: 100,500)",
+    )
     parser.add_argument("--saturation-seconds", type=float, default=None, help="offered-load window (default 20)")
     parser.add_argument(
         "--saturation-minute",
@@ -107,6 +127,16 @@ def _phases(text: str) -> tuple[str, ...]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown phase(s) {', '.join(unknown)}; choose from {', '.join(PHASES)}")
     return chosen
+
+
+def _concurrencies(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("concurrencies must be positive integers")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +209,8 @@ def _run(
     sim = start_simulator(group, _fast_upstream(), pinning.upstream_direct)
     sat_sim = start_simulator(group, _saturation_upstream(sat_config), pinning.upstream_with_gateway)
     big_sim = start_simulator(group, big_upstream(SIM_API_KEY), pinning.upstream_with_gateway)
-    keys = env.seed(_gateway_config(sim.url, sat_sim.url, big_sim.url, sat_config))
+    long_sim = start_simulator(group, long_upstream(SIM_API_KEY), pinning.upstream_direct)
+    keys = env.seed(_gateway_config(sim.url, sat_sim.url, big_sim.url, long_sim.url, sat_config))
     key = keys["bench-a/app"]
 
     if "direct" in args.only:
@@ -274,6 +305,14 @@ def _run(
         hours, records = (48, 5000) if args.quick else (720, 100_000)
         results["dashboards"] = phase("dashboards (roll-ups and pages)", lambda: run_child(hours, records)) or {}
 
+    if "manystreams" in args.only:
+        streams_config = ManyStreamsConfig(concurrencies=args.streams) if args.streams else ManyStreamsConfig()
+        if args.quick:
+            streams_config = ManyStreamsConfig.quick(*([args.streams] if args.streams else []))
+        results["manystreams"] = phase(
+            "many streams", lambda: run_many_streams(group, env, long_sim, key, pinning, streams_config)
+        )
+
     if args.profile:
         from tests.bench.profiling import run_profile
 
@@ -309,9 +348,11 @@ def _saturation_upstream(config: SaturationConfig) -> dict[str, Any]:
     }
 
 
-def _gateway_config(sim_url: str, sat_url: str, big_url: str, sat_config: SaturationConfig) -> dict[str, Any]:
+def _gateway_config(
+    sim_url: str, sat_url: str, big_url: str, long_url: str, sat_config: SaturationConfig
+) -> dict[str, Any]:
     """The gateway's side: unlimited deployments on the fast upstream, the limited pair on the other,
-    the big-prompt deployment on a third.
+    the big-prompt deployment on a third, the long streams on a fourth.
 
     Token counting stays on (tiktoken, o200k through ``upstream_model``), as in production.
     """
@@ -329,6 +370,12 @@ def _gateway_config(sim_url: str, sat_url: str, big_url: str, sat_config: Satura
                 "deployments": sat_config.gateway_deployments(),
             },
             {"name": "sim-big", "base_url": big_url, "api_key": SIM_API_KEY, "deployments": [big_gateway_deployment()]},
+            {
+                "name": "sim-long",
+                "base_url": long_url,
+                "api_key": SIM_API_KEY,
+                "deployments": [long_gateway_deployment()],
+            },
         ],
         "tenants": [{"slug": "bench-a", "keys": ["app"]}, {"slug": "bench-b", "keys": ["app"]}, *quota_tenants()],
     }

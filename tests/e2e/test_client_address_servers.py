@@ -34,6 +34,8 @@ def image_uvicorn_command(port: int) -> list[str]:
     assert match, "the Dockerfile's CMD no longer execs uvicorn"
     # The image's ENV lines give the values its shell substitutes (the shutdown grace).
     image_env = dict(re.findall(r"^ENV (\w+)=(\S+)$", dockerfile, flags=re.M))
+    # WEB_CONCURRENCY is worked out at start (python -m gateway.workers): one worker here.
+    image_env.setdefault("WEB_CONCURRENCY", "1")
     command = re.sub(r"\$\{(\w+)\}", lambda m: image_env[m.group(1)], match.group(1))
     args = shlex.split(command)
     args[args.index("--host") + 1] = "127.0.0.1"

@@ -18,12 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from aiohttp import web
 from asgiref.sync import sync_to_async
 from django.db import connections
 
 from billing.usage_sink import get_sink
 from gateway.models import Deployment, Endpoint
 from gateway.proxy import consumer as consumer_module
+from gateway.proxy.pressure import LoopPressure, pressure
 from gateway.proxy.runtime import runtime
 from tenants.models import Tenant
 from tenants.services import IssuedKey, key_issue
@@ -73,6 +75,32 @@ async def gateway_http(
     await runtime.shutdown()
     await loop.run_in_executor(None, connections.close_all)
     await sync_to_async(connections.close_all)()  # the thread of the tests' own ORM calls
+
+
+@pytest.fixture
+def upstream_writes(monkeypatch) -> list[bytes]:
+    """Every body write the in-process simulator makes, in order, as it wrote them (every
+    ``aiohttp.web.StreamResponse.write`` in the process is the simulator's: the gateway answers
+    through ASGI)."""
+    writes: list[bytes] = []
+    original = web.StreamResponse.write
+
+    async def write(self, data) -> None:
+        writes.append(bytes(data))
+        await original(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", write)
+    return writes
+
+
+@pytest.fixture
+async def pressure_by_hand(gateway_http: GatewayHTTP) -> AsyncIterator[LoopPressure]:
+    """The process's loop pressure with its timer stopped, for a test to set (``observe``, or its
+    attributes): the runtime is started first, so its start-up does not reset what the test sets."""
+    await runtime.ensure_started()
+    await pressure.stop()
+    yield pressure
+    await pressure.stop()  # back to idle for the next test
 
 
 # -- raw ASGI calls (tests/proxy/asgi_call.py): an upstream of their own, with an Azure and an

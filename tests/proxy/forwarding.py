@@ -46,12 +46,15 @@ class FakeResponse(upstream.UpstreamResponse):
         self._chunks = list(chunks)
         self._broken = broken
 
-    async def __anext__(self) -> bytes:
+    async def read_some(self) -> bytes:
         if self._chunks:
             return self._chunks.pop(0)
         if self._broken is not None:
             raise self._broken
-        raise StopAsyncIteration
+        return b""
+
+    async def hold(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
     async def aclose(self) -> None:
         self._chunks = []

@@ -19,6 +19,7 @@ from tests.proxy.forwarding import (
     SECRET_EAST,
     SECRET_WEST,
     USAGE,
+    FakeResponse,
     answer,
     build_gateway,
     error,
@@ -355,6 +356,24 @@ async def test_a_stream_the_upstream_broke_is_its_failure_billed_for_what_arrive
     report = await status.deployment_status()
     [east] = report["deployments"]
     assert east["breaker"]["failures"] == 1 and east["last_failure"]["reason"].startswith("stream broke off")
+
+
+async def test_an_error_event_from_the_upstream_is_relayed_as_sent_and_is_its_failure(settings, monkeypatch):
+    gw = await build_gateway(settings, monkeypatch, deployments=("east-a",))
+    content = b'data: {"choices":[{"index":0,"delta":{"content":"tok0 "}}]}\n\n'
+    failure = b'data: {"error":{"message":"The server had an error.","type":"server_error","code":"server_error"}}\n\n'
+    gw.upstream.script(
+        "east-a", lambda call: FakeResponse(200, [content, failure], [(b"content-type", b"text/event-stream")])
+    )
+    async with gw.client() as http:
+        response = await gw.chat(http, stream=True)
+    assert response.status_code == 200
+    assert response.content == content + failure  # the upstream's error, and no second one of the gateway's
+    record = only_record(gw)
+    assert (record["outcome"], record["error_code"]) == ("upstream_error", "server_error")
+    assert record["completion_tokens"] >= 1 and record["tokens_estimated"]
+    [east] = (await status.deployment_status())["deployments"]
+    assert east["breaker"]["failures"] == 1 and east["last_failure"]["reason"] == "upstream error event: server_error"
 
 
 async def test_the_status_page_shows_what_this_process_noted_without_redis(settings, monkeypatch):
