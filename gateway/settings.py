@@ -223,6 +223,7 @@ REST_FRAMEWORK = {
         "management-anon": env.str("GATEWAY_API_ANON_RATE", default="60/min"),
     },
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "gateway.api.exceptions.api_exception_handler",
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "LLM gateway management API",

@@ -178,3 +178,12 @@ def test_the_schema_generates_without_a_warning_and_validates(tmp_path):
 
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
     assert "/api/v1/usage/" in (tmp_path / "schema.yaml").read_text()
+
+
+def test_a_nul_character_in_a_slug_or_a_filter_is_a_400_not_a_server_error(staff, tenant_a):
+    # PostgreSQL cannot compare text with a NUL byte; SQLite finds nothing. Either way: the caller's input.
+    created = staff.post("/api/v1/quotas/", {"tenant": "team\x00a", "rpm": 5}, format="json")
+    assert created.status_code == 400, created.content
+    listed = staff.get("/api/v1/keys/", {"tenant": "team\x00a"})
+    assert listed.status_code in (200, 400), listed.content
+    assert staff.get("/api/v1/tenants/team%00a/").status_code in (400, 404)
