@@ -181,7 +181,9 @@ class RespClient:
 
     def _arm_watchdog(self) -> None:
         if self._watchdog is None:
-            self._watchdog = asyncio.get_running_loop().call_later(min(self.timeout, 1.0), self._check_timeouts)
+            # Checked four times per timeout: a call left unanswered fails within 1.25 x ``timeout``
+            # (checking once per timeout let it wait up to twice as long: a 1 s 503 while Redis hung).
+            self._watchdog = asyncio.get_running_loop().call_later(min(self.timeout / 4, 1.0), self._check_timeouts)
 
     def _check_timeouts(self) -> None:
         """Close the connection when its oldest call has waited longer than ``timeout``."""
