@@ -130,7 +130,9 @@ class ProxyConsumer(AsyncHttpConsumer):
         pressure.admit()  # an overloaded process refuses before it reads the body or reserves capacity
         reader = BodyReader(self.asgi_receive, scope["headers"])
         try:
-            plan = await self.prepare(ctx, route, key, await reader.read())
+            raw = await reader.read()
+            pressure.admit()  # again: the process may have become overloaded while the body came in
+            plan = await self.prepare(ctx, route, key, raw)
         finally:
             reader.release()  # admitted or refused: the body no longer counts as waiting
         ctx.admission = await runtime.quotas.admit(ctx, key, plan)

@@ -14,7 +14,9 @@ garbage collection does not count as overload. From them:
   *overloaded* until it falls below half of that. New proxied requests are then answered at once
   with 503 ``server_overloaded`` and ``Retry-After`` (the SDKs retry it, a load balancer can send
   it to another process), before their body is read or capacity reserved, rather than waiting
-  seconds for a first token while nothing tells the client. Streams already running are not
+  seconds for a first token while nothing tells the client; and again once the body is in, before
+  it is parsed and counted. The timer being overdue by more than the limit right now counts too,
+  so that a burst is refused while it happens, not after. Streams already running are not
   touched, and keep their pace because no new work joins them.
 * **Stream coalescing** (``stream_hold``): when the event loop is more than half busy, a stream's
   relay reads its upstream at most once per ``stream_hold`` seconds (up to ``STREAM_COALESCE_MS``,
@@ -62,6 +64,7 @@ class LoopPressure:
         self.stream_hold = 0.0  # seconds; read by every stream relay after each write
         self._weight = 1.0 - math.exp(-TICK_SECONDS / SMOOTHING_SECONDS)
         self._task: asyncio.Task | None = None
+        self._due = math.inf  # loop time the timer is due to wake next (inf: not running)
 
     def configure(self, lag_limit: float, max_hold: float) -> None:
         self.lag_limit, self.max_hold = lag_limit, max_hold
@@ -84,6 +87,7 @@ class LoopPressure:
         self.reset()
 
     def reset(self) -> None:
+        self._due = math.inf
         self.lag = self.busy = self.stream_hold = 0.0
         self.overloaded = False
 
@@ -91,7 +95,7 @@ class LoopPressure:
         loop = asyncio.get_running_loop()
         wall, cpu = time.monotonic(), time.thread_time()  # this task runs on the loop's thread
         while True:
-            due = loop.time() + TICK_SECONDS
+            due = self._due = loop.time() + TICK_SECONDS
             await asyncio.sleep(TICK_SECONDS)
             lag = max(loop.time() - due, 0.0)
             now_wall, now_cpu = time.monotonic(), time.thread_time()
@@ -128,8 +132,19 @@ class LoopPressure:
     # -- admission -----------------------------------------------------------------------------
 
     def admit(self) -> None:
-        """Raise the 503 ``server_overloaded`` error while the process is overloaded; else return."""
-        if self.overloaded:
+        """Raise the 503 ``server_overloaded`` error while the process is overloaded; else return.
+
+        Also while the timer is overdue by more than the limit right now: the smoothed lag is only
+        measured once the timer gets its turn, which during a burst (a hundred big requests arriving
+        together, or clients told to retry after the same second) is after the burst's work is done.
+        The timer's lateness is visible before that, to the requests the burst is made of, so the
+        burst is cut short instead of stalling every stream for its whole length.
+        """
+        if self.overloaded or (
+            self.lag_limit > 0
+            and self._due != math.inf
+            and asyncio.get_running_loop().time() - self._due > self.lag_limit
+        ):
             raise errors.server_overloaded(OVERLOAD_RETRY_AFTER_SECONDS)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from gateway.proxy.errors import GatewayError
 from gateway.proxy.pressure import TICK_SECONDS, LoopPressure
 from tests.fakes.simulator import InLoopSimulator
 from tests.proxy.asgi_client import COMPLETION_TOKENS, GatewayHTTP
@@ -87,6 +88,27 @@ async def test_the_timer_sees_a_loop_that_is_blocked():
     finally:
         await pressure.stop()
     assert pressure.lag == 0.0 and not pressure.overloaded
+
+
+async def test_a_burst_is_refused_while_it_blocks_the_loop_before_the_smoothed_lag_knows():
+    pressure = LoopPressure(lag_limit=0.05, max_hold=0.2)
+    pressure.start()
+    try:
+        await asyncio.sleep(2 * TICK_SECONDS)
+        pressure.admit()  # an idle loop admits
+        # A burst: one callback's work after another, the timer not getting its turn in between.
+        spin_until = time.perf_counter() + 3 * TICK_SECONDS
+        while time.perf_counter() < spin_until:
+            pass
+        assert not pressure.overloaded  # the smoothed measure has not seen it yet...
+        with pytest.raises(GatewayError) as refused:
+            pressure.admit()  # ...but the request that comes in the burst is refused
+        assert refused.value.status == 503
+        await asyncio.sleep(2 * TICK_SECONDS)
+        if not pressure.overloaded:  # once the timer ran, admission follows the smoothed lag again
+            pressure.admit()
+    finally:
+        await pressure.stop()
 
 
 # -- admission through the request path ---------------------------------------------------------------
