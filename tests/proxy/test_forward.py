@@ -191,12 +191,15 @@ async def test_hung_upstreams_are_answered_504_within_the_first_byte_timeout(set
     gw = await build_gateway(settings, monkeypatch, first_byte=0.5)
     gw.upstream.script("east-a", hang)
     gw.upstream.script("west-b", hang)
+    await runtime.ensure_started()  # before the clock: a start collects the whole heap
     async with gw.client() as http:
         started = time.monotonic()
         response = await gw.chat(http)
         elapsed = time.monotonic() - started
     assert response.status_code == 504 and response.json()["error"]["code"] == "upstream_timeout"
-    assert elapsed < 0.5 + 0.4, elapsed
+    # A retry given a fresh timeout would take twice the budget; answered in one (0.5 s and some
+    # milliseconds when idle, more on a machine busy with other work).
+    assert 0.5 <= elapsed < 2 * 0.5, elapsed
     assert len(gw.upstream.calls) == 1, "no time was left for a retry"
     assert only_record(gw)["outcome"] == "upstream_timeout"
 
