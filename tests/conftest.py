@@ -17,6 +17,7 @@ from decimal import Decimal
 
 import pytest
 from django.db.models.signals import post_save
+from django.test import override_settings
 
 from gateway.models import Deployment, Endpoint
 from tenants.models import AccessPolicy, Quota, Tenant
@@ -44,6 +45,18 @@ def log_lines_written_in_their_test():
 
 # -- no secret in any log line ----------------------------------------------------------------
 post_save.connect(endpoint_secrets_note, sender=Endpoint, dispatch_uid="tests-endpoint-secrets")
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(request) -> Iterator[None]:
+    """A cheap password hasher for in-process tests: the production one costs 0.6 s per user
+    created with a password (PBKDF2, a million rounds), which made up a fifth of the fast suite.
+    End-to-end tests keep the real one: the servers they start check the passwords."""
+    if request.node.get_closest_marker("e2e"):
+        yield
+        return
+    with override_settings(PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"]):
+        yield
 
 
 @pytest.fixture(autouse=True)
