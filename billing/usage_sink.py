@@ -35,6 +35,7 @@ from typing import Any
 
 from billing.usage_spill import SpillDirectory
 from billing.usage_store import DatabaseUnavailable, Record, usage_batch_write
+from gateway.database_thread import DatabaseThread
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class UsageSink:
         self._wakeup: asyncio.Event | None = None
         self._spill_wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
-        self._writer: ThreadPoolExecutor | None = None  # database work: one thread, one connection
+        self._writer = DatabaseThread("usage-writer")  # database work: one thread, one connection
         self._disk: ThreadPoolExecutor | None = None  # spill-file writes
         self._write_lock = threading.Lock()  # one database writer at a time: the flusher or the exit hook
         self.database_down = False
@@ -127,8 +128,7 @@ class UsageSink:
             return
         self._wakeup = asyncio.Event()
         self._spill_wakeup = asyncio.Event()
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="usage-writer")
+        if self._disk is None:
             self._disk = ThreadPoolExecutor(1, thread_name_prefix="usage-spill")
         self._tasks = [loop.create_task(self._run_flusher(), name="usage-flusher")]
         if self.spill is not None:
@@ -155,13 +155,8 @@ class UsageSink:
                 log.error("could not spill usage records at shutdown: %s", disk_error)
         if self._buffer:
             log.error("lost %d usage records at shutdown: neither the database nor the disk took them", self.pending)
-        writer, disk, self._writer, self._disk = self._writer, self._disk, None, None
-        if writer is not None:
-            from django.db import connections
-
-            # Close the writer's connection in its own thread (Django's connections are per thread).
-            writer.submit(connections.close_all)
-            writer.shutdown(wait=False)
+        self._writer.stop()
+        disk, self._disk = self._disk, None
         if disk is not None:
             disk.shutdown(wait=False)
 
@@ -235,8 +230,8 @@ class UsageSink:
                 self._disk_failing = False
 
     async def _on_writer(self, function, *args):
-        """Run ``function`` on the writer thread (a worker thread if the tasks are not started)."""
-        return await asyncio.get_running_loop().run_in_executor(self._writer, function, *args)
+        """Run ``function`` on the writer thread."""
+        return await self._writer.run(function, *args)
 
     async def _on_disk(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._disk, function, *args)

@@ -33,6 +33,7 @@ from typing import Any
 
 from billing.prices import price_for
 from gateway import snapshot
+from gateway.database_thread import DatabaseThread
 from gateway.proxy import errors, tokens
 from gateway.proxy.quota_upkeep import QuotaUpkeep
 from gateway.snapshot.types import KeyView
@@ -87,7 +88,9 @@ class Admitter:
         self.synchronous = state.synchronous
         self.clock = PeriodClock(tz_name)
         self.window_seconds = window_seconds
-        self.upkeep = QuotaUpkeep(state, self.clock, redis)
+        # Seeding reads the usage records: on a thread of its own, whose connection closes with it.
+        self.database = DatabaseThread("quota-db")
+        self.upkeep = QuotaUpkeep(state, self.clock, redis, self.database)
         self._seeding: dict[tuple[Any, ...], asyncio.Future[dict[tuple[str, int], Seed]]] = {}
         self._scopes: dict[int, tuple[KeyView, int, tuple[ScopeLimits, ...]]] = {}
         self._rates: dict[int, tuple[Any, float, float]] = {}
@@ -215,7 +218,7 @@ class Admitter:
             else:
                 futures[scope.ref] = pending
         if missing:
-            future = asyncio.get_running_loop().run_in_executor(None, quota_usage_totals, missing, periods)
+            future = self.database.submit(quota_usage_totals, missing, periods)
             for scope in missing:
                 ref = _seed_ref(scope, periods)
                 self._seeding[ref] = futures[scope.ref] = future
@@ -262,6 +265,7 @@ class Admitter:
 
     async def aclose(self) -> None:
         await self.upkeep.close()
+        self.database.stop()
         serve_locally = getattr(self.state, "serve_locally", None)
         if serve_locally is not None:
             serve_locally(False)

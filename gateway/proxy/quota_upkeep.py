@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from django.db import close_old_connections
-
 from gateway import snapshot
+from gateway.database_thread import DatabaseThread
 from tenants.alerts import AlertNotice, alert_raise
 from tenants.quota_state import KEY, BudgetUse, QuotaState, Reservation, ScopeLimits, Seed
 from tenants.quota_state.contract import COST_UNITS, MONTHLY_COST
@@ -59,10 +58,15 @@ class _Alerts:
 
 
 class QuotaUpkeep:
-    def __init__(self, state: QuotaState, clock: PeriodClock, redis: Any = None) -> None:
+    def __init__(
+        self, state: QuotaState, clock: PeriodClock, redis: Any = None, database: DatabaseThread | None = None
+    ) -> None:
         self.state = state
         self.clock = clock
         self.redis = redis  # for the reconciliation lock; None: in process
+        self.database = database or DatabaseThread("quota-db")  # reconciliation's reads
+        # Alerts write their record and call webhooks: apart, so a slow webhook never delays seeding.
+        self.alerts_thread = DatabaseThread("quota-alerts")
         self._pending: dict[int, list[_Settlement]] = {}  # per tenant id
         self._wakeup: asyncio.Event | None = None
         self._settler: asyncio.Task | None = None
@@ -136,6 +140,7 @@ class QuotaUpkeep:
             await asyncio.wait({self._settler}, timeout=5)
             self._settler = None
         await self.drain()
+        self.alerts_thread.stop()
 
     # -- alerts -----------------------------------------------------------------------------------
 
@@ -167,10 +172,10 @@ class QuotaUpkeep:
                     used=Decimal(reached.used) / COST_UNITS if money else Decimal(reached.used),
                     limit=Decimal(reached.limit) / COST_UNITS if money else Decimal(reached.limit),
                 )
-                self._in_background(_alert_raise_in_thread, notice)
+                self._in_background(alert_raise, notice)
 
     def _in_background(self, fn: Any, *args: Any) -> None:
-        future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        future = self.alerts_thread.submit(fn, *args)
         self._background.add(future)
         future.add_done_callback(self._background_done)
 
@@ -202,8 +207,7 @@ class QuotaUpkeep:
                     scopes.setdefault(scope.ref, scope)
         if not scopes:
             return 0
-        loop = asyncio.get_running_loop()
-        totals = await loop.run_in_executor(None, quota_usage_totals, list(scopes.values()), periods)
+        totals = await self.database.run(quota_usage_totals, list(scopes.values()), periods)
         items = [(scope, totals.get(ref, Seed())) for ref, scope in scopes.items()]
         raised = await self.state.reconcile(items, periods.ids)
         if raised:
@@ -220,8 +224,3 @@ class QuotaUpkeep:
                 raise
             except Exception:
                 log.warning("quota reconciliation failed; trying again later", exc_info=True)
-
-
-def _alert_raise_in_thread(notice: AlertNotice) -> None:
-    close_old_connections()  # a worker thread's connection may have outlived the database's patience
-    alert_raise(notice)

@@ -6,8 +6,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
+from gateway.database_thread import DatabaseThread
 from gateway.snapshot import Snapshot, current, install
 from gateway.snapshot.build import snapshot_build
 from gateway.snapshot.version import VersionMirror
@@ -48,15 +48,13 @@ class SnapshotRefresher:
         self._stopping = False
         self._mirrored: int | None = None  # the mirror's value at the last poll
         self._database_read_at = float("-inf")
-        self._database: ThreadPoolExecutor | None = None
+        self._database = DatabaseThread("snapshot-db")
         # Wall time of the last look at the database's version (or load): how fresh this process
         # knows its snapshot to be (the metric gateway_snapshot_age_seconds).
         self.checked_at: float | None = None
 
     async def _on_database_thread(self, function: Callable):
-        if self._database is None:
-            self._database = ThreadPoolExecutor(1, thread_name_prefix="snapshot-db")
-        return await asyncio.get_running_loop().run_in_executor(self._database, function)
+        return await self._database.run(function)
 
     async def load_now(self) -> Snapshot:
         """Build and install a snapshot (on the refresher's database thread; the ORM is sync)."""
@@ -80,12 +78,7 @@ class SnapshotRefresher:
             while not task.done():
                 task.cancel()
                 await asyncio.wait({task}, timeout=0.1)
-        database, self._database = self._database, None
-        if database is not None:
-            from django.db import connections
-
-            database.submit(connections.close_all)  # Django's connections are per thread: close it there
-            database.shutdown(wait=False)
+        self._database.stop()
 
     async def _run(self) -> None:
         while not self._stopping:

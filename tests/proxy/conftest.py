@@ -11,7 +11,6 @@ snapshot and the usage records are read and written by worker threads, as in pro
 from __future__ import annotations
 
 import asyncio
-import gc
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -168,11 +167,8 @@ async def gateway_runtime(upstream, secret):
     """The runtime started on this test's loop (after the cast exists), stopped (usage flushed) afterwards."""
     await runtime.ensure_started()
     yield runtime
-    await runtime.shutdown()
-    # The snapshot and usage threads each opened a database connection; ending the threads and
-    # collecting closes them (dozens of tests would otherwise exhaust PostgreSQL's connections).
+    await runtime.shutdown()  # its database threads close their connections as they end
     await asyncio.get_running_loop().shutdown_default_executor()
-    gc.collect()
 
 
 # -- observability: the spans and the JSON log lines of a test ------------------------------------
