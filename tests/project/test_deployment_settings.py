@@ -4,11 +4,7 @@ proxies come from the environment, and the compose file and image keep their pro
 from __future__ import annotations
 
 import io
-import json
-import os
 import re
-import subprocess
-import sys
 from ipaddress import ip_network
 from pathlib import Path
 
@@ -20,6 +16,7 @@ from django.core.management.base import SystemCheckError
 
 from gateway import settings as gateway_settings
 from gateway.system_checks import COMPOSE_DEFAULT_SECRET_KEY, check_secret_key, check_trusted_proxies
+from tests.project.fresh_settings import settings_under
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,15 +102,8 @@ NAMES = (
 
 
 def settings_in_a_fresh_process(**environ: str) -> dict:
-    code = (
-        "import django, json; django.setup(); from django.conf import settings as s; "
-        f"print(json.dumps({{n: getattr(s, n) for n in {NAMES!r}}} | "
-        "{'TRUSTED_PROXIES': [str(n) for n in s.GATEWAY['TRUSTED_PROXIES']]}))"
-    )
-    env = {key: value for key, value in os.environ.items() if key not in NAMES}
-    env.update(DJANGO_SETTINGS_MODULE="gateway.settings", **environ)
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    s = settings_under(environ, unset=NAMES)
+    return {n: s[n] for n in NAMES} | {"TRUSTED_PROXIES": [str(n) for n in s["GATEWAY"]["TRUSTED_PROXIES"]]}
 
 
 def test_https_settings_default_off_and_come_from_the_environment():
@@ -143,7 +133,7 @@ def test_https_settings_default_off_and_come_from_the_environment():
         "SECURE_HSTS_SECONDS": 31536000,
         "SECURE_HSTS_INCLUDE_SUBDOMAINS": True,
         "SECURE_HSTS_PRELOAD": True,
-        "SECURE_PROXY_SSL_HEADER": ["HTTP_X_FORWARDED_PROTO", "https"],
+        "SECURE_PROXY_SSL_HEADER": ("HTTP_X_FORWARDED_PROTO", "https"),
         "TRUSTED_PROXIES": ["10.0.0.0/8"],
     }
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.system_checks import check_metrics_guard
+from tests.project.fresh_settings import settings_under
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,8 +45,12 @@ def test_an_unknown_log_format_is_refused_at_start():
 
 
 def test_observability_settings_come_from_the_environment():
-    code = "import django, json; django.setup(); from django.conf import settings; print(json.dumps(settings.OBSERVABILITY))"
-    defaults = json.loads(in_a_fresh_process(code).stdout)
+    def observability(**environ: str) -> dict:
+        return settings_under(environ, unset_prefixes=("GATEWAY_LOG", "GATEWAY_METRICS", "GATEWAY_REQ"))[
+            "OBSERVABILITY"
+        ]
+
+    defaults = observability()
     assert defaults == {
         "METRICS": True,
         "METRICS_TOKEN": "",
@@ -54,15 +59,12 @@ def test_observability_settings_come_from_the_environment():
         "METRICS_TENANT_LABEL": False,
         "REQUEST_LOG_LEVEL": "INFO",
     }
-    given = json.loads(
-        in_a_fresh_process(
-            code,
-            GATEWAY_METRICS="false",
-            GATEWAY_METRICS_TOKEN="t0ken",
-            GATEWAY_METRICS_PORT="9464",
-            GATEWAY_METRICS_TENANT_LABEL="true",
-            GATEWAY_REQUEST_LOG_LEVEL="off",
-        ).stdout
+    given = observability(
+        GATEWAY_METRICS="false",
+        GATEWAY_METRICS_TOKEN="t0ken",
+        GATEWAY_METRICS_PORT="9464",
+        GATEWAY_METRICS_TENANT_LABEL="true",
+        GATEWAY_REQUEST_LOG_LEVEL="off",
     )
     assert given | {"METRICS_HOST": "0.0.0.0"} == {
         "METRICS": False,

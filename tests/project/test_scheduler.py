@@ -73,6 +73,9 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+# The scheduler drops stale database connections around each task (close_old_connections), here on
+# the test's own thread: that is database access, however little, and allowed only with the mark.
+@pytest.mark.django_db
 def test_a_failing_task_is_logged_and_the_others_still_run():
     scheduler = EmbeddedScheduler(
         {
