@@ -90,7 +90,10 @@ class ProxyConsumer(AsyncHttpConsumer):
             record = ctx.usage_record(snapshot.current().prices_by_model)
             record_usage(record)
             if ctx.admission is not None:
-                runtime.quotas.settle(ctx, record)
+                try:
+                    runtime.quotas.settle(ctx, record)
+                except Exception:  # the reservation lapses with its lease; the log line must still go out
+                    log.exception("request %s: settling its quota reservation failed", ctx.request_id)
             watch.finish(record)
 
     async def send_body(self, body, *, more_body=False):
