@@ -360,7 +360,7 @@ class ClientKeyAdmin(admin.ModelAdmin):
                 **self.admin_site.each_context(request),
                 "title": "Key issued",
                 "opts": opts,
-                "key": obj,
+                "issued": obj,
                 "secret": issued.secret,
                 "change_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk]),
                 "changelist_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist"),

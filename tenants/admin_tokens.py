@@ -90,7 +90,7 @@ class ManagementTokenAdmin(admin.ModelAdmin):
                 **self.admin_site.each_context(request),
                 "title": "Management token issued",
                 "opts": opts,
-                "token": obj,
+                "issued": obj,
                 "secret": issued.secret,
                 "changelist_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist"),
             },
