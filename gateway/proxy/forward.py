@@ -13,60 +13,27 @@ Retries happen only before the first byte reaches the client:
 * Other 4xx (the client's request was wrong): relayed with the upstream's status, type, code and
   param in a rebuilt body, its message scrubbed of secrets.
 
-Non-streamed answers are read whole (they are needed whole for their usage, and reading them
-whole lets a broken one be retried); streamed answers are passed on event by event as they
-arrive. A stream the upstream breaks is that deployment's failure, billed for what arrived.
+How an answer reaches the client is ``gateway.proxy.relay``: non-streamed answers read whole
+(a broken one can still be retried), streams passed on as they arrive. A stream the upstream
+breaks is that deployment's failure, billed for what arrived.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
 
 from django.conf import settings
 
 from gateway.balancer.dispatcher import Lease, NoCapacity
 from gateway.observability.tracing import upstream_headers_traced
 from gateway.proxy import azure_ad, errors, upstream, upstream_errors
-from gateway.proxy.pressure import pressure
+from gateway.proxy.relay import AnswerBroke, AnswerRelay, read_bounded
 from gateway.proxy.retries import MIN_ATTEMPT_SECONDS, FirstByteBudget, RetryPlan
 from gateway.proxy.routes import UPSTREAM_PATH
-from gateway.proxy.sse import SseRelay, usage_from_json_body
-from gateway.proxy.tokens import StreamTokenCounter
 from gateway.snapshot.types import AUTH_AZURE_AD, EndpointView
 
 log = logging.getLogger(__name__)
-
-# Upstream response headers a client may see. Others (server, set-cookie, upstream ids, the
-# deployment's utilisation, its x-ratelimit-* headers: a client's limits are its team's and
-# key's, sent by admission) are the gateway's business.
-PASS_HEADERS = frozenset(
-    {
-        b"content-type",
-        b"openai-processing-ms",
-        b"openai-version",
-        b"retry-after",
-        b"retry-after-ms",
-        b"x-should-retry",
-    }
-)
-STREAM_HEADERS = [
-    (b"content-type", b"text/event-stream"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
-
-
-_STREAM_INTERRUPTED = {
-    "error": {
-        "message": "The upstream stream was interrupted.",
-        "type": "api_error",
-        "param": None,
-        "code": "stream_interrupted",
-    }
-}
 
 
 class ClientDisconnected(Exception):
@@ -99,6 +66,7 @@ class Forwarder:
         self.budget = FirstByteBudget(max(d.endpoint.first_byte_timeout for d in plan.candidates))
         self.retry = RetryPlan((d.id for d in plan.candidates), settings.GATEWAY["MAX_RETRIES"], self.budget)
         self.ad_token: str | None = None  # the Azure AD token of the current attempt (scrubbed from errors)
+        self.relay = AnswerRelay(consumer, ctx, plan)
 
     async def run(self) -> None:
         """Forward the request, watching for the client leaving while we wait or stream."""
@@ -227,20 +195,21 @@ class Forwarder:
                 reported = True
                 raise failure
             if kind == upstream_errors.CLIENT_ERROR:
-                await self.relay_client_error(response, deployment.endpoint)
+                await self.relay.client_error(response, self.secrets(deployment.endpoint))
             elif self.plan.stream:
-                broken = await self.relay_stream(response)
+                broken = await self.relay.stream(response)
                 if broken:
                     await self.dispatcher.failed(lease, reached_upstream=True, reason=broken)
                     reported = True
                     return None
             else:
                 try:
-                    await self.relay_whole(response)
-                except AttemptFailed as failure:
+                    await self.relay.whole(response)
+                except AnswerBroke as broke:
+                    failure = AttemptFailed(broke.error, reason=broke.reason, reached_upstream=True)
                     await self.report(lease, failure)
                     reported = True
-                    raise
+                    raise failure from None
             await self.dispatcher.succeeded(lease, self.ctx.prompt_tokens, self.ctx.completion_tokens, response.headers)
             reported = True
             return None
@@ -320,7 +289,7 @@ class Forwarder:
     async def failed_answer(self, response, kind: str, endpoint: EndpointView) -> AttemptFailed:
         """The failure for an answer the gateway does not relay (refused, or transient)."""
         status = response.status
-        body = await _read_bounded(response)
+        body = await read_bounded(response)
         reason = upstream_errors.failure_reason(status, body, self.secrets(endpoint))
         if kind == upstream_errors.REFUSED:
             # Nothing was generated: release the reservation rather than keep it.
@@ -330,135 +299,6 @@ class Forwarder:
         return AttemptFailed(
             errors.bad_gateway(f"The upstream deployment answered HTTP {status}."), reason=reason, reached_upstream=True
         )
-
-    async def relay_client_error(self, response, endpoint: EndpointView) -> None:
-        """A client-caused upstream 4xx: its status, type, code and param in a rebuilt, scrubbed body."""
-        body = await _read_bounded(response)
-        error = upstream_errors.client_error(response.status, body, self.secrets(endpoint))
-        error.headers = [(k, v) for k, v in _passed_headers(response.headers) if k != b"content-type"]
-        await self.consumer.send_error(self.ctx, error)
-
-    async def relay_whole(self, response) -> None:
-        """Read the whole 2xx answer, then send it; a body that breaks raises ``AttemptFailed``."""
-        ctx = self.ctx
-        try:
-            chunks = [chunk async for chunk in response]
-        except upstream.UpstreamTimeout:
-            raise AttemptFailed(
-                errors.gateway_timeout("The upstream deployment did not finish its answer in time."),
-                reason="timed out reading the answer",
-                reached_upstream=True,
-            ) from None
-        except Exception as exc:
-            raise AttemptFailed(
-                errors.bad_gateway("The upstream connection broke."),
-                reason=f"answer broke off: {type(exc).__name__}",
-                reached_upstream=True,
-            ) from None
-        finally:
-            await response.aclose()
-        body = b"".join(chunks)
-        self.take_usage(usage_from_json_body(body))
-        ctx.served = True
-        ctx.status = response.status
-        ctx.ttft = time.monotonic() - ctx.t0
-        headers = [
-            *_passed_headers(response.headers),
-            (b"x-request-id", ctx.request_id.encode()),
-            *ctx.response_headers,
-        ]
-        self.consumer.headers_sent = True
-        await self.consumer.send_response(response.status, body, headers=headers)
-
-    async def relay_stream(self, response) -> str | None:
-        """Pass the event stream on as it arrives and count usage. Returns None when it ended well,
-        else why the upstream broke it (after ending the client's stream with an error event).
-
-        Each upstream read becomes at most one ASGI message with the complete events it brought,
-        exactly as the upstream wrote them (``SseRelay``); the messages go to the server's
-        ``send`` directly, without Channels' wrappers, since this loop runs once per token. Under
-        CPU pressure the loop holds its upstream reads for a moment, so that events go out in
-        bursts, one write each (``gateway.proxy.pressure``); the first event is never held.
-        """
-        ctx, consumer = self.ctx, self.consumer
-        relay = SseRelay(self.plan.client_wants_usage, counter=self.stream_token_counter)
-        ctx.status = response.status
-        ctx.served = True  # from here on, what arrives is billed
-        consumer.headers_sent = True
-        await consumer.send_headers(
-            status=response.status,
-            headers=[*STREAM_HEADERS, (b"x-request-id", ctx.request_id.encode()), *ctx.response_headers],
-        )
-        read, feed, send = response.read_some, relay.feed, consumer.base_send
-        try:
-            while True:  # until the first event has gone out: its time is the TTFT
-                chunk = await read()
-                if not chunk:
-                    break
-                out = feed(chunk)
-                if out:
-                    ctx.ttft = time.monotonic() - ctx.t0
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-                    break
-            while chunk:
-                hold = pressure.stream_hold  # 0 unless the process is pressed: see gateway.proxy.pressure
-                if hold and not relay.done:
-                    await response.hold(hold)
-                chunk = await read()
-                if chunk:
-                    out = feed(chunk)
-                    if out:
-                        await send({"type": "http.response.body", "body": out, "more_body": True})
-            tail = relay.finish()
-            if relay.error is not None:
-                return await self.upstream_stream_error(relay.error, tail)
-            if not relay.done:
-                raise upstream.UpstreamConnectError("the stream ended before [DONE]")
-            await consumer.send_body(tail, more_body=False)
-            return None
-        except (upstream.UpstreamError, OSError, ValueError) as exc:
-            log.warning("upstream stream for %s broke: %s", ctx.request_id, exc)
-            if relay.error is not None:  # the client already has the upstream's own error event
-                return await self.upstream_stream_error(relay.error, b"")
-            # Headers are out: report in-stream as the SDK expects, then close.
-            ctx.outcome, ctx.error_code = "upstream_error", "stream_interrupted"
-            await consumer.send_body(b"data: " + json.dumps(_STREAM_INTERRUPTED).encode() + b"\n\n", more_body=False)
-            return f"stream broke off: {type(exc).__name__}"
-        finally:
-            await response.aclose()
-            self.take_stream_usage(relay)
-
-    async def upstream_stream_error(self, error: dict, tail: bytes) -> str:
-        """The upstream ended its stream with an error event (relayed as it came): the deployment's
-        failure, recorded with the upstream's code."""
-        ctx = self.ctx
-        code = error.get("code") or error.get("type")
-        ctx.outcome = "upstream_error"
-        ctx.error_code = str(code)[:64] if code else "upstream_stream_error"
-        await self.consumer.send_body(tail, more_body=False)
-        return f"upstream error event: {ctx.error_code}"
-
-    def take_usage(self, usage: dict | None) -> None:
-        if not usage:
-            return
-        ctx = self.ctx
-        ctx.prompt_tokens = _int(usage.get("prompt_tokens"), ctx.prompt_tokens)
-        ctx.completion_tokens = _int(usage.get("completion_tokens"), 0)
-        details = usage.get("prompt_tokens_details") or {}
-        ctx.cached_tokens = _int(details.get("cached_tokens") if isinstance(details, dict) else 0, 0)
-        ctx.tokens_estimated = False
-
-    def take_stream_usage(self, relay: SseRelay) -> None:
-        """Usage from the upstream's usage chunk, or counted from the stream when it sent none."""
-        if relay.usage:
-            self.take_usage(relay.usage)
-            return
-        self.ctx.completion_tokens = relay.counted_completion_tokens()
-        self.ctx.tokens_estimated = True
-
-    def stream_token_counter(self) -> StreamTokenCounter:
-        first = self.plan.candidates[0]
-        return StreamTokenCounter(self.plan.model, family_hint=first.upstream_model, mode=first.token_estimate)
 
 
 async def _until_disconnect(receive) -> None:
@@ -487,27 +327,6 @@ def _retry_after(headers) -> float | None:
     return None
 
 
-def _passed_headers(headers) -> list:
-    return [(k, v) for k, v in headers if k in PASS_HEADERS]
-
-
-async def _read_bounded(response, limit: int = upstream_errors.MAX_ERROR_BODY_BYTES) -> bytes:
-    """Up to ``limit`` bytes of an error answer, then close it. A broken body gives what arrived."""
-    parts: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in response:
-            parts.append(chunk)
-            size += len(chunk)
-            if size >= limit:
-                break
-    except upstream.UpstreamError:
-        pass
-    finally:
-        await response.aclose()
-    return b"".join(parts)[:limit]
-
-
 def _cut(timeouts: upstream.Timeouts, left: float) -> upstream.Timeouts:
     """``timeouts`` with connect and first byte no longer than ``left`` (the same object if they fit,
     which keeps the upstream client's per-Timeouts cache warm on first attempts)."""
@@ -515,7 +334,3 @@ def _cut(timeouts: upstream.Timeouts, left: float) -> upstream.Timeouts:
         return timeouts
     left = max(left, 0.001)
     return upstream.Timeouts(min(timeouts.connect, left), min(timeouts.first_byte, left), timeouts.total)
-
-
-def _int(value, default: int) -> int:
-    return value if isinstance(value, int) and value >= 0 else default
