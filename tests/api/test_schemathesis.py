@@ -1,8 +1,8 @@
 """A bounded schemathesis run: every operation of the OpenAPI schema, fed generated requests
 through the WSGI application as staff, answers without a server error.
 
-Two depths. By default (the fast loop, ~10 s): six generated requests per operation. With
-``GATEWAY_TEST_FUZZ=deep`` (``make test``, so CI): also schemathesis' coverage phase, dozens of
+Two depths. By default (the fast loop): three generated requests per operation. With
+``GATEWAY_TEST_FUZZ=deep`` (``make test``, so CI): six, and schemathesis' coverage phase, dozens of
 boundary and invalid values per parameter (the kind that found a NUL byte answered with a 500 on
 PostgreSQL), about a minute on two workers.
 """
@@ -29,6 +29,7 @@ schema.app = WSGIHandler()
 DEEP = os.environ.get("GATEWAY_TEST_FUZZ") == "deep"
 # Hypothesis' explicit phase is where schemathesis adds its coverage cases.
 PHASES = [Phase.explicit, Phase.generate] if DEEP else [Phase.generate]
+EXAMPLES = 6 if DEEP else 3
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def staff_bearer(transactional_db, django_user_model, tenant_a, key_a, endpoint,
 # Real commits (transactional_db): the WSGI handler closes the connection after each request.
 @schema.parametrize()
 @settings(
-    max_examples=6,
+    max_examples=EXAMPLES,
     deadline=None,
     derandomize=True,
     phases=PHASES,
