@@ -272,9 +272,8 @@ class BalancedDispatcher:
     async def succeeded(self, lease: Lease, prompt_tokens: int, completion_tokens: int, headers) -> None:
         self._done(lease)
         grant = lease.grant
-        await self.state.settle(grant, prompt_tokens + completion_tokens)
+        await self.state.settle_success(grant, prompt_tokens + completion_tokens)
         await self._observe(lease, headers)
-        await self.state.record_success(grant.deployment_id)
 
     async def rate_limited(self, lease: Lease, retry_after: float | None, headers) -> None:
         grant = lease.grant

@@ -116,6 +116,7 @@ class RedisState(BalancerState):
         ]
         self._candidate_args: dict[tuple[int, int, int], list[str]] = {}
         self._dep_keys_cache: dict[int, list[str]] = {}
+        self._settle_args_cache: dict[tuple, list[str]] = {}
         self._channel = f"{self._prefix}:wake"
         self._waiters: dict[str, asyncio.Event] = {}  # ticket -> event, for tickets waiting here
         self._listener: asyncio.Task | None = None
@@ -167,7 +168,7 @@ class RedisState(BalancerState):
         keys = self._dep_keys_cache.get(deployment_id)
         if keys is None:
             base = f"{self._prefix}:d:{int(deployment_id)}"
-            keys = self._dep_keys_cache[deployment_id] = [f"{base}:log", f"{base}:tok", f"{base}:s", f"{base}:infl"]
+            keys = self._dep_keys_cache[deployment_id] = [f"{base}:s", f"{base}:b", f"{base}:infl"]
         return keys
 
     def _queue_keys(self, queue: str) -> list[str]:
@@ -181,7 +182,7 @@ class RedisState(BalancerState):
             plan = self.planner.plan(c.rpm, c.tpm)
             args = [str(int(c.weight)), str(plan.request_ref), str(plan.token_ref), str(len(plan.windows))]
             for w in plan.windows:
-                args += [w.unit, repr(w.span), str(w.limit)]
+                args += [w.name, w.unit, repr(w.span), str(w.limit), repr(w.bucket)]
             self._candidate_args[key] = args
         return args
 
@@ -222,7 +223,14 @@ class RedisState(BalancerState):
         if _s(res[0]) == "G":
             c = candidates[int(res[1]) - 1]
             return Grant(
-                c.id, rid, demand, float(res[3]), getattr(c, "sku", SKU_STANDARD), float(res[4]), _s(res[5]) == "1"
+                c.id,
+                rid,
+                demand,
+                float(res[3]),
+                getattr(c, "sku", SKU_STANDARD),
+                float(res[4]),
+                _s(res[5]) == "1",
+                self.planner.plan(c.rpm, c.tpm).windows,
             )
         return Denied(float(res[1]), Reason(_s(res[2])))
 
@@ -234,21 +242,39 @@ class RedisState(BalancerState):
             check_ticket(ticket_id)
         return await self._acquire(queue, ticket_id, candidates, demand_tokens, now)
 
-    async def _finish(self, mode: str, grant: Grant, actual: int, sku: str | None, now) -> bool:
+    async def _finish(self, mode: str, grant: Grant, actual: int, sku: str | None, now, ok: bool = False) -> bool:
         provisioned = (sku or grant.sku) == SKU_PROVISIONED
+        keep = self.config.retention_window
         args = [
             mode,
             grant.reservation_id,
             str(int(actual)),
             "1" if provisioned else "0",
             repr(_now(now)),
-            repr(self.config.retention),
-            repr(self.config.key_ttl),
+            str(int(grant.tokens)),
+            repr(grant.reserved_at),
+            "1" if ok else "0",
+            repr(keep.span),
+            repr(keep.bucket),
+            *self._settle_args(grant.windows),
         ]
         return bool(await self._run("settle", self._dep_keys(grant.deployment_id), args))
 
+    def _settle_args(self, windows) -> list[str]:
+        args = self._settle_args_cache.get(windows)
+        if args is None:
+            args = [str(len(windows))]
+            for w in windows:
+                args += [w.name, w.unit, repr(w.bucket)]
+            self._settle_args_cache[windows] = args
+        return args
+
     async def settle(self, grant, actual_tokens, sku=None, now=None):
         return await self._finish("settle", grant, actual_tokens, sku, now)
+
+    async def settle_success(self, grant, actual_tokens, sku=None, now=None):
+        """``settle`` and ``record_success`` in one script call (one round trip)."""
+        return await self._finish("settle", grant, actual_tokens, sku, now, ok=True)
 
     async def release(self, grant, now=None):
         return await self._finish("release", grant, 0, None, now)
@@ -258,7 +284,7 @@ class RedisState(BalancerState):
     async def _signal(self, op: str, deployment_id: int, now, a: str = "", b: str = "") -> str:
         cfg = self.config
         args = [op, repr(_now(now)), a, b, str(cfg.breaker_failures), repr(cfg.breaker_open_seconds), repr(cfg.key_ttl)]
-        return _s(await self._run("signal", [self._dep_keys(deployment_id)[2]], args))
+        return _s(await self._run("signal", [self._dep_keys(deployment_id)[0]], args))
 
     async def observe(self, deployment_id, remaining_requests, remaining_tokens, now=None):
         def arg(v):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +70,19 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{port}/0"
         self.child = group.start(
             f"redis-{port}",
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-            + ["--dir", str(data)],
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(data),
+            ],
         )
         wait_until(lambda: _port_taken(port), timeout=10, what="redis-server listening")
         import redis
@@ -143,7 +153,9 @@ def run_redis_state(
 
 def smoke_pair(gateway: Gateway, key: str) -> None:
     smoke(gateway, key)  # the fast deployments answer too
-    response = post_json(gateway.url + "/v1/chat/completions", chat_body(PAIR_MODEL), {"authorization": f"Bearer {key}"})
+    response = post_json(
+        gateway.url + "/v1/chat/completions", chat_body(PAIR_MODEL), {"authorization": f"Bearer {key}"}
+    )
     if response.status_code != 200:
         raise RuntimeError(f"smoke request to {PAIR_MODEL} failed: {response.status_code} {response.text}")
 

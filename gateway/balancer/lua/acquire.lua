@@ -1,6 +1,6 @@
 -- try_acquire / try_acquire_queued: choose the fitting candidate with the most headroom and
 -- reserve 1 request + demand tokens on it, atomically (and, queued, only for the head).
--- KEYS: [6 queue keys if ARGV[5] == 'queue'] then 4 keys per candidate.
+-- KEYS: [6 queue keys if ARGV[5] == 'queue'] then 3 keys per candidate (s, b, infl).
 -- ARGV: now, demand, reservation id, random [0,1), mode ('raw'|'queue'), ticket ('' = none),
 --       wake channel, queue name, 7 config values, n candidates, per candidate (read_candidates).
 -- Returns {'G', candidate index, reservation id, time, headroom, probe} or {'D', wait, reason}.
