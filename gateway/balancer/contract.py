@@ -382,6 +382,14 @@ class BalancerState(abc.ABC):
         released or forgotten (``inflight_ttl``): it settles once.
         """
 
+    async def renew(self, grant: Grant, candidate: Capacity, now: float | None = None) -> Grant | Denied:
+        """Move a late grant's reservation to ``now`` on the same deployment (``candidate``): the
+        old one is released and a new one taken in one atomic step, so nobody takes the slot in
+        between and the request keeps its turn; ``Denied`` if it does not fit any more (its
+        windows moved on meanwhile). This default is two calls, for backends without one."""
+        await self.release(grant, now)
+        return await self.try_acquire((candidate,), grant.tokens, now)
+
     async def settle_success(
         self, grant: Grant, actual_tokens: int, sku: str | None = None, now: float | None = None
     ) -> bool:

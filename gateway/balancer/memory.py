@@ -483,8 +483,15 @@ class MemoryState(BalancerState):
         self._notify(grant.deployment_id)
         return True
 
-    async def release(self, grant, now=None):
+    async def renew(self, grant, candidate, now=None):
         now = _now(now)
+        self._release(grant, now)  # no await between the two: atomic on this loop
+        return self._acquire((candidate,), grant.tokens, now)
+
+    async def release(self, grant, now=None):
+        return self._release(grant, _now(now))
+
+    def _release(self, grant: Grant, now: float) -> bool:
         found = self._finish(grant)
         if found is None:
             return False

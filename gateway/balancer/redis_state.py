@@ -102,7 +102,8 @@ class RedisState(BalancerState):
         self._prefix = f"{prefix}:bal"
         self._rng = rng or random.Random()
         self._scripts = {
-            name: redis.register_script(_source(name)) for name in ("acquire", "settle", "signal", "queue", "status")
+            name: redis.register_script(_source(name))
+            for name in ("acquire", "settle", "renew", "signal", "queue", "status")
         }
         cfg = self.config
         self._config_args = [
@@ -220,6 +221,9 @@ class RedisState(BalancerState):
             elif _s(res[2]) == Reason.EVICTED:
                 # Gone too; until its waiter leaves, a wait_change returns at once (as in memory).
                 self._waiters.setdefault(ticket_id, asyncio.Event()).set()
+        return self._result(res, candidates, demand, rid)
+
+    def _result(self, res, candidates, demand: int, rid: str) -> Grant | Denied:
         if _s(res[0]) == "G":
             c = candidates[int(res[1]) - 1]
             return Grant(
@@ -278,6 +282,23 @@ class RedisState(BalancerState):
 
     async def release(self, grant, now=None):
         return await self._finish("release", grant, 0, None, now)
+
+    async def renew(self, grant, candidate, now=None):
+        rid = new_id()
+        _, cargs = self._candidates((candidate,))
+        args = [
+            repr(_now(now)),
+            str(int(grant.tokens)),
+            rid,
+            repr(self._rng.random()),
+            grant.reservation_id,
+            repr(grant.reserved_at),
+            *self._config_args,
+            repr(self.config.retention_window.bucket),
+            *cargs,
+        ]
+        res = await self._run("renew", self._dep_keys(candidate.id), args)
+        return self._result(res, (candidate,), int(grant.tokens), rid)
 
     # -- upstream signals ----------------------------------------------------------------
 

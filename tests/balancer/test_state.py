@@ -195,6 +195,27 @@ async def test_settle_success_settles_once_and_resets_the_failure_count(make_sta
     assert status["breaker"]["failures"] == 0 and status["windows"][0]["used"] == 200
 
 
+async def test_renew_moves_a_reservation_to_now_in_one_step(make_state):
+    state = await make_state()
+    c = Candidate(1, rpm=60, tpm=1000)  # 1 request per 0.1 s window
+    g = await state.try_acquire([c], 400, T0)
+    renewed = await state.renew(g, c, T0 + 0.05)
+    assert isinstance(renewed, Grant) and renewed.reserved_at == T0 + 0.05 and renewed.tokens == 400
+    assert renewed.reservation_id != g.reservation_id
+    assert await used(state, c, T0 + 0.05) == [1, 1, 1, 400]  # moved, not doubled
+    assert not await state.settle(g, 10, now=T0 + 0.06)  # the old reservation is gone
+    # It now counts from T0 + 0.05: the short window frees at the end of that bucket + span.
+    free = window(state, c, 0).counted_until(T0 + 0.05)
+    assert (await state.try_acquire([c], 0, T0 + 0.12)).wait_seconds == approx(free - T0 - 0.12)
+    assert (await state.status([c], T0 + 0.12))[1]["in_flight"] == 1
+    # No room any more (another request took the window meanwhile): denied, and released.
+    other = await state.try_acquire([c], 500, free + 0.001)
+    assert isinstance(other, Grant)
+    late = await state.renew(renewed, c, free + 0.002)
+    assert isinstance(late, Denied)
+    assert await used(state, c, free + 0.002) == [1, 1, 1, 500]
+
+
 async def test_release_removes_the_reservation_once(make_state):
     state = await make_state()
     c = Candidate(1, rpm=60, tpm=1000)

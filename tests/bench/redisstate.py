@@ -88,10 +88,43 @@ class RedisServer:
         import redis
 
         self.client = redis.Redis.from_url(self.url, decode_responses=True)
+        # Every command in the slow log (kept in memory, cleared before the run): script time
+        # by script, from the SHA1 each EVALSHA names.
+        self.client.config_set("slowlog-log-slower-than", 0)
+        self.client.config_set("slowlog-max-len", 1_000_000)
+
+    def script_usec_by_name(self, requests: int) -> dict[str, dict[str, float]]:
+        """µs inside each script per request, and calls per request, from the slow log."""
+        names = _script_names()
+        totals: dict[str, list[float]] = {}
+        for entry in self.client.slowlog_get(1_000_000):
+            command = entry.get("command") or ""
+            if isinstance(command, bytes):
+                command = command.decode(errors="replace")
+            parts = command.split()
+            if not parts or parts[0].upper() != "EVALSHA" or len(parts) < 2:
+                continue
+            name = names.get(parts[1], parts[1][:8])
+            row = totals.setdefault(name, [0.0, 0.0])
+            row[0] += entry["duration"]
+            row[1] += 1
+        return {
+            name: {"usec_per_request": usec / requests, "calls_per_request": calls / requests}
+            for name, (usec, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])
+        }
 
     @property
     def pid(self) -> int:
         return self.child.pid
+
+    def ping_cpu_us(self, count: int = 3000) -> float:
+        """Redis CPU of one PING round trip, in µs: the unit that makes figures taken on a busy
+        shared machine comparable (every CPU figure here moved 3-6x with the load of the
+        2-core development machine; a quiet one spends ~3-5 µs per PING)."""
+        before = cpu_seconds(self.pid)
+        for _ in range(count):
+            self.client.ping()
+        return 1e6 * (cpu_seconds(self.pid) - before) / count
 
     def reading(self) -> dict[str, float]:
         """The counters compared before and after a run."""
@@ -107,6 +140,21 @@ class RedisServer:
             "script_usec": float(script_usec),
             "by_command": {k.removeprefix("cmdstat_"): v["calls"] for k, v in commands.items()},
         }
+
+
+def _script_names() -> dict[str, str]:
+    """SHA1 -> name of the gateway's Lua scripts (balancer and quotas)."""
+    import hashlib
+
+    balancer, quotas = REPO / "gateway" / "balancer" / "lua", REPO / "tenants" / "quota_state" / "lua"
+    names = {}
+    for folder, label in ((balancer, "balancer"), (quotas, "quota")):
+        lib = (folder / "lib.lua").read_text()
+        for path in folder.glob("*.lua"):
+            if path.name != "lib.lua":
+                source = lib + "\n" + path.read_text()
+                names[hashlib.sha1(source.encode()).hexdigest()] = f"{label} {path.stem}"
+    return names
 
 
 def _port_taken(port: int) -> bool:
@@ -136,6 +184,8 @@ def run_redis_state(
         # Warm-up: both workers' connection pools, script loads, quota seeds.
         run_load(gateway.url, [request], cpus=pinning.load, concurrency=CONCURRENCY, duration=durations.gateway_warmup)
         settle(1.0)
+        results["ping_cpu_us"] = server.ping_cpu_us()
+        server.client.slowlog_reset()
         before = server.reading()
         load = run_load(
             gateway.url, [request], cpus=pinning.load, concurrency=CONCURRENCY, duration=durations.throughput
@@ -144,6 +194,10 @@ def run_redis_state(
         after = server.reading()
         results["load"] = load
         results.update(summarize(before, after, load))
+        results["scripts"] = server.script_usec_by_name(results["served_200"])
+        results["ping_cpu_us_after"] = server.ping_cpu_us()
+        ping = (results["ping_cpu_us"] + results["ping_cpu_us_after"]) / 2
+        results["redis_cpu_per_request_in_pings"] = results["redis_cpu_us_per_request"] / ping if ping else None
     finally:
         group.stop(gateway.child)
         group.stop(server.child)
@@ -201,5 +255,13 @@ def redis_state_lines(results: dict[str, Any]) -> list[str]:
         f"  Redis CPU per request {cpu:.1f} µs (target <= {TARGET_CPU_US:.0f}: "
         f"{'met' if cpu <= TARGET_CPU_US else 'NOT met'}); inside scripts {run['script_usec_per_request']:.1f} µs; "
         f"ceiling of one Redis primary ~{run['ceiling_rps_per_primary']:,.0f} req/s",
+        f"  = {run['redis_cpu_per_request_in_pings']:.1f} PING round trips of Redis CPU "
+        f"(a PING cost {run['ping_cpu_us']:.1f} / {run['ping_cpu_us_after']:.1f} µs before / after the run: "
+        "compare runs in PINGs when the machine is busy)",
         f"  commands per request: {top}",
+        "  inside each script per request: "
+        + ", ".join(
+            f"{name} {row['usec_per_request']:.1f} µs ({row['calls_per_request']:.2f} calls)"
+            for name, row in (run.get("scripts") or {}).items()
+        ),
     ]
