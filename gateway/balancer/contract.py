@@ -390,6 +390,21 @@ class BalancerState(abc.ABC):
         await self.release(grant, now)
         return await self.try_acquire((candidate,), grant.tokens, now)
 
+    async def settle_later(
+        self, grant: Grant, actual_tokens: int, sku: str | None = None, *, ok: bool = False, now: float | None = None
+    ) -> None:
+        """``settle`` (with ``ok``: ``settle_success``) when convenient for the backend: Redis
+        sends it along the process's next call, or batched soon after; until then the
+        reservation holds as reserved. Never raises for an unreachable state (logged)."""
+        if ok:
+            await self.settle_success(grant, actual_tokens, sku, now)
+        else:
+            await self.settle(grant, actual_tokens, sku, now)
+
+    async def drain(self) -> None:
+        """Send whatever ``settle_later`` queued (tests, shutdown). Nothing queues by default."""
+        return None
+
     async def settle_success(
         self, grant: Grant, actual_tokens: int, sku: str | None = None, now: float | None = None
     ) -> bool:

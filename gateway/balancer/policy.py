@@ -273,7 +273,8 @@ class BalancedDispatcher:
     async def succeeded(self, lease: Lease, prompt_tokens: int, completion_tokens: int, headers) -> None:
         self._done(lease)
         grant = lease.grant
-        await self.state.settle_success(grant, prompt_tokens + completion_tokens)
+        # Off the response path: it rides along the next acquire (Redis), see settle_later.
+        await self.state.settle_later(grant, prompt_tokens + completion_tokens, ok=True)
         await self._observe(lease, headers)
 
     async def rate_limited(self, lease: Lease, retry_after: float | None, headers) -> None:
@@ -298,7 +299,7 @@ class BalancedDispatcher:
 
     async def abandoned(self, lease: Lease, prompt_tokens: int, completion_tokens: int) -> None:
         self._done(lease)
-        await self.state.settle(lease.grant, prompt_tokens + completion_tokens)
+        await self.state.settle_later(lease.grant, prompt_tokens + completion_tokens)
 
     async def _observe(self, lease: Lease, headers) -> None:
         """Pass the upstream's ``x-ratelimit-remaining-*`` to the state, for the units whose limit

@@ -216,6 +216,28 @@ async def test_renew_moves_a_reservation_to_now_in_one_step(make_state):
     assert await used(state, c, free + 0.002) == [1, 1, 1, 500]
 
 
+async def test_settle_later_lands_with_the_next_acquire_or_soon_after(make_state):
+    state = await make_state(breaker_failures=3)
+    ptu = Candidate(1, tpm=1000, sku="provisioned")
+    other = Candidate(2, tpm=1000)
+    await state.record_failure(1, T0)
+    g = await state.try_acquire([ptu], 500, T0)
+    await state.settle_later(g, 200, ok=True, now=T0 + 0.05)
+    # Rides along the next acquire, whatever deployment it is for (Redis); at once in memory.
+    assert isinstance(await state.try_acquire([other], 100, T0 + 0.1), Grant)
+    status = (await state.status([ptu], T0 + 0.1))[1]
+    assert status["in_flight"] == 0 and status["windows"][0]["used"] == 200
+    assert status["breaker"]["failures"] == 0
+    # Without an acquire: sent on its own shortly (in one call with whatever else is queued).
+    g1, g2 = await state.try_acquire([ptu], 300, T0 + 0.2), await state.try_acquire([ptu], 300, T0 + 0.2)
+    await state.settle_later(g1, 100)
+    await state.settle_later(g2, 50)
+    await asyncio.sleep(0.1)
+    status = (await state.status([ptu], time.time()))[1]
+    assert status["in_flight"] == 0
+    assert not await state.settle(g2, 10)  # already settled, once
+
+
 async def test_release_removes_the_reservation_once(make_state):
     state = await make_state()
     c = Candidate(1, rpm=60, tpm=1000)

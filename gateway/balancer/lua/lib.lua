@@ -337,6 +337,28 @@ local function finish(c, mode, rid, actual, provisioned, now, reserved, t, ok, r
   return 1
 end
 
+-- Settlements carried by one call (settle.lua's, or riding along an acquire): 3 KEYS each (s, b,
+-- infl) from KEYS[k], and from ARGV[i] each: mode, reservation id, actual tokens, provisioned,
+-- now, reserved tokens, time it counts from, ok, retention, retention's bucket, n windows,
+-- n x (name, unit, bucket). Returns finish's results in order.
+local function finish_batch(keys, k, argv, i)
+  local out = {}
+  while argv[i] do
+    local windows = {}
+    local j = i + 11
+    for w = 1, tonumber(argv[i + 10]) do
+      windows[w] = {name = argv[j], unit = argv[j + 1], bucket = tonumber(argv[j + 2])}
+      j = j + 3
+    end
+    local c = {ks = keys[k], kb = keys[k + 1], kinfl = keys[k + 2], windows = windows}
+    out[#out + 1] = finish(c, argv[i], argv[i + 1], tonumber(argv[i + 2]), argv[i + 3] == '1',
+                           tonumber(argv[i + 4]), tonumber(argv[i + 5]), tonumber(argv[i + 6]),
+                           argv[i + 7] == '1', tonumber(argv[i + 8]), tonumber(argv[i + 9]))
+    k, i = k + 3, j
+  end
+  return out
+end
+
 -- Queue ---------------------------------------------------------------------------------
 
 -- `channel` and `name`: where to announce a new head (redis_state.py wakes its waiter).
