@@ -2,8 +2,12 @@
 
 Each operation is one Lua script call (``lua/*.lua``, with ``lua/lib.lua`` prepended), so it is
 atomic across processes and costs one round trip: ``try_acquire`` reads, decides and reserves
-in one step, ``settle`` corrects in one step. Every key it writes carries an expiry, so a
-deployment or queue that is no longer used leaves nothing behind.
+in one step, ``renew`` moves a late grant in one step. Settlements go off the response path
+(``settle_later``): they ride along this process's next acquire, or go in one batched call
+within ``SETTLE_DELAY_SECONDS``. Windows are bucket counters (contract.py, "Window"), a few hash
+fields per window instead of a per-request log, so a call costs a handful of commands. Every
+key carries an expiry, renewed at most once a minute, so a deployment or queue that is no
+longer used leaves nothing behind.
 
 Faults: every call is bounded (``gateway.redis_clients``: connect and reply timeouts, one retry
 on a broken connection). A call that fails raises ``StateUnavailable``. When Redis did not answer
