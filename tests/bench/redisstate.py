@@ -165,6 +165,8 @@ def _port_taken(port: int) -> bool:
 def run_redis_state(
     group: ProcessGroup, env: BenchEnv, key: str, pinning: Pinning, durations: Durations, port: int = REDIS_PORT
 ) -> dict[str, Any]:
+    if shutil.which("redis-server") is None:
+        return {"skipped": "redis-server is not installed: the Redis scenario starts a server of its own"}
     server = RedisServer(group, env.root, port)
     gateway_port = free_port()
     command = [*server_command("uvicorn", gateway_port), "--workers", str(WORKERS)]
@@ -243,6 +245,8 @@ def summarize(before: dict[str, Any], after: dict[str, Any], load: dict[str, Any
 
 def redis_state_lines(results: dict[str, Any]) -> list[str]:
     run = results.get("redis_state")
+    if run and run.get("skipped"):
+        return [f"Shared state on Redis (issue 19): skipped, {run['skipped']}"]
     if not run or "redis_cpu_us_per_request" not in run:
         return []
     rt, cpu = run["round_trips_per_request"], run["redis_cpu_us_per_request"]
