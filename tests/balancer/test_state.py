@@ -238,6 +238,20 @@ async def test_settle_later_lands_with_the_next_acquire_or_soon_after(make_state
     assert not await state.settle(g2, 10)  # already settled, once
 
 
+async def test_a_success_settled_later_does_not_undo_failures_recorded_after_it(make_state):
+    state = await make_state(breaker_failures=2)
+    c = Candidate(1, tpm=1000)
+    g = await state.try_acquire([c], 100, T0)
+    await state.record_failure(1, T0)
+    await state.settle_later(g, 50, ok=True, now=T0 + 0.1)  # resets the failure before it
+    await state.record_failure(1, T0 + 0.2)
+    await state.record_failure(1, T0 + 0.3)  # open now, whenever the success lands
+    await state.drain()
+    status = (await state.status([c], T0 + 0.4))[1]
+    # (Redis also keeps the failure before the success: it cannot tell how many came after it.)
+    assert status["breaker"]["state"] == "open" and status["breaker"]["failures"] >= 2
+
+
 async def test_release_removes_the_reservation_once(make_state):
     state = await make_state()
     c = Candidate(1, rpm=60, tpm=1000)

@@ -3,7 +3,7 @@
 -- suite runs the same cases against both. Definitions: gateway/balancer/contract.py.
 --
 -- Per deployment (3 keys, passed in KEYS so the scripts declare everything they touch):
---   s     HASH last_t, cool, fails, open_until, probe, probe_until, ur/ur_at/ur_used,
+--   s     HASH last_t, cool, fails, fail_at (the last one's time), open_until, probe, probe_until, ur/ur_at/ur_used,
 --              ut/ut_at/ut_used (the upstream's word), x (when the expiries are next renewed),
 --              and per window <w> (r0, r1, r2: requests; k0: tokens; contract.py "Window"):
 --              l<w> the oldest bucket counted, n<w> the units counted
@@ -291,12 +291,14 @@ local function finish(c, mode, rid, actual, provisioned, now, reserved, t, ok, r
   -- The in-flight record is the "not yet finished" flag: removing it is what makes this once.
   local done = redis.call('ZREM', c.kinfl, rid) == 1
   if not done and not ok then return 0 end
-  local fields = {'ur', 'ur_at', 'ur_used', 'ut', 'ut_at', 'ut_used', 'probe', 'fails'}
+  local fields = {'ur', 'ur_at', 'ur_used', 'ut', 'ut_at', 'ut_used', 'probe', 'fails', 'fail_at'}
   for _, w in ipairs(c.windows) do fields[#fields + 1] = 'l' .. w.name end
   local v = redis.call('HMGET', ks, unpack(fields))
   local upd = {}
-  if ok and v[8] then
-    redis.call('HDEL', ks, 'fails', 'open_until', 'probe', 'probe_until')
+  -- A success sent later (settle_later) closes the breaker only on failures recorded before it:
+  -- failures after it (within the ~20 ms it waited) still count.
+  if ok and v[8] and num(v[9], -INF) <= now then
+    redis.call('HDEL', ks, 'fails', 'fail_at', 'open_until', 'probe', 'probe_until')
     v[7] = nil
   end
   if not done then return 0 end
@@ -318,7 +320,7 @@ local function finish(c, mode, rid, actual, provisioned, now, reserved, t, ok, r
       local delta = delta_t
       if w.unit == 'r' then delta = delta_r end
       local b = math.floor(t / w.bucket)
-      local lo = tonumber(v[8 + j])
+      local lo = tonumber(v[9 + j])
       -- A bucket before the window's stored start has already left its sum.
       if delta ~= 0 and lo and b >= lo then
         redis.call('HINCRBY', kb, w.name .. ':' .. int(b), delta)
