@@ -11,9 +11,15 @@ Definitions both backends implement identically (the test suite runs against bot
 
 Window
     ``request_windows(rpm, minute)`` and ``token_windows(tpm, minute)`` from
-    ``gateway.balancer.windows``. A sliding log: a reservation made at ``t`` counts in a window of
-    ``seconds`` while ``now - t < seconds + guard(seconds)``. So no span of ``seconds`` ever
-    holds more than ``limit`` units, even seen from the upstream.
+    ``gateway.balancer.windows``, counted in fixed buckets: a window's ``span`` (``seconds +
+    guard(seconds)``) is cut into ``BUCKETS_PER_WINDOW`` buckets of ``bucket = span / 20``
+    seconds, bucket ``b`` holding the reservations made in ``[b * bucket, (b + 1) * bucket)``.
+    A reservation made at ``t`` counts while its bucket ``floor(t / bucket)`` is at least
+    ``floor((now - span) / bucket)`` (``counted``), that is until ``bucket_end(t) + span`` at
+    the latest: never less than ``span`` after ``t``. So no span of ``seconds`` ever holds more
+    than ``limit`` units, even seen from the upstream. The buckets are what make Redis cheap
+    (a few hash fields per window, no per-request log); their price is that an entry counts up
+    to one bucket (5 % of the span, 2.5 % on average) longer than the exact log did.
 
 Guard
     ``max(guard_fraction * seconds, guard_min)``. We reserve at ``t``; the upstream counts the
@@ -91,6 +97,7 @@ class Grant:
     sku: str = SKU_STANDARD
     headroom: float = 0.0  # the chosen deployment's headroom after this reservation
     probe: bool = False  # the single request a half-open breaker lets through
+    windows: tuple[WindowSpec, ...] = ()  # the deployment's windows when granted (where settling corrects)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +168,11 @@ class StateConfig:
         return self.minute + self.guard(self.minute)
 
     @property
+    def retention_window(self) -> WindowSpec:
+        """The longest window (the minute, bucketed as a token window is): what the log keeps."""
+        return WindowSpec(TOKENS, self.minute, self.retention, 0, self.retention / BUCKETS_PER_WINDOW, "keep")
+
+    @property
     def upstream_age(self) -> float:
         return self.upstream_ttl or self.minute / 6.0
 
@@ -170,12 +182,36 @@ class StateConfig:
         return self.inflight_ttl + self.retention + 60.0
 
 
+# Buckets per window span (module docstring, "Window"). 20: an entry counts at most 5 % (on
+# average 2.5 %) of its window longer than an exact log would keep it, which is what saturation
+# loses on the window that binds; more buckets cost Redis more fields to walk when a denial
+# computes its wait and when a window moves on.
+BUCKETS_PER_WINDOW = 20
+
+
 @dataclass(frozen=True, slots=True)
 class WindowSpec:
     unit: str  # REQUESTS or TOKENS
     seconds: float  # the window's nominal length
-    span: float  # seconds + guard: how long an entry counts
+    span: float  # seconds + guard: how long an entry counts (at least)
     limit: int
+    bucket: float = 0.0  # seconds per bucket: span / BUCKETS_PER_WINDOW
+    name: str = ""  # the window's field name in Redis: r0, r1, r2 (requests, shortest first), k0 (tokens)
+
+    def oldest_counted(self, now: float) -> int:
+        """The oldest bucket still counted at ``now`` (both backends compute exactly this)."""
+        return math.floor((now - self.span) / self.bucket)
+
+    def bucket_of(self, t: float) -> int:
+        return math.floor(t / self.bucket)
+
+    def counted(self, t: float, now: float) -> bool:
+        """Whether a reservation made at ``t`` still counts in this window at ``now``."""
+        return self.bucket_of(t) >= self.oldest_counted(now)
+
+    def counted_until(self, t: float) -> float:
+        """When a reservation made at ``t`` stops counting: the end of its bucket plus the span."""
+        return (self.bucket_of(t) + 1) * self.bucket + self.span
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,14 +239,14 @@ class WindowPlanner:
 
     def _build(self, rpm: int, tpm: int) -> WindowPlan:
         cfg = self.config
-        specs = [
-            WindowSpec(unit, w.seconds, w.seconds + cfg.guard(w.seconds), w.limit)
-            for unit, windows in (
-                (REQUESTS, request_windows(rpm, cfg.minute)),
-                (TOKENS, token_windows(tpm, cfg.minute)),
-            )
-            for w in windows
-        ]
+        specs = []
+        for unit, windows, prefix in (
+            (REQUESTS, request_windows(rpm, cfg.minute), "r"),
+            (TOKENS, token_windows(tpm, cfg.minute), "k"),
+        ):
+            for i, w in enumerate(windows):
+                span = w.seconds + cfg.guard(w.seconds)
+                specs.append(WindowSpec(unit, w.seconds, span, w.limit, span / BUCKETS_PER_WINDOW, f"{prefix}{i}"))
         for spec in specs:
             # Token sums are kept over the whole log (one running sum per deployment, in
             # both backends), which is only right if token windows are the longest one.
@@ -345,6 +381,38 @@ class BalancerState(abc.ABC):
         ``sku`` defaults to the grant's. Returns False if the reservation was already settled,
         released or forgotten (``inflight_ttl``): it settles once.
         """
+
+    async def renew(self, grant: Grant, candidate: Capacity, now: float | None = None) -> Grant | Denied:
+        """Move a late grant's reservation to ``now`` on the same deployment (``candidate``): the
+        old one is released and a new one taken in one atomic step, so nobody takes the slot in
+        between and the request keeps its turn; ``Denied`` if it does not fit any more (its
+        windows moved on meanwhile). This default is two calls, for backends without one."""
+        await self.release(grant, now)
+        return await self.try_acquire((candidate,), grant.tokens, now)
+
+    async def settle_later(
+        self, grant: Grant, actual_tokens: int, sku: str | None = None, *, ok: bool = False, now: float | None = None
+    ) -> None:
+        """``settle`` (with ``ok``: ``settle_success``) when convenient for the backend: Redis
+        sends it along the process's next call, or batched soon after; until then the
+        reservation holds as reserved. Never raises for an unreachable state (logged)."""
+        if ok:
+            await self.settle_success(grant, actual_tokens, sku, now)
+        else:
+            await self.settle(grant, actual_tokens, sku, now)
+
+    async def drain(self) -> None:
+        """Send whatever ``settle_later`` queued (tests, shutdown). Nothing queues by default."""
+        return None
+
+    async def settle_success(
+        self, grant: Grant, actual_tokens: int, sku: str | None = None, now: float | None = None
+    ) -> bool:
+        """``settle``, then ``record_success`` (a good answer): one call where the backend can
+        (Redis: one script call instead of two round trips on every successful request)."""
+        settled = await self.settle(grant, actual_tokens, sku, now)
+        await self.record_success(grant.deployment_id)
+        return settled
 
     @abc.abstractmethod
     async def release(self, grant: Grant, now: float | None = None) -> bool:

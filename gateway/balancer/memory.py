@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import random
 import time
 from collections import Counter, OrderedDict
@@ -43,6 +44,7 @@ from gateway.balancer.contract import (
     Reason,
     StateConfig,
     WindowPlan,
+    WindowSpec,
     build_status,
     check_ticket,
     score,
@@ -65,10 +67,10 @@ class _Entry:
 class _Cursor:
     """Entries with ``seq >= self.seq`` are inside the window; their sums."""
 
-    __slots__ = ("requests", "seq", "span", "tokens")
+    __slots__ = ("requests", "seq", "spec", "tokens")
 
-    def __init__(self, span: float, seq: int) -> None:
-        self.span = span
+    def __init__(self, spec: WindowSpec, seq: int) -> None:
+        self.spec = spec
         self.seq = seq
         self.requests = 0
         self.tokens = 0
@@ -79,11 +81,11 @@ class _Log:
 
     __slots__ = ("base", "cursors", "items", "keep", "last_t")
 
-    def __init__(self, retention: float) -> None:
+    def __init__(self, retention: WindowSpec) -> None:
         self.items: list[_Entry] = []
         self.base = 0  # seq of items[0]
         self.keep = _Cursor(retention, 0)  # the longest span: decides what the log retains
-        self.cursors: dict[float, _Cursor] = {retention: self.keep}
+        self.cursors: dict[tuple[float, float], _Cursor] = {(retention.span, retention.bucket): self.keep}
         self.last_t = -INF
 
     def append(self, now: float, tokens: int) -> _Entry:
@@ -98,26 +100,28 @@ class _Log:
             c.tokens += tokens
         return entry
 
-    def cursor(self, span: float, now: float) -> _Cursor:
-        c = self.cursors.get(span)
+    def cursor(self, spec: WindowSpec, now: float) -> _Cursor:
+        c = self.cursors.get((spec.span, spec.bucket))
         if c is None:
-            c = self.cursors[span] = self._new_cursor(span)
+            c = self.cursors[spec.span, spec.bucket] = self._new_cursor(spec)
         self.advance(c, now)
         return c
 
-    def _new_cursor(self, span: float) -> _Cursor:
+    def _new_cursor(self, spec: WindowSpec) -> _Cursor:
         # Only when a new window length appears (once per span): sum what the log retains.
-        c = _Cursor(span, self.keep.seq)
+        c = _Cursor(spec, self.keep.seq)
         for e in self.items[self.keep.seq - self.base :]:
             c.requests += e.requests
             c.tokens += e.tokens
         return c
 
     def advance(self, c: _Cursor, now: float) -> None:
-        cut = now - c.span
+        # Bucketed as in Redis (contract, "Window"): an entry leaves with its whole bucket.
+        spec = c.spec
+        lo, size = spec.oldest_counted(now), spec.bucket
         items, base = self.items, self.base
         i, n = c.seq - base, len(items)
-        while i < n and items[i].t <= cut:
+        while i < n and math.floor(items[i].t / size) < lo:
             e = items[i]
             c.requests -= e.requests
             c.tokens -= e.tokens
@@ -149,14 +153,14 @@ class _Log:
             e = items[i]
             freed += e.requests if unit == REQUESTS else e.tokens
             if freed >= need:
-                return e.t + c.span
+                return c.spec.counted_until(e.t)
         return INF
 
 
 class _Deployment:
     __slots__ = ("breaker", "cool", "inflight", "log", "ur", "ur_at", "ur_used", "ut", "ut_at", "ut_used")
 
-    def __init__(self, retention: float) -> None:
+    def __init__(self, retention: WindowSpec) -> None:
         self.log = _Log(retention)
         self.inflight: OrderedDict[str, float] = OrderedDict()  # reservation -> forget-at
         self.cool = 0.0
@@ -334,7 +338,7 @@ class MemoryState(BalancerState):
     def _dep(self, deployment_id: int) -> _Deployment:
         d = self._deployments.get(deployment_id)
         if d is None:
-            d = self._deployments[deployment_id] = _Deployment(self.config.retention)
+            d = self._deployments[deployment_id] = _Deployment(self.config.retention_window)
         return d
 
     def _evaluate(self, d: _Deployment, plan: WindowPlan, demand: int, now: float) -> tuple[bool, float, float]:
@@ -351,7 +355,7 @@ class MemoryState(BalancerState):
             need = 1 if w.unit == REQUESTS else demand
             if need > w.limit:
                 return False, INF, -INF
-            c = log.cursor(w.span, now)
+            c = log.cursor(w, now)
             if w.unit == REQUESTS:
                 left = w.limit - c.requests
                 frac = left / w.limit
@@ -416,7 +420,8 @@ class MemoryState(BalancerState):
         if d.ut is not None and entry.t >= d.ut_at:
             d.ut_used += demand
         probe = d.breaker.on_grant(rid, now, cfg.breaker_failures, cfg.probe_seconds)
-        return Grant(c.id, rid, demand, entry.t, getattr(c, "sku", SKU_STANDARD), head, probe)
+        plan = self.planner.plan(c.rpm, c.tpm)
+        return Grant(c.id, rid, demand, entry.t, getattr(c, "sku", SKU_STANDARD), head, probe, plan.windows)
 
     async def try_acquire(self, candidates, demand_tokens, now=None):
         return self._acquire(candidates, demand_tokens, _now(now))
@@ -470,7 +475,7 @@ class MemoryState(BalancerState):
         if found is None:
             return False
         d, entry = found
-        if entry.t > now - self.config.retention:  # still counted (Redis has pruned it otherwise)
+        if self.config.retention_window.counted(entry.t, now):  # still counted (Redis has pruned it otherwise)
             delta = settled_tokens(entry.tokens, actual_tokens, sku or grant.sku) - entry.tokens
             d.log.adjust(entry, 0, delta)
             if d.ut is not None and entry.t >= d.ut_at:
@@ -478,13 +483,20 @@ class MemoryState(BalancerState):
         self._notify(grant.deployment_id)
         return True
 
-    async def release(self, grant, now=None):
+    async def renew(self, grant, candidate, now=None):
         now = _now(now)
+        self._release(grant, now)  # no await between the two: atomic on this loop
+        return self._acquire((candidate,), grant.tokens, now)
+
+    async def release(self, grant, now=None):
+        return self._release(grant, _now(now))
+
+    def _release(self, grant: Grant, now: float) -> bool:
         found = self._finish(grant)
         if found is None:
             return False
         d, entry = found
-        if entry.t > now - self.config.retention:
+        if self.config.retention_window.counted(entry.t, now):
             if d.ur is not None and entry.t >= d.ur_at:
                 d.ur_used = max(0, d.ur_used - 1)
             if d.ut is not None and entry.t >= d.ut_at:
@@ -592,7 +604,7 @@ class MemoryState(BalancerState):
             _, wait, head = self._evaluate(d, plan, 0, now)
             windows = []
             for w in plan.windows:
-                cur = d.log.cursor(w.span, now)
+                cur = d.log.cursor(w, now)
                 used = cur.requests if w.unit == REQUESTS else cur.tokens
                 windows.append(window_status(w.unit, w.seconds, w.limit, used))
             while d.inflight and next(iter(d.inflight.values())) <= now:

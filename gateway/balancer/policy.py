@@ -139,15 +139,16 @@ class BalancedDispatcher:
         then, the request stays in the upstream's window that much longer than in ours, and the
         slot we free for the next request is still taken upstream: a 429 (measured: 70-120 ms
         late grants at the start of a 60-request burst drew 1-2 upstream 429s every time). So
-        such a grant is released and taken again on the same deployment, now; None if it has no
-        room any more.
+        such a grant is moved to now on the same deployment (``state.renew``: released and taken
+        again in one atomic step, so no other request takes the slot in between and this one
+        keeps its turn; before, two calls let a waiter of another process in and reordered
+        service); None if it has no room any more.
         """
         for _ in range(RENEW_ATTEMPTS):
             grant = lease.grant
             if self.clock() - grant.reserved_at <= self._late_after:
                 break
-            await asyncio.shield(self.state.release(grant))
-            fresh = await self.state.try_acquire((lease.deployment,), demand.tokens)
+            fresh = await asyncio.shield(self.state.renew(grant, lease.deployment))
             if not isinstance(fresh, Grant):
                 return None
             lease.grant = fresh
@@ -272,9 +273,9 @@ class BalancedDispatcher:
     async def succeeded(self, lease: Lease, prompt_tokens: int, completion_tokens: int, headers) -> None:
         self._done(lease)
         grant = lease.grant
-        await self.state.settle(grant, prompt_tokens + completion_tokens)
+        # Off the response path: it rides along the next acquire (Redis), see settle_later.
+        await self.state.settle_later(grant, prompt_tokens + completion_tokens, ok=True)
         await self._observe(lease, headers)
-        await self.state.record_success(grant.deployment_id)
 
     async def rate_limited(self, lease: Lease, retry_after: float | None, headers) -> None:
         grant = lease.grant
@@ -298,7 +299,7 @@ class BalancedDispatcher:
 
     async def abandoned(self, lease: Lease, prompt_tokens: int, completion_tokens: int) -> None:
         self._done(lease)
-        await self.state.settle(lease.grant, prompt_tokens + completion_tokens)
+        await self.state.settle_later(lease.grant, prompt_tokens + completion_tokens)
 
     async def _observe(self, lease: Lease, headers) -> None:
         """Pass the upstream's ``x-ratelimit-remaining-*`` to the state, for the units whose limit

@@ -155,7 +155,7 @@ async def test_a_wait_longer_than_the_queue_timeout_is_refused_at_once(make_stat
         await dispatcher.acquire(candidates, demand(500, timeout=1.0), NOTHING)
     assert time.monotonic() - started < 0.1  # the hint (~6.1 s) says it cannot fit: no waiting
     assert caught.value.code == "rate_limit_exceeded"
-    assert caught.value.retry_after == pytest.approx(6.12, abs=0.1)
+    assert 6.02 < caught.value.retry_after < 6.12 + 0.306 + 0.01  # the minute + guard, to its bucket's end
     with pytest.raises(NoCapacity) as never:
         await dispatcher.acquire(candidates, demand(5000, timeout=1.0), NOTHING)
     assert never.value.code == "request_too_large"

@@ -13,6 +13,7 @@ from typing import Any
 from tests.bench.bigprompts import big_prompt_lines
 from tests.bench.manystreams import many_streams_lines
 from tests.bench.quotas import quota_rows
+from tests.bench.redisstate import redis_state_lines
 
 # Issue 3's performance targets for one gateway process.
 TARGET_ADDED_P50_MS = 1.5
@@ -361,6 +362,9 @@ def render(results: dict[str, Any]) -> str:
             "* medians of alternating rounds in one process; throughput share = CPU per request off / on "
             "(req/s, beside, moves with other work on the machine)."
         )
+    shared = redis_state_lines(results)
+    if shared:
+        out += ["", *shared]
     targets = target_rows(results)
     if targets:
         out += ["", _table(targets, ["issue 3 target (uvicorn, in-process)", "measured", "target", ""])]
@@ -382,6 +386,7 @@ def render(results: dict[str, Any]) -> str:
         *((f"saturation {n}", r) for n, r in results.get("saturation", {}).items()),
         *([("big prompts", results["bigprompts"])] if results.get("bigprompts") else []),
         *((f"quotas {n}", r) for n, r in results.get("quotas", {}).items()),
+        *([("shared state on Redis", results["redis_state"])] if results.get("redis_state") else []),
         *([("many streams", results["manystreams"])] if results.get("manystreams") else []),
     ]:
         if run.get("log_errors"):

@@ -48,6 +48,7 @@ from tests.bench.loadgen import GENERATOR_NAME
 from tests.bench.manystreams import ManyStreamsConfig, long_gateway_deployment, long_upstream, run_many_streams
 from tests.bench.procs import ProcessGroup, pin, usable_cpus
 from tests.bench.quotas import quota_tenants, run_quota_comparison
+from tests.bench.redisstate import pair_gateway_deployments, pair_upstream_deployments, run_redis_state
 from tests.bench.saturation import SaturationConfig, run_saturation
 from tests.bench.scenarios import (
     CHAT_DEPLOYMENT,
@@ -72,6 +73,7 @@ PHASES = (
     "manystreams",
     "observability",
     "quotas",
+    "redisstate",
     "dashboards",
 )
 
@@ -83,6 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--redis", metavar="URL", help="also measure the gateway on Redis state (e.g. redis://127.0.0.1:6379/15)"
+    )
+    parser.add_argument(
+        "--redis-port",
+        type=int,
+        default=7105,
+        help="loopback port of the redis-server the redisstate phase starts for itself (default 7105)",
     )
     parser.add_argument("--profile", choices=("cprofile", "py-spy"), help="profile a uvicorn gateway during a c=32 run")
     parser.add_argument("--py-spy", dest="py_spy", help="path of the py-spy binary (default: from PATH)")
@@ -298,6 +306,13 @@ def _run(
             )
         results["quotas"] = {k: v for k, v in results["quotas"].items() if v}
 
+    if "redisstate" in args.only:
+        # Its own redis-server (whatever --redis says): the CPU and counters are then ours alone.
+        results["redis_state"] = phase(
+            "shared state on Redis (2 processes, c=8)",
+            lambda: run_redis_state(group, env, keys["bench-q/app"], pinning, durations, args.redis_port),
+        )
+
     if "dashboards" in args.only:
         from tests.bench.dashboards import run_child
 
@@ -333,6 +348,7 @@ def _fast_upstream() -> dict[str, Any]:
         "deployments": [
             {"name": CHAT_DEPLOYMENT, "completion_tokens": 16},
             {"name": STREAM_DEPLOYMENT, "completion_tokens": 16, "token_delay_ms": STREAM_TOKEN_DELAY_MS},
+            *pair_upstream_deployments(),
         ],
     }
 
@@ -359,6 +375,7 @@ def _gateway_config(
     fast = [
         {"name": CHAT_DEPLOYMENT, "model": CHAT_MODEL, "upstream_model": "gpt-4o"},
         {"name": STREAM_DEPLOYMENT, "model": STREAM_MODEL, "upstream_model": "gpt-4o"},
+        *pair_gateway_deployments(),
     ]
     return {
         "endpoints": [

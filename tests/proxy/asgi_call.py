@@ -123,5 +123,6 @@ async def reload_snapshot() -> None:
 async def in_flight() -> dict[str, int]:
     """Reservations the balancer holds, per deployment name (every one should be 0 after a request)."""
     deployments = snapshot.current().all_deployments
+    await runtime.dispatcher.state.drain()  # settlements queued to ride along (Redis: settle_later)
     status = await runtime.dispatcher.state.status(deployments)
     return {d.name: status[d.id]["in_flight"] for d in deployments}

@@ -1,8 +1,10 @@
 -- try_acquire / try_acquire_queued: choose the fitting candidate with the most headroom and
 -- reserve 1 request + demand tokens on it, atomically (and, queued, only for the head).
--- KEYS: [6 queue keys if ARGV[5] == 'queue'] then 4 keys per candidate.
+-- KEYS: [6 queue keys if ARGV[5] == 'queue'] then 3 keys per candidate (s, b, infl).
 -- ARGV: now, demand, reservation id, random [0,1), mode ('raw'|'queue'), ticket ('' = none),
---       wake channel, queue name, 7 config values, n candidates, per candidate (read_candidates).
+--       wake channel, queue name, 7 config values, n candidates, per candidate (read_candidates);
+--       then settlements of earlier requests riding along (their KEYS after the candidates'),
+--       done first, as settle.lua does them (lib.lua, finish_batch).
 -- Returns {'G', candidate index, reservation id, time, headroom, probe} or {'D', wait, reason}.
 
 local now, demand, rid = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
@@ -12,7 +14,12 @@ local q, k = nil, 1
 if mode == 'queue' then
   q, k = qkeys(KEYS, 1, ARGV[7], ARGV[8]), 7
 end
-local cands = read_candidates(ARGV, i, KEYS, k)
+local cands, rest = read_candidates(ARGV, i, KEYS, k)
+finish_batch(KEYS, k + 3 * #cands, ARGV, rest)
+
+-- A new arrival at an empty queue (the common case below saturation) has nothing to prune,
+-- announce or keep alive: one ZCARD instead of about a dozen commands.
+if q and ticket == '' and redis.call('ZCARD', q.z) == 0 then q = nil end
 
 if q then
   local before = q_head(q)

@@ -2,12 +2,17 @@
 -- It mirrors gateway/balancer/memory.py and breaker.py line for line in meaning; the test
 -- suite runs the same cases against both. Definitions: gateway/balancer/contract.py.
 --
--- Per deployment (4 keys, passed in KEYS so the scripts declare everything they touch):
---   log   ZSET reservation id -> time it counts from (a sliding log; every window reads it)
---   tok   HASH reservation id -> tokens it holds in the token window
---   s     HASH tsum (tokens over the log), last_t, cool, fails, open_until, probe,
---              probe_until, ur/ur_at/ur_used, ut/ut_at/ut_used (the upstream's word)
---   infl  ZSET reservation id -> time it is forgotten if never settled (in flight)
+-- Per deployment (3 keys, passed in KEYS so the scripts declare everything they touch):
+--   s     HASH last_t, cool, fails, fail_at (the last one's time), open_until, probe, probe_until, ur/ur_at/ur_used,
+--              ut/ut_at/ut_used (the upstream's word), x (when the expiries are next renewed),
+--              and per window <w> (r0, r1, r2: requests; k0: tokens; contract.py "Window"):
+--              l<w> the oldest bucket counted, n<w> the units counted
+--   b     HASH <w>:<bucket> the units reserved in one bucket of window <w> (about 21 per window
+--              live at once), and '~' (keeps the key). Apart from s, so that the every-call
+--              HMGET of s reads a small hash: Redis keeps hashes of up to 128 fields as a flat
+--              list searched field by field, and one hash of both cost ~4x the CPU per call.
+--   infl  ZSET reservation id -> time it is forgotten if never settled (in flight), and '~' at
+--              +inf, which keeps the set from vanishing (with its expiry) when it empties
 -- Per queue (6 keys; a change of head is PUBLISHed as "<queue>\n<ticket>", and so is an
 -- evicted ticket, to wake its waiter):
 --   z ZSET score priority, member "<round:15>:<seq:15>:<ticket>" (equal scores sort by member)
@@ -43,7 +48,8 @@ local function read_config(argv, i)
   }, i + 7
 end
 
--- ARGV per candidate: weight, request_ref, token_ref, n windows, n x (unit, span, limit).
+-- ARGV per candidate: weight, request_ref, token_ref, n windows, n x (name, unit, span, limit,
+-- bucket seconds).
 local function read_candidates(argv, i, keys, k)
   local n = tonumber(argv[i])
   i = i + 1
@@ -51,69 +57,106 @@ local function read_candidates(argv, i, keys, k)
   for c = 1, n do
     local cand = {
       weight = tonumber(argv[i]), rref = tonumber(argv[i + 1]), tref = tonumber(argv[i + 2]),
-      windows = {}, klog = keys[k], ktok = keys[k + 1], ks = keys[k + 2], kinfl = keys[k + 3],
+      windows = {}, ks = keys[k], kb = keys[k + 1], kinfl = keys[k + 2],
     }
     local nwin = tonumber(argv[i + 3])
     i = i + 4
     for w = 1, nwin do
-      cand.windows[w] = {unit = argv[i], span = tonumber(argv[i + 1]), limit = tonumber(argv[i + 2])}
-      i = i + 3
+      cand.windows[w] = {name = argv[i], unit = argv[i + 1], span = tonumber(argv[i + 2]),
+                         limit = tonumber(argv[i + 3]), bucket = tonumber(argv[i + 4])}
+      i = i + 5
     end
-    k = k + 4
+    k = k + 3
     cands[c] = cand
   end
   return cands, i
 end
 
-local S_FIELDS = {'tsum', 'last_t', 'cool', 'fails', 'open_until', 'probe', 'probe_until',
-                  'ur', 'ur_at', 'ur_used', 'ut', 'ut_at', 'ut_used'}
+local S_FIELDS = {'last_t', 'cool', 'fails', 'open_until', 'probe', 'probe_until',
+                  'ur', 'ur_at', 'ur_used', 'ut', 'ut_at', 'ut_used', 'x'}
+local NS = #S_FIELDS
 
-local function load_dep(ks)
-  local v = redis.call('HMGET', ks, unpack(S_FIELDS))
+local function int(x)
+  return string.format('%.0f', x)
+end
+
+-- Move window w on to `now`: the buckets that stopped counting leave its sum (and the hash).
+-- Each bucket leaves once, so this costs one HMGET + HDEL per bucket length at most; a window
+-- idle for longer than its span starts again at zero.
+local function advance(c, w, now)
+  local lo = math.floor((now - w.span) / w.bucket)
+  if w.lo == nil then  -- new: written by a reservation only (which sets the key's expiry)
+    w.lo, w.n = lo, 0
+    return
+  end
+  if lo <= w.lo then return end  -- the same bucket (or a clock a little behind)
+  -- Its fields live in [w.lo, w.lo + buckets per span + 2]: writes go to the current bucket.
+  local last = w.lo + math.ceil(w.span / w.bucket) + 3
+  local gone = {}
+  for b = w.lo, math.min(lo - 1, last) do gone[#gone + 1] = w.name .. ':' .. int(b) end
+  if lo - 1 >= last then
+    w.n = 0
+  else
+    local vals = redis.call('HMGET', c.kb, unpack(gone))
+    for j = 1, #vals do w.n = w.n - num(vals[j], 0) end
+  end
+  redis.call('HDEL', c.kb, unpack(gone))
+  w.lo, w.moved = lo, true
+end
+
+-- Read a deployment's hash (one HMGET) and move its windows on to `now`.
+local function load_dep(c, now)
+  local fields = {unpack(S_FIELDS)}
+  for _, w in ipairs(c.windows) do
+    fields[#fields + 1] = 'l' .. w.name
+    fields[#fields + 1] = 'n' .. w.name
+  end
+  local v = redis.call('HMGET', c.ks, unpack(fields))
+  local j = NS
+  for _, w in ipairs(c.windows) do
+    w.lo, w.n = tonumber(v[j + 1]), num(v[j + 2], 0)
+    j = j + 2
+    advance(c, w, now)
+  end
   return {
-    tsum = num(v[1], 0), last_t = num(v[2], -INF), cool = num(v[3], 0), fails = num(v[4], 0),
-    open_until = num(v[5], 0), probe = v[6], probe_until = num(v[7], 0),
-    ur = tonumber(v[8]), ur_at = num(v[9], 0), ur_used = num(v[10], 0),
-    ut = tonumber(v[11]), ut_at = num(v[12], 0), ut_used = num(v[13], 0),
+    last_t = num(v[1], -INF), cool = num(v[2], 0), fails = num(v[3], 0),
+    open_until = num(v[4], 0), probe = v[5], probe_until = num(v[6], 0),
+    ur = tonumber(v[7]), ur_at = num(v[8], 0), ur_used = num(v[9], 0),
+    ut = tonumber(v[10]), ut_at = num(v[11], 0), ut_used = num(v[12], 0),
+    x = num(v[13], 0),
   }
 end
 
--- Drop entries that left the longest window (t <= cut), keeping tsum in step. In chunks:
--- unpack() has a stack limit, and a long-idle deployment may have many to drop.
-local function prune_log(c, cut)
-  local freed = 0
-  while true do
-    local old = redis.call('ZRANGE', c.klog, '-inf', fmt(cut), 'BYSCORE', 'LIMIT', 0, 500)
-    if #old == 0 then break end
-    local toks = redis.call('HMGET', c.ktok, unpack(old))
-    for i = 1, #toks do freed = freed + num(toks[i], 0) end
-    redis.call('ZREM', c.klog, unpack(old))
-    redis.call('HDEL', c.ktok, unpack(old))
-    if #old < 500 then break end
+-- The windows' bounds and sums (all, or those that moved), appended to HSET arguments `upd`.
+local function window_fields(c, upd, all)
+  for _, w in ipairs(c.windows) do
+    if all or w.moved then
+      upd[#upd + 1] = 'l' .. w.name; upd[#upd + 1] = int(w.lo)
+      upd[#upd + 1] = 'n' .. w.name; upd[#upd + 1] = int(w.n)
+    end
   end
-  if freed ~= 0 then redis.call('HINCRBY', c.ks, 'tsum', fmt(-freed)) end
+  return upd
 end
 
--- When `need` units of window w (entries with t > cut) will have expired, oldest first.
-local function free_at(c, w, cut, need)
-  if w.unit == 'r' then
-    local e = redis.call('ZRANGE', c.klog, '(' .. fmt(cut), '+inf', 'BYSCORE', 'LIMIT', need - 1, 1, 'WITHSCORES')
-    if #e == 0 then return INF end
-    return tonumber(e[2]) + w.span
+-- Write back windows that moved on without a reservation (a denial, a status read).
+local function save_moved(c)
+  local upd = window_fields(c, {}, false)
+  if #upd > 0 then redis.call('HSET', c.ks, unpack(upd)) end
+end
+
+-- When `need` units of window w will have stopped counting, oldest bucket first.
+local function free_at(c, w, now, last_t, need)
+  local top = math.floor(math.max(now, last_t) / w.bucket)
+  local fields = {}
+  for b = w.lo, top do fields[#fields + 1] = w.name .. ':' .. int(b) end
+  if #fields == 0 then return INF end
+  local vals = redis.call('HMGET', c.kb, unpack(fields))
+  local freed = 0
+  for j = 1, #vals do
+    freed = freed + num(vals[j], 0)
+    if freed >= need then return (w.lo + j) * w.bucket + w.span end
   end
-  local freed, offset = 0, 0
-  while true do
-    local e = redis.call('ZRANGE', c.klog, '(' .. fmt(cut), '+inf', 'BYSCORE', 'LIMIT', offset, 200, 'WITHSCORES')
-    if #e == 0 then return INF end
-    local ids = {}
-    for j = 1, #e, 2 do ids[#ids + 1] = e[j] end
-    local toks = redis.call('HMGET', c.ktok, unpack(ids))
-    for j = 1, #ids do
-      freed = freed + num(toks[j], 0)
-      if freed >= need then return tonumber(e[2 * j]) + w.span end
-    end
-    offset = offset + #ids
-  end
+  return INF
 end
 
 -- (fits now, wait, headroom) of 1 request + `demand` tokens; see state.py for definitions.
@@ -137,18 +180,17 @@ local function evaluate(c, d, now, demand, cfg)
     local need = demand
     if w.unit == 'r' then need = 1 end
     if need > w.limit then return false, INF, -INF end
-    local cut = now - w.span
     local left, frac
     if w.unit == 'r' then
-      left = w.limit - redis.call('ZCOUNT', c.klog, '(' .. fmt(cut), '+inf')
+      left = w.limit - w.n
       frac = left / w.limit
       left = left - 1
     else
-      left = w.limit - d.tsum - demand
+      left = w.limit - w.n - demand
       frac = left / w.limit
     end
     if left < 0 then
-      fits, wait = false, math.max(wait, free_at(c, w, cut, -left) - now)
+      fits, wait = false, math.max(wait, free_at(c, w, now, d.last_t, -left) - now)
     end
     if frac < head then head = frac end
   end
@@ -171,8 +213,8 @@ end
 local function choose(cands, now, demand, cfg, rand)
   local best, ties, soonest, heads = -INF, {}, INF, {}
   for i, c in ipairs(cands) do
-    prune_log(c, now - cfg.retention)
-    c.d = load_dep(c.ks)
+    c.d = load_dep(c, now)
+    save_moved(c)
     local fits, wait, head = evaluate(c, c.d, now, demand, cfg)
     if not fits then
       if wait < soonest then soonest = wait end
@@ -193,24 +235,37 @@ local function choose(cands, now, demand, cfg, rand)
   return pick, heads[pick], 0
 end
 
-local function expire_dep(c, d, now, cfg)
-  local ms = math.ceil(cfg.key_ttl * 1000)
-  redis.call('PEXPIRE', c.klog, ms)
-  redis.call('PEXPIRE', c.ktok, ms)
-  redis.call('PEXPIRE', c.kinfl, ms)
+-- Renew the deployment's expiries at most once every minute (not on every call): a key in use
+-- never expires, an unused one goes key_ttl after its last renewal. The in-flight records of
+-- dead processes are dropped at the same time. Appends to HSET arguments `upd`.
+local function expiry_fields(c, d, now, cfg, upd)
+  if now < d.x then return end
   local keep = math.max(cfg.key_ttl, d.cool - now + 60, d.open_until - now + 60)
   redis.call('PEXPIRE', c.ks, math.ceil(keep * 1000))
+  redis.call('ZREMRANGEBYSCORE', c.kinfl, '-inf', fmt(now))
+  -- A member that never leaves keeps each key (and so its expiry) when it empties: the next write
+  -- would otherwise make a key without one until the next renewal.
+  redis.call('ZADD', c.kinfl, 'inf', '~')
+  redis.call('PEXPIRE', c.kinfl, math.ceil(cfg.key_ttl * 1000))
+  redis.call('HSET', c.kb, '~', '1')
+  redis.call('PEXPIRE', c.kb, math.ceil(cfg.key_ttl * 1000))
+  upd[#upd + 1] = 'x'; upd[#upd + 1] = fmt(now + math.min(60, cfg.key_ttl / 4))
 end
 
 -- Record the reservation; returns (time it counts from, 1 if it is the half-open probe).
 local function reserve(c, d, rid, now, demand, cfg)
   local t = now
-  if d.last_t > t then t = d.last_t end  -- keep the log ordered; an entry only counts longer
-  redis.call('ZADD', c.klog, fmt(t), rid)
-  redis.call('HSET', c.ktok, rid, fmt(demand))
-  redis.call('ZREMRANGEBYSCORE', c.kinfl, '-inf', fmt(now))
+  if d.last_t > t then t = d.last_t end  -- never before an earlier entry: it only counts longer
+  for _, w in ipairs(c.windows) do
+    local units = demand
+    if w.unit == 'r' then units = 1 end
+    if units ~= 0 then
+      redis.call('HINCRBY', c.kb, w.name .. ':' .. int(math.floor(t / w.bucket)), units)
+      w.n = w.n + units
+    end
+  end
   redis.call('ZADD', c.kinfl, fmt(now + cfg.inflight_ttl), rid)
-  local upd = {'tsum', fmt(d.tsum + demand), 'last_t', fmt(t)}
+  local upd = window_fields(c, {'last_t', fmt(t)}, true)
   if d.ur and t >= d.ur_at then
     upd[#upd + 1] = 'ur_used'; upd[#upd + 1] = fmt(d.ur_used + 1)
   end
@@ -223,9 +278,87 @@ local function reserve(c, d, rid, now, demand, cfg)
     upd[#upd + 1] = 'probe'; upd[#upd + 1] = rid
     upd[#upd + 1] = 'probe_until'; upd[#upd + 1] = fmt(now + cfg.probe_seconds)
   end
+  expiry_fields(c, d, now, cfg, upd)
   redis.call('HSET', c.ks, unpack(upd))
-  expire_dep(c, d, now, cfg)
   return t, probe
+end
+
+-- Settle or release one reservation of deployment c (ks, kb, kinfl; windows: name, unit, bucket),
+-- once; with `ok`, also the deployment's good answer (closes its breaker). 1 if this call
+-- finished the reservation, 0 if it was done.
+local function finish(c, mode, rid, actual, provisioned, now, reserved, t, ok, retention, rbucket)
+  local ks, kb = c.ks, c.kb
+  -- The in-flight record is the "not yet finished" flag: removing it is what makes this once.
+  local done = redis.call('ZREM', c.kinfl, rid) == 1
+  if not done and not ok then return 0 end
+  local fields = {'ur', 'ur_at', 'ur_used', 'ut', 'ut_at', 'ut_used', 'probe', 'fails', 'fail_at'}
+  for _, w in ipairs(c.windows) do fields[#fields + 1] = 'l' .. w.name end
+  local v = redis.call('HMGET', ks, unpack(fields))
+  local upd = {}
+  -- A success sent later (settle_later) closes the breaker only on failures recorded before it:
+  -- failures after it (within the ~20 ms it waited) still count.
+  if ok and v[8] and num(v[9], -INF) <= now then
+    redis.call('HDEL', ks, 'fails', 'fail_at', 'open_until', 'probe', 'probe_until')
+    v[7] = nil
+  end
+  if not done then return 0 end
+  -- Still counted (it has left every window otherwise: nothing to correct)?
+  if math.floor(t / rbucket) >= math.floor((now - retention) / rbucket) then
+    local ur, ur_at, ur_used = tonumber(v[1]), num(v[2], 0), num(v[3], 0)
+    local ut, ut_at, ut_used = tonumber(v[4]), num(v[5], 0), num(v[6], 0)
+    local delta_r, delta_t = 0, 0
+    if mode == 'settle' then
+      -- PTU utilisation is corrected to actual usage; the standard TPM counter keeps its
+      -- arrival estimate, so we never hold less than we reserved (contract.settled_tokens).
+      local new = math.max(reserved, actual)
+      if provisioned then new = actual end
+      delta_t = new - reserved
+    else
+      delta_r, delta_t = -1, -reserved
+    end
+    for j, w in ipairs(c.windows) do
+      local delta = delta_t
+      if w.unit == 'r' then delta = delta_r end
+      local b = math.floor(t / w.bucket)
+      local lo = tonumber(v[9 + j])
+      -- A bucket before the window's stored start has already left its sum.
+      if delta ~= 0 and lo and b >= lo then
+        redis.call('HINCRBY', kb, w.name .. ':' .. int(b), delta)
+        redis.call('HINCRBY', ks, 'n' .. w.name, delta)
+      end
+    end
+    if ur and t >= ur_at and delta_r ~= 0 then
+      upd[#upd + 1] = 'ur_used'; upd[#upd + 1] = fmt(math.max(0, ur_used + delta_r))
+    end
+    if ut and t >= ut_at and delta_t ~= 0 then
+      upd[#upd + 1] = 'ut_used'; upd[#upd + 1] = fmt(math.max(0, ut_used + delta_t))
+    end
+  end
+  if #upd > 0 then redis.call('HSET', ks, unpack(upd)) end
+  if v[7] == rid then redis.call('HDEL', ks, 'probe', 'probe_until') end
+  return 1
+end
+
+-- Settlements carried by one call (settle.lua's, or riding along an acquire): 3 KEYS each (s, b,
+-- infl) from KEYS[k], and from ARGV[i] each: mode, reservation id, actual tokens, provisioned,
+-- now, reserved tokens, time it counts from, ok, retention, retention's bucket, n windows,
+-- n x (name, unit, bucket). Returns finish's results in order.
+local function finish_batch(keys, k, argv, i)
+  local out = {}
+  while argv[i] do
+    local windows = {}
+    local j = i + 11
+    for w = 1, tonumber(argv[i + 10]) do
+      windows[w] = {name = argv[j], unit = argv[j + 1], bucket = tonumber(argv[j + 2])}
+      j = j + 3
+    end
+    local c = {ks = keys[k], kb = keys[k + 1], kinfl = keys[k + 2], windows = windows}
+    out[#out + 1] = finish(c, argv[i], argv[i + 1], tonumber(argv[i + 2]), argv[i + 3] == '1',
+                           tonumber(argv[i + 4]), tonumber(argv[i + 5]), tonumber(argv[i + 6]),
+                           argv[i + 7] == '1', tonumber(argv[i + 8]), tonumber(argv[i + 9]))
+    k, i = k + 3, j
+  end
+  return out
 end
 
 -- Queue ---------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ elseif op == 'cool' then
   if until_ > num(redis.call('HGET', ks, 'cool'), 0) then redis.call('HSET', ks, 'cool', fmt(until_)) end
 elseif op == 'fail' then
   local fails = redis.call('HINCRBY', ks, 'fails', 1)
+  redis.call('HSET', ks, 'fail_at', fmt(now))  -- a success settled later resets only older ones
   result = 'closed'
   if fails >= threshold then
     local open_until = math.max(num(redis.call('HGET', ks, 'open_until'), 0), now + open_seconds)
@@ -27,7 +28,7 @@ elseif op == 'fail' then
     result = 'open'
   end
 elseif op == 'ok' then
-  redis.call('HDEL', ks, 'fails', 'open_until', 'probe', 'probe_until')
+  redis.call('HDEL', ks, 'fails', 'fail_at', 'open_until', 'probe', 'probe_until')
 end
 
 local v = redis.call('HMGET', ks, 'cool', 'open_until')
