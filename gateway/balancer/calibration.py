@@ -1,0 +1,325 @@
+"""Per-deployment calibration: how many tokens the upstream charges per token the gateway reserves.
+
+The gateway reserves, per request, the estimate Azure documents for its arrival charge: the
+prompt plus ``(max_completion_tokens or max_tokens or the default) x max(n, best_of)``
+(``gateway.proxy.tokens``). How the upstream counts the prompt is not documented and is not
+tiktoken's count: an upstream charging characters / 4 charged 13 % more than the gateway
+reserved for plain English (issue 18: 958 upstream 429s against 418 requests served at twice the
+capacity), and far less for CJK. Which rule an upstream uses, and its mix of prompts, is learned
+here, per deployment, from the upstream's own figures:
+
+Sample
+    Every answer carrying ``x-ratelimit-remaining-tokens`` (200s and 429s) says how much the
+    upstream holds in its token window when it counted the request: ``used = limit - remaining``
+    (``limit``: ``x-ratelimit-limit-tokens`` when sent, else the configured TPM). What the gateway
+    had reserved on that deployment within the minute before it sent the request, ``R``, is known
+    (this process's reservations, plus the other processes' as they last published them). The
+    sample is ``used / R``. A 429 did not count its own request: it leaves ``R`` for it.
+    Samples are taken only while ``R`` is at least ``MIN_SHARE`` of the limit (a ratio of two
+    small numbers is mostly noise) and clamped to ``[LOWEST, HIGHEST]``.
+
+Factor
+    The median of the last ``SAMPLES`` samples: one outlier (an answer that crossed a burst of
+    another client's, a window edge) moves it by one rank, not by its size. A 429 without the
+    remaining figure adds a sample 10 % above the current factor: the upstream counted more than
+    the gateway thought. The factor is quantised to 1 % so the state's window plans stay few.
+
+Traffic outside the gateway
+    Another client of the same deployment fills the upstream's window too, so ``used / R`` rises
+    by its share: the factor then also carries it, and the gateway reserves proportionally less
+    of the configured TPM. That is the cap the issue asks for (the upstream's remaining figure
+    bounding a configured limit) without the stall of holding a near-zero remaining for a sixth
+    of a minute (see ``policy._observe``): the factor moves by the median of many answers, and the
+    gateway's own window still frees as it always did.
+
+Applying it
+    ``capacity(d)`` is the deployment as the balancer's state sees it: the configured TPM divided
+    by the factor (the state counts every reservation in the gateway's units, so a TPM scaled by
+    ``1 / factor`` is the upstream's TPM in those units). RPM is not scaled: a request is a request.
+    Billing is untouched: it keeps the upstream's reported usage.
+
+Sharing (Redis)
+    Each process publishes, every ``publish_interval`` seconds (off the request path), per
+    deployment it has used: its tokens reserved within the minute, its local factor and its sample
+    count, in one hash per deployment (``calibration_key``: the deployment id is the hash tag, so
+    the key lives in the same Redis Cluster slot as the deployment's balancer keys if those use
+    the same tag). It reads every process's fields back: the factor used is the sample-weighted
+    mean of the fresh local factors, and ``R`` adds the other processes' reservations. Without
+    Redis, the process's own figures are the whole story.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import secrets
+import socket
+import statistics
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.balancer.contract import Candidate, Capacity
+
+log = logging.getLogger(__name__)
+
+LOWEST = 0.5
+HIGHEST = 4.0
+SAMPLES = 31
+MIN_SHARE = 0.1  # R must be at least this share of the upstream's token limit for a sample
+QUANTUM = 0.01
+NUDGE_429 = 1.1
+STALE_AFTER = 5.0  # a process's published figures older than this many publish intervals are ignored
+
+REMAINING_TOKENS = b"x-ratelimit-remaining-tokens"
+LIMIT_TOKENS = b"x-ratelimit-limit-tokens"
+
+
+def calibration_key(prefix: str, deployment_id: int) -> str:
+    """The Redis hash holding every process's calibration figures for one deployment."""
+    return f"{prefix}:{{d{deployment_id}}}:calibration"
+
+
+def _clamp(value: float) -> float:
+    return min(max(value, LOWEST), HIGHEST)
+
+
+def _quantised(value: float) -> float:
+    return round(_clamp(value) / QUANTUM) * QUANTUM
+
+
+@dataclass(slots=True)
+class Dispatched:
+    """One reservation as the calibration saw it go out: ``[time, tokens]`` in the local log."""
+
+    deployment_id: int
+    entry: list  # [t, tokens]; tokens set to 0 when the upstream refused it (a 429)
+    reserved_before: float  # R: tokens reserved on the deployment within the minute, this one included
+
+
+@dataclass(slots=True)
+class _Learned:
+    log: deque = field(default_factory=deque)  # [t, tokens], oldest first
+    reserved: int = 0  # sum of the log's tokens
+    samples: deque = field(default_factory=lambda: deque(maxlen=SAMPLES))
+    local: float = 1.0  # median of this process's samples
+    taken: int = 0  # samples taken by this process, ever
+    factor: float = 1.0  # the factor in use (merged across processes)
+    processes: int = 1
+    others_reserved: int = 0  # the other processes' R, as last published
+    published_at: float = 0.0
+
+
+class Calibration:
+    """The learned factors of this process (and, with ``sync``, of all processes)."""
+
+    def __init__(self, minute: float, *, clock=time.time) -> None:
+        self.minute = minute
+        self.clock = clock
+        self._learned: dict[int, _Learned] = {}
+        self._views: dict[tuple[int, int, float], Candidate] = {}
+
+    def _get(self, deployment_id: int) -> _Learned:
+        learned = self._learned.get(deployment_id)
+        if learned is None:
+            learned = self._learned[deployment_id] = _Learned()
+        return learned
+
+    def factor(self, deployment_id: int) -> float:
+        learned = self._learned.get(deployment_id)
+        return learned.factor if learned is not None else 1.0
+
+    def capacity(self, deployment: Any) -> Capacity:
+        """``deployment`` with its TPM in the gateway's units (divided by the factor)."""
+        learned = self._learned.get(deployment.id)
+        if learned is None or learned.factor == 1.0 or deployment.tpm <= 0:
+            return deployment
+        key = (deployment.id, deployment.tpm, learned.factor)
+        view = self._views.get(key)
+        if view is None or view.rpm != deployment.rpm or view.weight != deployment.weight:
+            if len(self._views) > 4096:
+                self._views.clear()  # bounded: factors move in 1 % steps, deployments are few
+            view = self._views[key] = Candidate(
+                deployment.id,
+                deployment.rpm,
+                max(1, int(deployment.tpm / learned.factor)),
+                deployment.weight,
+                deployment.sku,
+            )
+        return view
+
+    # -- the request path -------------------------------------------------------------------------
+
+    def _prune(self, learned: _Learned, now: float) -> None:
+        horizon = now - self.minute
+        entries = learned.log
+        while entries and entries[0][0] <= horizon:
+            learned.reserved -= entries.popleft()[1]
+
+    def dispatched(self, deployment_id: int, tokens: int, now: float | None = None) -> Dispatched:
+        """A reservation of ``tokens`` about to be sent to ``deployment_id``."""
+        now = self.clock() if now is None else now
+        learned = self._get(deployment_id)
+        self._prune(learned, now)
+        entry = [now, tokens]
+        learned.log.append(entry)
+        learned.reserved += tokens
+        return Dispatched(deployment_id, entry, learned.reserved + learned.others_reserved)
+
+    def released(self, sent: Dispatched) -> None:
+        """The reservation never reached the upstream: it leaves the local log."""
+        tokens = sent.entry[1]
+        if tokens:
+            sent.entry[1] = 0
+            self._get(sent.deployment_id).reserved -= tokens
+
+    def answered(self, sent: Dispatched, tpm: int, headers: Iterable, *, rate_limited: bool = False) -> None:
+        """The upstream's answer to ``sent`` (its headers as ``(name, value)`` byte pairs)."""
+        learned = self._get(sent.deployment_id)
+        reserved = sent.reserved_before
+        if rate_limited:
+            # Not counted upstream: not in its window, and not in ours for later samples.
+            reserved -= sent.entry[1]
+            self.released(sent)
+        remaining = limit = None
+        for name, value in headers:
+            if name == REMAINING_TOKENS:
+                remaining = _number(value)
+            elif name == LIMIT_TOKENS:
+                limit = _number(value)
+        limit = limit or tpm
+        if remaining is not None and limit and reserved >= MIN_SHARE * limit:
+            self._sample(learned, max(limit - remaining, 0) / reserved)
+        elif rate_limited and remaining is None:
+            self._sample(learned, learned.factor * NUDGE_429)
+
+    def _sample(self, learned: _Learned, value: float) -> None:
+        learned.samples.append(_clamp(value))
+        learned.taken += 1
+        learned.local = _quantised(statistics.median(learned.samples))
+        if learned.processes <= 1:
+            learned.factor = learned.local
+
+    # -- sharing ----------------------------------------------------------------------------------
+
+    def local_figures(self, now: float) -> dict[int, tuple[int, float, int]]:
+        """Per deployment used by this process: (reserved within the minute, local factor, samples)."""
+        figures = {}
+        for deployment_id, learned in self._learned.items():
+            self._prune(learned, now)
+            if learned.reserved or learned.taken:
+                figures[deployment_id] = (learned.reserved, learned.local, len(learned.samples))
+        return figures
+
+    def merge(self, deployment_id: int, others: list[tuple[int, float, int]]) -> None:
+        """Take the other processes' fresh figures (reserved, factor, samples) for a deployment."""
+        learned = self._get(deployment_id)
+        learned.others_reserved = sum(r for r, _, _ in others)
+        learned.processes = 1 + len(others)
+        weights = [(f, n) for _, f, n in others if n > 0]
+        if learned.samples:
+            weights.append((learned.local, len(learned.samples)))
+        total = sum(n for _, n in weights)
+        if total:
+            learned.factor = _quantised(sum(f * n for f, n in weights) / total)
+
+    def status(self, deployment_id: int) -> dict:
+        """For the status page and API: the factor in use and what it was learned from."""
+        learned = self._learned.get(deployment_id)
+        if learned is None:
+            return {"factor": 1.0, "local_factor": 1.0, "samples": 0, "processes": 1}
+        return {
+            "factor": learned.factor,
+            "local_factor": learned.local,
+            "samples": len(learned.samples),
+            "processes": learned.processes,
+        }
+
+    def reset(self) -> None:
+        self._learned.clear()
+        self._views.clear()
+
+
+def _number(value: bytes | str) -> int | None:
+    try:
+        number = int(float(value))
+    except (TypeError, ValueError):
+        return None
+    return number if number >= 0 and math.isfinite(number) else None
+
+
+class CalibrationSync:
+    """Publishes this process's figures to Redis and merges everyone's, every ``interval`` seconds."""
+
+    def __init__(self, calibration: Calibration, redis, prefix: str, interval: float) -> None:
+        self.calibration = calibration
+        self.redis = redis
+        self.prefix = prefix
+        self.interval = interval
+        self.me = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._task: asyncio.Task | None = None
+        self._known: set[int] = set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="balancer-calibration")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.exchange()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down: keep the local figures, try again later
+                log.debug("calibration exchange failed: %s", exc)
+            await asyncio.sleep(self.interval)
+
+    async def exchange(self, now: float | None = None) -> None:
+        """One round: publish, then merge (one pipeline each way)."""
+        now = time.time() if now is None else now
+        figures = self.calibration.local_figures(now)
+        self._known.update(figures)
+        if not self._known:
+            return
+        ttl_ms = int(max(self.interval * STALE_AFTER * 4, self.calibration.minute * 2) * 1000)
+        ids = sorted(self._known)
+        pipe = self.redis.pipeline(transaction=False)
+        for deployment_id, (reserved, factor, samples) in figures.items():
+            key = calibration_key(self.prefix, deployment_id)
+            pipe.hset(key, self.me, f"{reserved}|{factor:.4f}|{samples}|{now:.3f}")
+            pipe.pexpire(key, ttl_ms)
+        for deployment_id in ids:
+            pipe.hgetall(calibration_key(self.prefix, deployment_id))
+        replies = await pipe.execute()
+        stale = now - self.interval * STALE_AFTER
+        for deployment_id, fields in zip(ids, replies[-len(ids) :], strict=True):
+            others = []
+            for who, raw in (fields or {}).items():
+                if (who.decode() if isinstance(who, bytes) else who) == self.me:
+                    continue
+                parsed = _parse(raw)
+                if parsed is not None and parsed[3] >= stale:
+                    others.append(parsed[:3])
+            self.calibration.merge(deployment_id, others)
+
+
+def _parse(raw: bytes | str) -> tuple[int, float, int, float] | None:
+    try:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        reserved, factor, samples, at = text.split("|")
+        return int(reserved), float(factor), int(samples), float(at)
+    except (ValueError, UnicodeDecodeError):
+        return None
