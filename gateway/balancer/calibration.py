@@ -297,9 +297,16 @@ class CalibrationSync:
                 await self.exchange()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # Redis down: keep the local figures, try again later
+            except Exception as exc:  # Redis down: go on with this process's own figures
                 log.debug("calibration exchange failed: %s", exc)
+                self.forget_others()
             await asyncio.sleep(self.interval)
+
+    def forget_others(self) -> None:
+        """Drop the other processes' figures: without Redis they cannot be kept fresh. (Their
+        reservations leave R, so the samples, and the factor, err on the high side meanwhile.)"""
+        for deployment_id in self._known:
+            self.calibration.merge(deployment_id, [])
 
     async def exchange(self, now: float | None = None) -> None:
         """One round: publish, then merge (one pipeline each way)."""

@@ -215,6 +215,9 @@ async def test_processes_share_their_reservations_and_factors_over_redis(redis_u
         # A process that stops publishing is forgotten after a few intervals.
         await sync_one.exchange(now + 10)
         assert one.status(1)["processes"] == 1
+        # Without Redis a process goes on with its own figures.
+        sync_two.forget_others()
+        assert two.status(1)["processes"] == 1 and two.factor(1) == two.status(1)["local_factor"]
     finally:
         await client.delete(calibration_key(prefix, 1))
         await client.aclose()
