@@ -19,24 +19,33 @@ Sample
     small numbers is mostly noise) and clamped to ``[LOWEST, HIGHEST]``.
 
 Factor
-    The upper ``QUANTILE`` (0.8) of the last ``SAMPLES`` samples, plus ``MARGIN`` (3 %): a
-    quantile, so that one outlier (an answer that crossed a burst of another client's, a window
-    edge) moves it by one rank, not by its size; an upper one plus a margin, because what draws a
-    429 is the *last* request into a full window being charged by its own ratio, not the window's
-    average (an English prompt with a small ``max_tokens`` costs a characters / 4 upstream 2x the
-    gateway's count, a CJK one 0.7x). Measured (tests/e2e/test_capacity_calibration.py, 3 s
-    minutes, 2x load): the median alone left 15 upstream 429s after the first minute at 98.5 % of
-    the TPM used, the 0.8 quantile 1-2 at 97 %, with the margin 0 at 93-94 %. The samples of one
-    deployment were within +-2 % of each other there. A 429 without the remaining figure adds a
-    sample 10 % above the current factor: the upstream counted more than the gateway thought. The
-    factor is quantised to 1 % so the state's window plans stay few.
+    The upper ``QUANTILE`` (0.8) of the last ``SAMPLES`` samples, raised by ``SPREAD_MARGIN`` (2)
+    times their relative spread (0.8 quantile - 0.2 quantile, over the median). A quantile, so
+    that one outlier (an answer that crossed a burst of another client's) moves it by one rank,
+    not by its size; an upper one plus a margin for the spread, because what draws a 429 is the
+    *last* request into a full window being charged by its own ratio, not the window's average
+    (an English prompt with a small ``max_tokens`` costs a characters / 4 upstream 2x the
+    gateway's count, a CJK one 0.7x), and the spread of the window's ratio grows with that of the
+    requests'. When the upstream counts as the gateway does the samples agree and the factor is
+    1: no capacity is given up. Measured (tests/e2e/test_capacity_calibration.py, 3 s minutes, 2x
+    load): the median alone left 15 upstream 429s after the first minute at 98.5 % of the TPM
+    used, the 0.8 quantile 1-2 at 97 %, with the margin 0 at 93-94 %; a fixed 3 % margin also
+    gave 0, but cost the deployments that count exactly their last request of a full window.
+    A 429 without the remaining figure adds a sample 10 % above the current factor: the upstream
+    counted more than the gateway thought. The factor is rounded up to 1 % so the state's window
+    plans stay few.
+
+Other processes
+    ``R`` includes the other processes' reservations as they last published them. While those
+    move by more than ``STEADY`` (5 %) of the limit between two exchanges (a burst starting), the
+    published figure lags by up to an interval's worth, and no sample is taken.
 
 Traffic outside the gateway
     Another client of the same deployment fills the upstream's window too, so ``used / R`` rises
     by its share: the factor then also carries it, and the gateway reserves proportionally less
     of the configured TPM. That is the cap the issue asks for (the upstream's remaining figure
     bounding a configured limit) without the stall of holding a near-zero remaining for a sixth
-    of a minute (see ``policy._observe``): the factor moves by the median of many answers, and the
+    of a minute (see ``policy._observe``): the factor moves by a quantile of many answers, and the
     gateway's own window still frees as it always did.
 
 Applying it
@@ -80,7 +89,9 @@ MIN_SHARE = 0.1  # R must be at least this share of the upstream's token limit f
 QUANTUM = 0.01
 NUDGE_429 = 1.1
 QUANTILE = 0.8
-MARGIN = 0.03
+LOW_QUANTILE = 0.2
+SPREAD_MARGIN = 2.0  # the factor is raised by this many times the samples' relative spread
+STEADY = 0.05  # the other processes' R may move by this share of the limit between exchanges
 STALE_AFTER = 5.0  # a process's published figures older than this many publish intervals are ignored
 
 REMAINING_TOKENS = b"x-ratelimit-remaining-tokens"
@@ -97,7 +108,8 @@ def _clamp(value: float) -> float:
 
 
 def _quantised(value: float) -> float:
-    return round(_clamp(value) / QUANTUM) * QUANTUM
+    """Rounded up to ``QUANTUM``: erring low would admit more than the upstream does."""
+    return round(math.ceil(_clamp(value) / QUANTUM - 1e-6) * QUANTUM, 6)
 
 
 @dataclass(slots=True)
@@ -119,6 +131,7 @@ class _Learned:
     factor: float = 1.0  # the factor in use (merged across processes)
     processes: int = 1
     others_reserved: int = 0  # the other processes' R, as last published
+    others_moved: int = 0  # how much that changed at the last exchange
     published_at: float = 0.0
 
 
@@ -200,7 +213,10 @@ class Calibration:
             elif name == LIMIT_TOKENS:
                 limit = _number(value)
         limit = limit or tpm
-        if remaining is not None and limit and reserved >= MIN_SHARE * limit:
+        # While the other processes' reservations move fast (a burst starting), their last
+        # published figure is stale by up to an exchange interval: R would be off by that much.
+        steady = learned.others_moved <= STEADY * limit
+        if remaining is not None and limit and reserved >= MIN_SHARE * limit and steady:
             self._sample(learned, max(limit - remaining, 0) / reserved)
         elif rate_limited and remaining is None:
             self._sample(learned, learned.factor * NUDGE_429)
@@ -208,7 +224,7 @@ class Calibration:
     def _sample(self, learned: _Learned, value: float) -> None:
         learned.samples.append(_clamp(value))
         learned.taken += 1
-        learned.local = _quantised(_upper(learned.samples) * (1.0 + MARGIN))
+        learned.local = _quantised(_factor_of(learned.samples))
         if learned.processes <= 1:
             learned.factor = learned.local
 
@@ -226,7 +242,9 @@ class Calibration:
     def merge(self, deployment_id: int, others: list[tuple[int, float, int]]) -> None:
         """Take the other processes' fresh figures (reserved, factor, samples) for a deployment."""
         learned = self._get(deployment_id)
-        learned.others_reserved = sum(r for r, _, _ in others)
+        reserved = sum(r for r, _, _ in others)
+        learned.others_moved = abs(reserved - learned.others_reserved)
+        learned.others_reserved = reserved
         learned.processes = 1 + len(others)
         weights = [(f, n) for _, f, n in others if n > 0]
         if learned.samples:
@@ -252,10 +270,17 @@ class Calibration:
         self._views.clear()
 
 
-def _upper(samples) -> float:
-    """The ``QUANTILE`` of the samples (nearest rank)."""
+def _factor_of(samples) -> float:
+    """The ``QUANTILE`` of the samples (nearest rank), raised by ``SPREAD_MARGIN`` times their
+    relative spread between ``LOW_QUANTILE`` and ``QUANTILE`` (0 when they agree)."""
     ordered = sorted(samples)
-    return ordered[int(QUANTILE * (len(ordered) - 1) + 0.5)]
+
+    def rank(q: float) -> float:
+        return ordered[int(q * (len(ordered) - 1) + 0.5)]
+
+    upper, middle = rank(QUANTILE), rank(0.5)
+    spread = (upper - rank(LOW_QUANTILE)) / middle
+    return upper * (1.0 + SPREAD_MARGIN * spread)
 
 
 def _number(value: bytes | str) -> int | None:
