@@ -36,9 +36,10 @@ Factor
     plans stay few.
 
 Other processes
-    ``R`` includes the other processes' reservations as they last published them. While those
-    move by more than ``STEADY`` (5 %) of the limit between two exchanges (a burst starting), the
-    published figure lags by up to an interval's worth, and no sample is taken.
+    ``R`` includes the other processes' reservations at the time the request went out: an answer
+    waits (``pending``) until every other process has published after that time, and their
+    figures are interpolated between the two publications around it. And the factor stays 1 until
+    ``MIN_SAMPLES`` (5) samples are in, so that one early sample cannot set it alone.
 
 Traffic outside the gateway
     Another client of the same deployment fills the upstream's window too, so ``used / R`` rises
@@ -91,7 +92,8 @@ NUDGE_429 = 1.1
 QUANTILE = 0.8
 LOW_QUANTILE = 0.2
 SPREAD_MARGIN = 2.0  # the factor is raised by this many times the samples' relative spread
-STEADY = 0.05  # the other processes' R may move by this share of the limit between exchanges
+MIN_SAMPLES = 5  # one early sample must not set the factor alone
+PENDING = 1024  # answers kept while waiting for the other processes' figures
 STALE_AFTER = 5.0  # a process's published figures older than this many publish intervals are ignored
 
 REMAINING_TOKENS = b"x-ratelimit-remaining-tokens"
@@ -118,7 +120,7 @@ class Dispatched:
 
     deployment_id: int
     entry: list  # [t, tokens]; tokens set to 0 when the upstream refused it (a 429)
-    reserved_before: float  # R: tokens reserved on the deployment within the minute, this one included
+    local_before: int  # this process's reservations on the deployment within the minute, this one included
 
 
 @dataclass(slots=True)
@@ -130,9 +132,10 @@ class _Learned:
     taken: int = 0  # samples taken by this process, ever
     factor: float = 1.0  # the factor in use (merged across processes)
     processes: int = 1
-    others_reserved: int = 0  # the other processes' R, as last published
-    others_moved: int = 0  # how much that changed at the last exchange
-    published_at: float = 0.0
+    # The other processes' last two publications: who -> (time before, reserved, time, reserved).
+    others: dict = field(default_factory=dict)
+    # Answers waiting for the other processes' figures to cover their time: (t, used, local R, limit).
+    pending: deque = field(default_factory=lambda: deque(maxlen=PENDING))
 
 
 class Calibration:
@@ -189,7 +192,7 @@ class Calibration:
         entry = [now, tokens]
         learned.log.append(entry)
         learned.reserved += tokens
-        return Dispatched(deployment_id, entry, learned.reserved + learned.others_reserved)
+        return Dispatched(deployment_id, entry, learned.reserved)
 
     def released(self, sent: Dispatched) -> None:
         """The reservation never reached the upstream: it leaves the local log."""
@@ -201,7 +204,7 @@ class Calibration:
     def answered(self, sent: Dispatched, tpm: int, headers: Iterable, *, rate_limited: bool = False) -> None:
         """The upstream's answer to ``sent`` (its headers as ``(name, value)`` byte pairs)."""
         learned = self._get(sent.deployment_id)
-        reserved = sent.reserved_before
+        reserved = sent.local_before
         if rate_limited:
             # Not counted upstream: not in its window, and not in ours for later samples.
             reserved -= sent.entry[1]
@@ -213,18 +216,22 @@ class Calibration:
             elif name == LIMIT_TOKENS:
                 limit = _number(value)
         limit = limit or tpm
-        # While the other processes' reservations move fast (a burst starting), their last
-        # published figure is stale by up to an exchange interval: R would be off by that much.
-        steady = learned.others_moved <= STEADY * limit
-        if remaining is not None and limit and reserved >= MIN_SHARE * limit and steady:
-            self._sample(learned, max(limit - remaining, 0) / reserved)
-        elif rate_limited and remaining is None:
+        if remaining is not None and limit:
+            used = max(limit - remaining, 0)
+            if learned.others:
+                # R needs the other processes' reservations at the time this one went out: wait
+                # for their next publications and interpolate (see ``merge``).
+                learned.pending.append((sent.entry[0], used, reserved, limit))
+            elif reserved >= MIN_SHARE * limit:
+                self._sample(learned, used / reserved)
+        elif rate_limited:
             self._sample(learned, learned.factor * NUDGE_429)
 
     def _sample(self, learned: _Learned, value: float) -> None:
         learned.samples.append(_clamp(value))
         learned.taken += 1
-        learned.local = _quantised(_factor_of(learned.samples))
+        if len(learned.samples) >= MIN_SAMPLES:
+            learned.local = _quantised(_factor_of(learned.samples))
         if learned.processes <= 1:
             learned.factor = learned.local
 
@@ -239,19 +246,48 @@ class Calibration:
                 figures[deployment_id] = (learned.reserved, learned.local, len(learned.samples))
         return figures
 
-    def merge(self, deployment_id: int, others: list[tuple[int, float, int]]) -> None:
-        """Take the other processes' fresh figures (reserved, factor, samples) for a deployment."""
+    def merge(self, deployment_id: int, others: dict[str, tuple[int, float, int, float]]) -> None:
+        """Take the other processes' fresh figures for a deployment: who -> (reserved within the
+        minute, factor, samples, time of publication). Absent processes are forgotten."""
         learned = self._get(deployment_id)
-        reserved = sum(r for r, _, _ in others)
-        learned.others_moved = abs(reserved - learned.others_reserved)
-        learned.others_reserved = reserved
+        history = learned.others
+        for who in [w for w in history if w not in others]:
+            del history[who]
+        for who, (reserved, _, _, at) in others.items():
+            before = history.get(who)
+            if before is None:
+                history[who] = (at, reserved, at, reserved)
+            elif at > before[2]:
+                history[who] = (before[2], before[3], at, reserved)
+        self._settle_pending(learned)
         learned.processes = 1 + len(others)
-        weights = [(f, n) for _, f, n in others if n > 0]
+        weights = [(f, n) for _, f, n, _ in others.values() if n > 0]
         if learned.samples:
             weights.append((learned.local, len(learned.samples)))
         total = sum(n for _, n in weights)
         if total:
             learned.factor = _quantised(sum(f * n for f, n in weights) / total)
+
+    def _settle_pending(self, learned: _Learned) -> None:
+        """Turn into samples the answers the other processes' publications now cover: their
+        reservations at the answer's time, interpolated between the two publications around it.
+        (Taking their last figure instead, up to an interval old, put a burst's start off by
+        that interval's reservations: two processes learned 1.33 for a 1.1 upstream.)"""
+        pending = learned.pending
+        if not learned.others:
+            pending.clear()
+            return
+        covered = min(h[2] for h in learned.others.values())
+        oldest = max(h[0] for h in learned.others.values())
+        while pending and pending[0][0] <= covered:
+            t, used, local, limit = pending.popleft()
+            if t < oldest:
+                continue  # before the publications kept: cannot be placed
+            reserved = local
+            for before, r0, at, r1 in learned.others.values():
+                reserved += r0 + (r1 - r0) * (t - before) / (at - before) if at > before else r1
+            if reserved >= MIN_SHARE * limit:
+                self._sample(learned, used / reserved)
 
     def status(self, deployment_id: int) -> dict:
         """For the status page and API: the factor in use and what it was learned from."""
@@ -331,7 +367,7 @@ class CalibrationSync:
         """Drop the other processes' figures: without Redis they cannot be kept fresh. (Their
         reservations leave R, so the samples, and the factor, err on the high side meanwhile.)"""
         for deployment_id in self._known:
-            self.calibration.merge(deployment_id, [])
+            self.calibration.merge(deployment_id, {})
 
     async def exchange(self, now: float | None = None) -> None:
         """One round: publish, then merge (one pipeline each way)."""
@@ -352,13 +388,14 @@ class CalibrationSync:
         replies = await pipe.execute()
         stale = now - self.interval * STALE_AFTER
         for deployment_id, fields in zip(ids, replies[-len(ids) :], strict=True):
-            others = []
+            others = {}
             for who, raw in (fields or {}).items():
-                if (who.decode() if isinstance(who, bytes) else who) == self.me:
+                name = who.decode() if isinstance(who, bytes) else who
+                if name == self.me:
                     continue
                 parsed = _parse(raw)
                 if parsed is not None and parsed[3] >= stale:
-                    others.append(parsed[:3])
+                    others[name] = parsed
             self.calibration.merge(deployment_id, others)
 
 

@@ -19,6 +19,7 @@ import redis.asyncio
 from gateway.balancer.calibration import (
     HIGHEST,
     LOWEST,
+    MIN_SAMPLES,
     Calibration,
     CalibrationSync,
     calibration_key,
@@ -170,22 +171,34 @@ def test_samples_that_disagree_raise_the_factor_by_their_spread():
     assert calibration.factor(1) > upper + 0.01
 
 
-def test_no_sample_while_the_other_processes_reservations_jump():
-    """At a burst's start another process's published reservations lag by up to an exchange
-    interval: R would miss them, and the sample would be too high. Such samples are skipped."""
+def test_an_answer_waits_for_the_other_processes_figures_and_interpolates_them():
+    """Another process reserves 0 tokens by T0 and 4000 by T0 + 0.1 (as it publishes). This
+    process sends 2000 at T0 + 0.05, when the upstream holds 2000 of each: the sample must be
+    4000 / (2000 + 2000) = 1, not 4000 / 2000 = 2 as the other's last figure (0) would make it."""
     calibration = Calibration(MINUTE)
-    upstream = FakeUpstream(1.0)
-    now = drive(calibration, upstream, 100)
-    taken = calibration._learned[1].taken
-    calibration.merge(1, [(0, 1.0, 0)])
-    calibration.merge(1, [(upstream.tpm // 4, 1.0, 0)])  # a quarter of the limit within one interval
-    sent = calibration.dispatched(1, 500, now)
-    calibration.answered(sent, upstream.tpm, upstream.charge(now, 500))
-    assert calibration._learned[1].taken == taken
-    calibration.merge(1, [(upstream.tpm // 4, 1.0, 0)])  # steady again
-    sent = calibration.dispatched(1, 500, now)
-    calibration.answered(sent, upstream.tpm, upstream.charge(now, 500))
-    assert calibration._learned[1].taken == taken + 1
+    calibration.merge(1, {"other": (0, 1.0, 0, T0)})
+    sent = calibration.dispatched(1, 2000, T0 + 0.05)
+    calibration.answered(sent, 10_000, [(b"x-ratelimit-remaining-tokens", b"6000")])
+    assert calibration._learned[1].taken == 0  # waiting for the other's next figure
+    calibration.merge(1, {"other": (4000, 1.0, 0, T0 + 0.1)})
+    assert calibration._learned[1].taken == 1
+    assert list(calibration._learned[1].samples) == [pytest.approx(1.0)]
+    # An answer older than the publications kept cannot be placed, and is dropped.
+    old = calibration.dispatched(1, 2000, T0 - 1)
+    calibration.answered(old, 10_000, [(b"x-ratelimit-remaining-tokens", b"6000")])
+    calibration.merge(1, {"other": (4000, 1.0, 0, T0 + 0.2)})
+    assert calibration._learned[1].taken == 1 and not calibration._learned[1].pending
+
+
+def test_the_factor_waits_for_a_few_samples():
+    calibration = Calibration(MINUTE)
+    upstream = FakeUpstream(2.0)
+    now = T0
+    while calibration._learned.get(1) is None or calibration._learned[1].taken < MIN_SAMPLES - 1:
+        now = drive(calibration, upstream, 1, start=now)
+    assert calibration.factor(1) == 1.0
+    drive(calibration, upstream, 1, start=now)
+    assert calibration.factor(1) == 2.0
 
 
 def test_capacity_divides_the_tpm_and_leaves_the_rest():

@@ -126,9 +126,10 @@ def test_tpm_bound_deployments_charged_by_another_estimate_draw_no_429s_after_th
     gateway = start_gateway()
     shots = _shots(secret)
     results, seen = run_load_probing(shots, gateway.url, {MINUTE: sim.stats, MINUTES * MINUTE: sim.stats})
+    factors = _factors(gateway.url)
+    print(f"\nlearned factors: {factors}")
     _check(results, seen[MINUTE], sim.stats(), f"one process ({backend})")
     # The learned factors are on the status API, close to the ratio of the mix's charges.
-    factors = _factors(gateway.url)
     bodies = [s.body for s in shots]
     for name in RULES:
         assert factors[name] == pytest.approx(_expected_factor(bodies, name), rel=0.1), factors
@@ -152,8 +153,9 @@ def test_two_processes_over_redis_learn_one_factor_and_draw_no_429s_after_the_fi
     first, second = start_process_gateway(env), start_process_gateway(env)
     shots = _shots(secret, [first.url, second.url])
     results, seen = run_load_probing(shots, first.url, {MINUTE: sim.stats})
-    _check(results, seen[MINUTE], sim.stats(), "two processes (redis)")
     one, two = _factors(first.url), _factors(second.url)
+    print(f"\nlearned factors: {one} / {two}")
+    _check(results, seen[MINUTE], sim.stats(), "two processes (redis)")
     bodies = [s.body for s in shots]
     for name in RULES:
         assert one[name] == pytest.approx(_expected_factor(bodies, name), rel=0.1), (one, two)
