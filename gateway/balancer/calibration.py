@@ -16,7 +16,11 @@ Sample
     (this process's reservations, plus the other processes' as they last published them). The
     sample is ``used / R``. A 429 did not count its own request: it leaves ``R`` for it.
     Samples are taken only while ``R`` is at least ``MIN_SHARE`` of the limit (a ratio of two
-    small numbers is mostly noise) and clamped to ``[LOWEST, HIGHEST]``.
+    small numbers is mostly noise), only from requests sent at least ``TRANSIT_SECONDS`` (50 ms)
+    after this process's previous one to the deployment (else the previous one may not have
+    reached the upstream yet: ``R`` counts it, the upstream does not, and a burst of 12 sampled
+    far below 1, so that the gateway let a 13th request into an exact 12-request window), and
+    clamped to ``[LOWEST, HIGHEST]``.
 
 Factor
     The upper ``QUANTILE`` (0.8) of the last ``SAMPLES`` samples, raised by ``SPREAD_MARGIN`` (2)
@@ -33,6 +37,9 @@ Factor
     load): the median alone left 15 upstream 429s after the first minute at 98.5 % of the TPM
     used, the 0.8 quantile 1-2 at 97 %, with the margin 0 at 93-94 %; a fixed 3 % margin also
     gave 0, but cost the deployments that count exactly their last request of a full window.
+    A factor less than ``DEADBAND`` (3 %) below 1 is 1: requests sent but not yet counted make ``R``
+    run ahead of the upstream's figure during a burst, so an upstream counting exactly as the
+    gateway does samples a little below 1 (a 60-request burst drew one 429 that way).
     A 429 without the remaining figure adds a sample 10 % above the current factor: the upstream
     counted more than the gateway thought. The factor is rounded up to 1 % so the state's window
     plans stay few.
@@ -95,6 +102,12 @@ QUANTILE = 0.8
 LOW_QUANTILE = 0.2
 SPREAD_MARGIN = 2.0  # the factor is raised by this many times the samples' relative spread,
 MAX_MARGIN = 0.03  # up to this much
+# Below 1 by less than this is taken as 1: requests sent but not yet counted upstream make R run
+# ahead of the upstream's figure during a burst, so an exact upstream samples slightly below 1.
+DEADBAND = 0.03
+# A reservation sent less than this after the one before it (to the same deployment, from this
+# process) may reach the upstream before it: R would count a request the upstream has not.
+TRANSIT_SECONDS = 0.05
 MIN_SAMPLES = 5  # one early sample must not set the factor alone
 PENDING = 1024  # answers kept while waiting for the other processes' figures
 STALE_AFTER = 5.0  # a process's published figures older than this many publish intervals are ignored
@@ -124,6 +137,7 @@ class Dispatched:
     deployment_id: int
     entry: list  # [t, tokens]; tokens set to 0 when the upstream refused it (a 429)
     local_before: int  # this process's reservations on the deployment within the minute, this one included
+    alone: bool = True  # no other reservation of this process went to the deployment just before it
 
 
 @dataclass(slots=True)
@@ -192,10 +206,11 @@ class Calibration:
         now = self.clock() if now is None else now
         learned = self._get(deployment_id)
         self._prune(learned, now)
+        alone = not learned.log or now - learned.log[-1][0] >= TRANSIT_SECONDS
         entry = [now, tokens]
         learned.log.append(entry)
         learned.reserved += tokens
-        return Dispatched(deployment_id, entry, learned.reserved)
+        return Dispatched(deployment_id, entry, learned.reserved, alone)
 
     def released(self, sent: Dispatched) -> None:
         """The reservation never reached the upstream: it leaves the local log."""
@@ -219,7 +234,7 @@ class Calibration:
             elif name == LIMIT_TOKENS:
                 limit = _number(value)
         limit = limit or tpm
-        if remaining is not None and limit:
+        if remaining is not None and limit and sent.alone:
             used = max(limit - remaining, 0)
             if learned.others:
                 # R needs the other processes' reservations at the time this one went out: wait
@@ -227,7 +242,7 @@ class Calibration:
                 learned.pending.append((sent.entry[0], used, reserved, limit))
             elif reserved >= MIN_SHARE * limit:
                 self._sample(learned, used / reserved)
-        elif rate_limited:
+        elif rate_limited and remaining is None:
             self._sample(learned, learned.factor * NUDGE_429)
 
     def _sample(self, learned: _Learned, value: float) -> None:
@@ -312,7 +327,7 @@ class Calibration:
 def _factor_of(samples) -> float:
     """The ``QUANTILE`` of the samples (nearest rank), raised by ``SPREAD_MARGIN`` times their
     relative spread between ``LOW_QUANTILE`` and ``QUANTILE`` (0 when they agree), at most
-    ``MAX_MARGIN``."""
+    ``MAX_MARGIN``; within ``DEADBAND`` below 1, 1."""
     ordered = sorted(samples)
 
     def rank(q: float) -> float:
@@ -320,7 +335,8 @@ def _factor_of(samples) -> float:
 
     upper, middle = rank(QUANTILE), rank(0.5)
     spread = (upper - rank(LOW_QUANTILE)) / middle
-    return upper * (1.0 + min(SPREAD_MARGIN * spread, MAX_MARGIN))
+    factor = upper * (1.0 + min(SPREAD_MARGIN * spread, MAX_MARGIN))
+    return 1.0 if 1.0 - DEADBAND <= factor < 1.0 else factor
 
 
 def _number(value: bytes | str) -> int | None:

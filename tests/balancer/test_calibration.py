@@ -58,8 +58,9 @@ def learned(factor: float) -> float:
     return factor
 
 
-def drive(calibration: Calibration, upstream: FakeUpstream, n: int, *, rate: float = 20.0, start: float = T0) -> float:
-    """``n`` requests of 100-1000 tokens, ``rate`` per second; returns the time after the last."""
+def drive(calibration: Calibration, upstream: FakeUpstream, n: int, *, rate: float = 19.0, start: float = T0) -> float:
+    """``n`` requests of 100-1000 tokens, ``rate`` per second (each one more than the calibration's
+    50 ms after the one before, so that every one is sampled); returns the time after the last."""
     rng = random.Random(7)
     now = start
     for _ in range(n):
@@ -82,7 +83,7 @@ def test_learns_the_upstreams_charge_per_reserved_token(factor):
 
 def test_the_factor_is_bounded():
     high, low = Calibration(MINUTE), Calibration(MINUTE)
-    drive(high, FakeUpstream(9.0, tpm=10**6), 400, rate=40.0)
+    drive(high, FakeUpstream(9.0, tpm=5 * 10**5), 400)
     drive(low, FakeUpstream(0.1), 100)
     assert high.factor(1) == HIGHEST
     assert low.factor(1) == LOWEST
@@ -107,7 +108,7 @@ def test_outliers_move_the_median_not_the_factor():
         sent = calibration.dispatched(1, 400, now)
         headers = upstream.charge(now, 400, extra=5000 if i % 2 == 0 else 0)
         calibration.answered(sent, upstream.tpm, headers)
-        now += 0.05
+        now += 0.051
     assert calibration.factor(1) == pytest.approx(learned(1.2), abs=0.03)
 
 
@@ -123,7 +124,7 @@ def test_steady_traffic_outside_the_gateway_is_carried_by_the_factor():
         # The other client sends 6000 tokens per minute, spread evenly.
         other = round(6000 / MINUTE / 20)
         calibration.answered(sent, upstream.tpm, upstream.charge(now, tokens, extra=other))
-        now += 0.05
+        now += 0.051
     ours = 20 * MINUTE * 550  # reserved by the gateway per window, on average
     expected = learned((ours + 6000) / ours)
     assert calibration.factor(1) == pytest.approx(expected, rel=0.08)
@@ -164,7 +165,7 @@ def test_samples_that_disagree_raise_the_factor_by_their_spread():
         tokens = rng.randint(100, 1000)
         sent = calibration.dispatched(1, tokens, now)
         calibration.answered(sent, upstream.tpm, upstream.charge(now, tokens))
-        now += 0.05
+        now += 0.051
     samples = sorted(calibration._learned[1].samples)
     upper = samples[round(0.8 * (len(samples) - 1))]
     assert upper < samples[-1]  # the test's premise: the samples spread
@@ -256,7 +257,7 @@ async def test_processes_share_their_reservations_and_factors_over_redis(redis_u
             if i % 2:  # every 0.1 s of simulated time, as the background task would
                 await sync_one.exchange(now)
                 await sync_two.exchange(now)
-            now += 0.05
+            now += 0.051
         # Each saw only half the reservations in its own log: without the other's it would learn 2.6.
         for calibration in (one, two):
             assert calibration.factor(1) == pytest.approx(learned(1.3), abs=0.05), calibration.status(1)
@@ -291,3 +292,33 @@ async def test_the_background_task_exchanges_and_stops(redis_url):
     finally:
         await client.delete(calibration_key(prefix, 7))
         await client.aclose()
+
+
+def test_a_factor_just_below_one_is_one():
+    """An exact upstream, seen through a burst (requests sent, not yet counted): samples a little
+    below 1 must not let the gateway reserve more than the upstream holds."""
+    calibration = Calibration(MINUTE)
+    drive(calibration, FakeUpstream(0.98), 150)
+    assert calibration.factor(1) == 1.0
+    clearly = Calibration(MINUTE)
+    drive(clearly, FakeUpstream(0.9), 150)
+    assert clearly.factor(1) == pytest.approx(0.9, abs=0.015)
+
+
+def test_requests_sent_close_together_are_not_sampled():
+    """Twelve requests sent within a few ms, answered as they arrive: the upstream counts each
+    one before the next arrives, while R already holds all twelve. Sampled, they would say the
+    upstream charges a fraction of what it does."""
+    calibration = Calibration(MINUTE)
+    upstream = FakeUpstream(1.0, tpm=10_000)
+    burst = [calibration.dispatched(1, 500, T0 + i * 0.001) for i in range(12)]
+    for i, sent in enumerate(burst):
+        calibration.answered(sent, upstream.tpm, upstream.charge(T0 + 0.01 + i * 0.001, 500))
+    # The first went alone but R (500) was below a tenth of the limit (1000); the others followed one ms
+    # after another.
+    assert calibration._learned[1].taken == 0
+    assert calibration.factor(1) == 1.0
+    # Sent 50 ms after the burst, a request is sampled: the burst has reached the upstream.
+    sent = calibration.dispatched(1, 500, T0 + 0.062)
+    calibration.answered(sent, upstream.tpm, upstream.charge(T0 + 0.063, 500))
+    assert list(calibration._learned[1].samples) == [1.0]
