@@ -43,6 +43,8 @@ async def deployment_status() -> dict:
         per_id, queues, last_failures = {}, {}, {}
         shared.update(reachable=False, error=str(exc))
     deployments = snap.all_deployments
+    assert runtime.dispatcher is not None
+    calibration = runtime.dispatcher.calibration
     rows = []
     for d in deployments:
         rows.append(
@@ -58,6 +60,8 @@ async def deployment_status() -> dict:
                 "weight": d.weight,
                 "enabled": d.enabled,
                 **per_id.get(d.id, {}),
+                # The learned upstream charge per token reserved (gateway.balancer.calibration).
+                "calibration": calibration.status(d.id),
                 # {"reason": "upstream refused credentials (401)", "at": unix time}, or None
                 "last_failure": last_failures.get(d.id),
             }

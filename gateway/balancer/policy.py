@@ -21,6 +21,10 @@
   (``gateway.balancer.failures``).
   ``x-ratelimit-remaining-*`` is passed to the state only for a limit the deployment does not
   configure (see ``_observe``).
+* Token limits are seen through the deployment's learned calibration
+  (``gateway.balancer.calibration``): the state is given the TPM in the gateway's units, i.e. the
+  configured TPM divided by how many tokens the upstream charges per token the gateway reserves,
+  learned from the upstream's remaining-tokens figures and its 429s.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import itertools
 import time
 
 from gateway.balancer.breaker import OPEN
+from gateway.balancer.calibration import Calibration, CalibrationSync
 from gateway.balancer.contract import BalancerState, Denied, Grant, Reason, new_id, poll_pause
 from gateway.balancer.dispatcher import Demand, Lease, NoCapacity
 from gateway.balancer.failures import FailureNotes
@@ -57,10 +62,20 @@ class _Waits:
 
 
 class BalancedDispatcher:
-    def __init__(self, state: BalancerState, *, clock=time.time, notes: FailureNotes | None = None) -> None:
+    def __init__(
+        self,
+        state: BalancerState,
+        *,
+        clock=time.time,
+        notes: FailureNotes | None = None,
+        calibration: Calibration | None = None,
+        calibration_sync: CalibrationSync | None = None,
+    ) -> None:
         self.state = state
         self.clock = clock
         self.notes = notes or FailureNotes()
+        self.calibration = calibration or Calibration(state.config.minute, clock=clock)
+        self.calibration_sync = calibration_sync
         # Requests between their first acquire and their end, by id(demand). A 429 or a failure
         # sends a request back to ``acquire``; a tier's max wait and the queue timeout are the
         # request's, so the time its earlier attempts waited counts (see ``acquire``).
@@ -112,7 +127,13 @@ class BalancedDispatcher:
             lease.queue_wait = now - began
         entry.waited += now - began
         entry.touched = now
+        self._dispatched(lease, now)
         return lease
+
+    def _dispatched(self, lease: Lease, now: float) -> None:
+        """Tell the calibration a reservation is about to be sent (see ``calibration``)."""
+        grant = lease.grant
+        lease.extra["calibration"] = self.calibration.dispatched(grant.deployment_id, grant.tokens, now)
 
     async def _acquire_now(self, candidates, demand: Demand, exclude: frozenset[int], entry: _Waits) -> Lease:
         """``acquire(wait=False)``: one try across the tiers, without joining the queue."""
@@ -126,6 +147,7 @@ class BalancedDispatcher:
                 raise asyncio.CancelledError()
             if lease is not None:
                 entry.touched = self.clock()
+                self._dispatched(lease, entry.touched)
                 return lease
         raise NoCapacity("No deployment of this model has room now.", 0.1)
 
@@ -148,7 +170,7 @@ class BalancedDispatcher:
             grant = lease.grant
             if self.clock() - grant.reserved_at <= self._late_after:
                 break
-            fresh = await asyncio.shield(self.state.renew(grant, lease.deployment))
+            fresh = await asyncio.shield(self.state.renew(grant, self.calibration.capacity(lease.deployment)))
             if not isinstance(fresh, Grant):
                 return None
             lease.grant = fresh
@@ -212,7 +234,8 @@ class BalancedDispatcher:
         """
         result: Denied | None = None
         for index, (max_wait, deployments) in enumerate(tiers):
-            outcome = await self.state.try_acquire_queued(queue, ticket, deployments, demand.tokens)
+            capacities = tuple(self.calibration.capacity(d) for d in deployments)
+            outcome = await self.state.try_acquire_queued(queue, ticket, capacities, demand.tokens)
             if isinstance(outcome, Grant) or outcome.reason in (Reason.QUEUED, Reason.NOT_QUEUED, Reason.EVICTED):
                 return outcome
             last = index == len(tiers) - 1
@@ -275,6 +298,7 @@ class BalancedDispatcher:
         grant = lease.grant
         # Off the response path: it rides along the next acquire (Redis), see settle_later.
         await self.state.settle_later(grant, prompt_tokens + completion_tokens, ok=True)
+        self._answered(lease, headers, rate_limited=False)
         await self._observe(lease, headers)
 
     async def rate_limited(self, lease: Lease, retry_after: float | None, headers) -> None:
@@ -284,6 +308,7 @@ class BalancedDispatcher:
         await self.state.cool(
             grant.deployment_id, now + (retry_after if retry_after is not None else DEFAULT_COOL_SECONDS), now
         )
+        self._answered(lease, headers, rate_limited=True)
         await self._observe(lease, headers)
 
     async def failed(self, lease: Lease, *, reached_upstream: bool, reason: str = "") -> bool:
@@ -293,6 +318,9 @@ class BalancedDispatcher:
             await self.state.settle(grant, grant.tokens)
         else:
             await self.state.release(grant)
+            sent = lease.extra.get("calibration") if lease.extra else None
+            if sent is not None:
+                self.calibration.released(sent)
         if reason:
             await self.notes.note(grant.deployment_id, reason)
         return await self.state.record_failure(grant.deployment_id) == OPEN
@@ -300,6 +328,11 @@ class BalancedDispatcher:
     async def abandoned(self, lease: Lease, prompt_tokens: int, completion_tokens: int) -> None:
         self._done(lease)
         await self.state.settle_later(lease.grant, prompt_tokens + completion_tokens)
+
+    def _answered(self, lease: Lease, headers, *, rate_limited: bool) -> None:
+        sent = lease.extra.get("calibration") if lease.extra else None
+        if sent is not None and headers is not None:
+            self.calibration.answered(sent, lease.deployment.tpm, headers, rate_limited=rate_limited)
 
     async def _observe(self, lease: Lease, headers) -> None:
         """Pass the upstream's ``x-ratelimit-remaining-*`` to the state, for the units whose limit
@@ -334,6 +367,8 @@ class BalancedDispatcher:
             await self.state.observe(lease.grant.deployment_id, requests, tokens)
 
     async def aclose(self) -> None:
+        if self.calibration_sync is not None:
+            await self.calibration_sync.stop()
         await self.state.aclose()
 
 

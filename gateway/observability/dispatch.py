@@ -33,6 +33,10 @@ class ObservedDispatcher:
     def notes(self):
         return self.inner.notes
 
+    @property
+    def calibration(self):
+        return self.inner.calibration
+
     async def acquire(
         self, candidates: tuple[DeploymentView, ...], demand: Demand, exclude: frozenset[int], *, wait: bool = True
     ) -> Lease:

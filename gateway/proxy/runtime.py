@@ -18,6 +18,7 @@ from django.core.exceptions import ImproperlyConfigured
 from billing.usage_sink import get_sink
 from gateway import snapshot, workers
 from gateway.balancer import make_state
+from gateway.balancer.calibration import Calibration, CalibrationSync
 from gateway.balancer.failures import FailureNotes
 from gateway.balancer.policy import BalancedDispatcher
 from gateway.observability.dispatch import ObservedDispatcher, dispatcher_observed
@@ -207,7 +208,20 @@ def make_dispatcher(redis_client=None) -> BalancedDispatcher:
         breaker_open_seconds=g["BREAKER_OPEN_SECONDS"],
         queue_max_depth=g["QUEUE_MAX_DEPTH"],
     )
-    return BalancedDispatcher(state, notes=FailureNotes(redis_client, g["BALANCER_REDIS_PREFIX"]))
+    calibration = Calibration(state.config.minute)
+    sync = None
+    if redis_client is not None:
+        # Every second with Azure's minute (what another process reserved a second ago is close
+        # enough to now within a 60 s window); proportionally faster with a test's short minute.
+        interval = min(max(state.config.minute / 60.0, 0.05), 1.0)
+        sync = CalibrationSync(calibration, redis_client, g["BALANCER_REDIS_PREFIX"], interval)
+        sync.start()
+    return BalancedDispatcher(
+        state,
+        notes=FailureNotes(redis_client, g["BALANCER_REDIS_PREFIX"]),
+        calibration=calibration,
+        calibration_sync=sync,
+    )
 
 
 def make_admitter(redis_client=None) -> Admitter:

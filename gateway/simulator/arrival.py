@@ -22,21 +22,37 @@ the balancer to. What the simulator does differently, deliberately:
   gateway has a client-facing name and an ``upstream_model`` hint;
 * encodings are loaded off the event loop by :class:`EncodingCache` (the gateway warms them in
   its snapshot builder's thread).
+
+A real upstream does not count with the gateway's counter: Azure documents the inputs of its
+arrival estimate (prompt text, ``max_tokens``, ``best_of``) but not how it counts the text, and
+the figure it charges differs from tiktoken's (characters / 4 came out 13 % above tiktoken for
+plain English, far below it for CJK). ``arrival_count`` (``tiktoken`` | ``characters``) and
+``arrival_factor`` configure that difference, so tests and rehearsals exercise a gateway that
+must learn it; left at their defaults the charge is the gateway's own count, as before. The
+usage the simulator reports keeps the ``token_estimate`` count either way (billing is exact).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 from gateway.proxy import encodings, tokens
 
-from .config import DeploymentConfig
+from .config import ARRIVAL_SAME, ARRIVAL_TIKTOKEN, DeploymentConfig
+
+
+def _arrival_mode(config: DeploymentConfig) -> str:
+    """The ``gateway.proxy.tokens`` mode of the arrival count."""
+    if config.arrival_count == ARRIVAL_SAME:
+        return config.token_estimate
+    return tokens.MODE_TIKTOKEN if config.arrival_count == ARRIVAL_TIKTOKEN else tokens.MODE_FAST
 
 
 def encoding_name(config: DeploymentConfig) -> str | None:
-    """The tiktoken encoding the deployment's prompt count needs, or None in ``fast`` mode."""
-    if config.token_estimate == tokens.MODE_FAST:
+    """The tiktoken encoding the deployment's counts need, or None when both are ``fast``."""
+    if config.token_estimate == tokens.MODE_FAST and _arrival_mode(config) == tokens.MODE_FAST:
         return None
     return tokens.encoding_name_for(config.model)
 
@@ -49,7 +65,11 @@ def charge(kind: str, body: dict[str, Any], config: DeploymentConfig) -> tuple[i
     the count would load it, blocking the event loop for a few hundred milliseconds.
     """
     prompt = tokens.count_prompt_tokens(kind, body, config.model, mode=config.token_estimate)
-    return prompt, prompt + tokens.completion_allowance(kind, body, config.default_max_tokens)
+    mode = _arrival_mode(config)
+    counted = prompt if mode == config.token_estimate else tokens.count_prompt_tokens(kind, body, config.model, mode)
+    if config.arrival_factor != 1.0:
+        counted = math.ceil(counted * config.arrival_factor)
+    return prompt, counted + tokens.completion_allowance(kind, body, config.default_max_tokens)
 
 
 class EncodingCache:

@@ -17,6 +17,8 @@ The file format::
     minute_seconds: 60              # length of a rate-limit "minute" (short in tests)
     auto_deployments: false         # true: unknown deployment names are created on the fly
     token_estimate: tiktoken        # or "fast"; shorthand for defaults.token_estimate
+    # defaults/deployments may also set arrival_count (tiktoken | characters) and arrival_factor
+    # (e.g. 1.15): the arrival charge then differs from the gateway's count, as Azure's does.
     defaults: {rpm: 600, tpm: 100000}
     deployments:
       - {name: gpt-4o, tpm: 30000}
@@ -39,6 +41,12 @@ SKU_STANDARD = "standard"
 SKU_PROVISIONED = "provisioned"
 # The values of token_estimate: those of the gateway's Deployment.token_estimate.
 TOKEN_ESTIMATES = (MODE_TIKTOKEN, MODE_FAST)
+# The values of arrival_count (see .arrival): "" follows token_estimate (the gateway's own count);
+# "tiktoken" and "characters" (characters / 4, the fast count) choose a rule of their own.
+ARRIVAL_SAME = ""
+ARRIVAL_TIKTOKEN = "tiktoken"
+ARRIVAL_CHARACTERS = "characters"
+ARRIVAL_COUNTS = (ARRIVAL_TIKTOKEN, ARRIVAL_CHARACTERS)
 
 
 class ConfigError(ValueError):
@@ -102,8 +110,11 @@ class DeploymentConfig:
     the PTU utilisation model fed by ``ptu_tokens_per_minute``. ``faults`` are injected when
     the deployment is created (runtime faults go through the control API). ``token_estimate``
     counts prompts as the gateway's deployment field of that name does (``tiktoken``, or
-    ``fast``: characters / 4); ``default_max_tokens`` is the completion allowance charged on
-    arrival when a chat request sets no limit (see :mod:`.arrival`).
+    ``fast``: characters / 4), which is what the usage reports; ``default_max_tokens`` is the
+    completion allowance charged on arrival when a chat request sets no limit (see :mod:`.arrival`).
+    ``arrival_count`` and ``arrival_factor`` make the arrival charge differ from that count, as a
+    real upstream's does: the prompt is charged ``ceil(arrival_factor x count)`` where the count
+    is ``tiktoken``, ``characters`` (/ 4) or, when empty, the ``token_estimate`` count.
     """
 
     name: str
@@ -120,6 +131,8 @@ class DeploymentConfig:
     send_usage_in_stream: bool = True
     azure_annotations: bool = False
     token_estimate: str = MODE_TIKTOKEN
+    arrival_count: str = ARRIVAL_SAME
+    arrival_factor: float = 1.0
     faults: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
@@ -144,6 +157,10 @@ class DeploymentConfig:
             return _check_str(where, value, (SKU_STANDARD, SKU_PROVISIONED))
         if key == "token_estimate":
             return _check_str(where, value, TOKEN_ESTIMATES)
+        if key == "arrival_count":
+            return value if value == ARRIVAL_SAME else _check_str(where, value, ARRIVAL_COUNTS)
+        if key == "arrival_factor":
+            return _check_number(where, value, 0.0, exclusive=True)
         if key == "faults":
             # Imported here: faults.py depends on this module's ConfigError.
             from .faults import parse_fault

@@ -380,6 +380,27 @@ def test_tpm_counts_arrival_estimate_with_max_tokens():
         assert stats["prompt_tokens"] == 2 * prompt and stats["completion_tokens"] == 32
 
 
+def test_tpm_charges_the_configured_arrival_rule_and_reports_tiktoken_usage():
+    """``arrival_count: characters`` + ``arrival_factor``: the window and the remaining-tokens
+    header follow the upstream's own estimate, the usage the exact prompt."""
+    text = "The quick brown fox jumps over the lazy dog, twice. " * 6
+    messages = [{"role": "user", "content": text}]
+    body = {"model": "d", "messages": messages, "max_tokens": 40}
+    config = {
+        "minute_seconds": 6,
+        "deployments": [
+            {"name": "d", "tpm": 5000, "model": "gpt-4o", "arrival_count": "characters", "arrival_factor": 1.5}
+        ],
+    }
+    charged = -(-tokens.count_prompt_tokens("chat", body, "gpt-4o", mode="fast") * 3 // 2) + 40
+    with start_simulator(config) as sim, httpx.Client(base_url=sim.url, trust_env=False) as client:
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["prompt_tokens"] == cookbook_tokens(messages)
+        assert response.headers["x-ratelimit-remaining-tokens"] == str(5000 - charged)
+        assert sim.deployment_stats("d")["tokens_counted"] == charged
+
+
 def test_ptu_fast_429_and_recovery():
     # 1000 tokens per 0.5 s minute: drains 2000 tokens/s.
     config = {

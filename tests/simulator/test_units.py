@@ -259,6 +259,56 @@ def test_simulator_counts_images_and_tools_as_the_api_does(loaded_encodings):
     assert arrival.charge("chat", {"messages": [{"role": "user", "content": "x" * 40}]}, fast)[0] == 3 + 3 + 1 + 10
 
 
+ENGLISH = {"messages": [{"role": "user", "content": "Summarise the quarterly report for the board, briefly. " * 8}]}
+CJK = {"messages": [{"role": "user", "content": "请用三句话总结这份季度报告的要点。" * 8}]}
+
+
+def test_arrival_rule_characters_charges_the_fast_count_and_reports_tiktoken_usage(loaded_encodings):
+    """``arrival_count: characters`` charges characters / 4 (the fast count) on arrival while the
+    prompt the usage reports stays tiktoken's: the charge differs from the gateway's count in
+    either direction (above it for English, far below it for CJK)."""
+    sim = DeploymentConfig(name="d", model="gpt-4o", arrival_count="characters")
+    for body in (ENGLISH, CJK, EVERYTHING_CHAT):
+        prompt, charged = arrival.charge("chat", {**body, "max_tokens": 100}, sim)
+        assert prompt == tokens.count_prompt_tokens("chat", body, "gpt-4o")
+        assert charged == tokens.count_prompt_tokens("chat", body, "gpt-4o", mode="fast") + 100
+    english_prompt, english_charged = arrival.charge("chat", ENGLISH, sim)
+    assert english_charged - 1024 > english_prompt * 1.1  # English: 4+ characters per token
+    cjk_prompt, cjk_charged = arrival.charge("chat", CJK, sim)
+    assert cjk_charged - 1024 < cjk_prompt * 0.5  # CJK: about one token per character
+
+
+@pytest.mark.parametrize(("count", "mode"), [("tiktoken", "tiktoken"), ("characters", "fast"), ("", "tiktoken")])
+def test_arrival_factor_scales_the_prompt_count_not_the_allowance(loaded_encodings, count, mode):
+    sim = DeploymentConfig(name="d", model="gpt-4o", arrival_count=count, arrival_factor=1.3)
+    body = {**ENGLISH, "max_tokens": 50, "n": 2}
+    prompt, charged = arrival.charge("chat", body, sim)
+    expected = -(-tokens.count_prompt_tokens("chat", body, "gpt-4o", mode=mode) * 13 // 10)
+    assert charged == expected + 100
+    assert prompt == tokens.count_prompt_tokens("chat", body, "gpt-4o")
+
+
+def test_arrival_rule_on_a_fast_deployment_needs_the_encoding_only_for_tiktoken():
+    fast = {"name": "d", "model": "gpt-4o", "token_estimate": "fast"}
+    assert arrival.encoding_name(DeploymentConfig(**fast)) is None
+    assert arrival.encoding_name(DeploymentConfig(**fast, arrival_count="characters")) is None
+    assert arrival.encoding_name(DeploymentConfig(**fast, arrival_count="tiktoken")) == "o200k_base"
+
+
+def test_arrival_rule_config_is_validated_and_round_trips():
+    config = SimConfig.from_dict(
+        {"defaults": {"arrival_count": "characters", "arrival_factor": 1.15}, "deployments": [{"name": "a"}]}
+    )
+    a = config.deployments[0]
+    assert (a.arrival_count, a.arrival_factor) == ("characters", 1.15)
+    assert SimConfig.from_dict(config.to_dict()).deployments[0] == a
+    assert a.updated({"arrival_count": ""}).arrival_count == ""
+    with pytest.raises(ConfigError, match=r"deployments\[0\]\.arrival_count: must be one of tiktoken, characters"):
+        SimConfig.from_dict({"deployments": [{"name": "a", "arrival_count": "words"}]})
+    with pytest.raises(ConfigError, match=r"defaults\.arrival_factor: must be > 0"):
+        SimConfig.from_dict({"defaults": {"arrival_factor": 0}})
+
+
 def test_encoding_follows_the_model_and_fast_mode_needs_none():
     assert arrival.encoding_name(DeploymentConfig(name="d", model="gpt-4o-mini")) == "o200k_base"
     assert arrival.encoding_name(DeploymentConfig(name="d", model="gpt-35-turbo")) == "cl100k_base"
