@@ -10,11 +10,14 @@ PostgreSQL), about a minute on two workers.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
 import schemathesis
 from django.core.handlers.wsgi import WSGIHandler
+from django.core.signals import request_finished, request_started
+from django.db import close_old_connections
 from django.utils import timezone
 from drf_spectacular.generators import SchemaGenerator
 from hypothesis import HealthCheck, Phase, settings
@@ -33,14 +36,26 @@ EXAMPLES = 6 if DEEP else 3
 
 
 @pytest.fixture
-def staff_bearer(transactional_db, django_user_model, tenant_a, key_a, endpoint, standard_deployment) -> str:
+def wsgi_keeps_the_connection() -> Iterator[None]:
+    """The WSGI handler closes the database connection around each request, which would end the
+    test's transaction; Django's own test client unhooks the same two receivers for the same reason."""
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    yield
+    request_started.connect(close_old_connections)
+    request_finished.connect(close_old_connections)
+
+
+@pytest.fixture
+def staff_bearer(
+    db, wsgi_keeps_the_connection, django_user_model, tenant_a, key_a, endpoint, standard_deployment
+) -> str:
     """A staff management token, and a little data for the generated requests to find."""
     user = django_user_model.objects.create_user("fuzz", password="pw-fuzz-123456", is_staff=True)
     issued = management_token_issue(name="fuzz", created_by=user, expires_at=timezone.now() + timedelta(days=1))
     return f"Bearer {issued.secret}"
 
 
-# Real commits (transactional_db): the WSGI handler closes the connection after each request.
 @schema.parametrize()
 @settings(
     max_examples=EXAMPLES,
