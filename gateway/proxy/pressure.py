@@ -15,8 +15,8 @@ garbage collection does not count as overload. From them:
   with 503 ``server_overloaded`` and ``Retry-After`` (the SDKs retry it, a load balancer can send
   it to another process), before their body is read or capacity reserved, rather than waiting
   seconds for a first token while nothing tells the client; and again once the body is in, before
-  it is parsed and counted. The timer being overdue by more than the limit right now counts too,
-  so that a burst is refused while it happens, not after. Streams already running are not
+  it is parsed and counted. The timer being overdue by more than twice the limit right now counts
+  too, so that a burst is refused while it happens, not after. Streams already running are not
   touched, and keep their pace because no new work joins them.
 * **Stream coalescing** (``stream_hold``): when the event loop is more than half busy, a stream's
   relay reads its upstream at most once per ``stream_hold`` seconds (up to ``STREAM_COALESCE_MS``,
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 0.05
 SMOOTHING_SECONDS = 0.3
 OVERLOAD_RETRY_AFTER_SECONDS = 1.0
+# Admission refuses at once while the timer is this many times the lag limit late (see ``admit``).
+BURST_LAG_FACTOR = 2.0
 # Coalescing starts at this busy share (CPU seconds per second) and is at its maximum at 1.
 COALESCE_FROM = 0.5
 
@@ -134,16 +136,18 @@ class LoopPressure:
     def admit(self) -> None:
         """Raise the 503 ``server_overloaded`` error while the process is overloaded; else return.
 
-        Also while the timer is overdue by more than the limit right now: the smoothed lag is only
-        measured once the timer gets its turn, which during a burst (a hundred big requests arriving
-        together, or clients told to retry after the same second) is after the burst's work is done.
-        The timer's lateness is visible before that, to the requests the burst is made of, so the
-        burst is cut short instead of stalling every stream for its whole length.
+        Also while the timer is overdue by more than ``BURST_LAG_FACTOR`` times the limit right now:
+        the smoothed lag is only measured once the timer gets its turn, which during a burst (a
+        hundred big requests arriving together, or clients told to retry after the same second) is
+        after the burst's work is done. The timer's lateness is visible before that, to the
+        requests the burst is made of, so the burst is cut short instead of stalling every stream
+        for its whole length. Twice the limit, so that one stall the smoothing forgives (a
+        collection of the heap, one slow callback) refuses nobody unless it is that long.
         """
         if self.overloaded or (
             self.lag_limit > 0
             and self._due != math.inf
-            and asyncio.get_running_loop().time() - self._due > self.lag_limit
+            and asyncio.get_running_loop().time() - self._due > BURST_LAG_FACTOR * self.lag_limit
         ):
             raise errors.server_overloaded(OVERLOAD_RETRY_AFTER_SECONDS)
 

@@ -96,8 +96,9 @@ async def test_a_burst_is_refused_while_it_blocks_the_loop_before_the_smoothed_l
     try:
         await asyncio.sleep(2 * TICK_SECONDS)
         pressure.admit()  # an idle loop admits
-        # A burst: one callback's work after another, the timer not getting its turn in between.
-        spin_until = time.perf_counter() + 3 * TICK_SECONDS
+        # A burst: one callback's work after another, the timer not getting its turn in between,
+        # for longer than twice the limit.
+        spin_until = time.perf_counter() + 6 * TICK_SECONDS
         while time.perf_counter() < spin_until:
             pass
         assert not pressure.overloaded  # the smoothed measure has not seen it yet...
@@ -107,6 +108,19 @@ async def test_a_burst_is_refused_while_it_blocks_the_loop_before_the_smoothed_l
         await asyncio.sleep(2 * TICK_SECONDS)
         if not pressure.overloaded:  # once the timer ran, admission follows the smoothed lag again
             pressure.admit()
+    finally:
+        await pressure.stop()
+
+
+async def test_one_stall_shorter_than_twice_the_limit_refuses_nobody():
+    pressure = LoopPressure(lag_limit=0.2, max_hold=0.2)
+    pressure.start()
+    try:
+        await asyncio.sleep(2 * TICK_SECONDS)
+        spin_until = time.perf_counter() + 0.25  # one slow callback (a collection of the heap, say)
+        while time.perf_counter() < spin_until:
+            pass
+        pressure.admit()  # late by at most 0.25 s: more than the limit, less than twice it
     finally:
         await pressure.stop()
 
