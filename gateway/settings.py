@@ -161,6 +161,9 @@ if REDIS_URL:
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
             "OPTIONS": _REDIS_TIMEOUTS,
+            # Under the gateway's namespace, beside its balancer and quota keys. (Never
+            # ``cache.clear()`` here: Django's Redis cache flushes the whole database.)
+            "KEY_PREFIX": env.str("GATEWAY_BALANCER_REDIS_PREFIX", default="gw") + ":cache",
         }
     }
     CHANNEL_LAYERS = {
@@ -320,7 +323,8 @@ GATEWAY = {
     # Circuit breaker: consecutive failures that open it, and how long it stays open.
     "BREAKER_FAILURES": env.int("GATEWAY_BREAKER_FAILURES", default=5),
     "BREAKER_OPEN_SECONDS": env.float("GATEWAY_BREAKER_OPEN_SECONDS", default=30.0),
-    # Namespace of the balancer's Redis keys (windows, cool-downs, breakers, queues).
+    # Namespace of the gateway's Redis keys (windows, cool-downs, breakers, queues, quotas, the
+    # config version, the cache): installations sharing a Redis database need different ones.
     "BALANCER_REDIS_PREFIX": env.str("GATEWAY_BALANCER_REDIS_PREFIX", default="gw"),
     "UPSTREAM_KEEPALIVE_SECONDS": env.float("GATEWAY_UPSTREAM_KEEPALIVE_SECONDS", default=15.0),
     # Upstream connections per process; 0: no cap. Every stream holds one for its whole length,

@@ -19,7 +19,12 @@ from django.db.models.signals import post_delete, post_save
 
 log = logging.getLogger(__name__)
 
-REDIS_KEY = "gw:config-version"
+
+
+def mirror_key() -> str:
+    """The mirror's key, under the installation's Redis prefix: two gateways sharing one Redis
+    (staging and production, or a test suite's workers) must not read each other's versions."""
+    return f"{settings.GATEWAY['BALANCER_REDIS_PREFIX']}:config-version"
 
 
 def config_version_read() -> int:
@@ -57,7 +62,7 @@ def _mirror_to_redis(version: int) -> None:
     try:
         client = redis_sync_client()
         try:
-            client.set(REDIS_KEY, version)
+            client.set(mirror_key(), version)
         finally:
             client.close()
     except redis.RedisError:
@@ -72,13 +77,14 @@ class VersionMirror:
     the caller falls back to the database.
     """
 
-    def __init__(self, client) -> None:
+    def __init__(self, client, key: str | None = None) -> None:
         self.client = client
+        self.key = key or mirror_key()
         self.reachable = True  # whether the last read got an answer
 
     async def read(self) -> int | None:
         try:
-            value = await self.client.get(REDIS_KEY)
+            value = await self.client.get(self.key)
         except Exception as exc:  # Redis down or paused (bounded by the client's timeout)
             self.reachable = False
             log.debug("could not read the config version from Redis: %s", exc)
@@ -91,7 +97,7 @@ class VersionMirror:
 
     async def write(self, version: int) -> None:
         try:
-            await self.client.set(REDIS_KEY, version)
+            await self.client.set(mirror_key(), version)
         except Exception as exc:
             log.debug("could not repair the config version in Redis: %s", exc)
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
 from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.core.cache import cache
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -16,11 +15,14 @@ from tenants.services import management_token_issue
 
 
 @pytest.fixture(autouse=True)
-def fresh_throttle_counts() -> Iterator[None]:
-    """Throttle counts live in the cache; each test starts with none."""
-    cache.clear()
-    yield
-    cache.clear()
+def fresh_throttle_counts(settings) -> None:
+    """Throttle counts live in the cache; each test starts with none: a cache of its own (a fresh
+    key prefix). Not ``cache.clear()``: on Redis that flushes the database, and with it the
+    balancer and quota state of the tests another xdist worker runs meanwhile."""
+    settings.CACHES = {
+        name: {**config, "KEY_PREFIX": f"test-cache-{uuid.uuid4().hex[:12]}"}
+        for name, config in settings.CACHES.items()
+    }
 
 
 @pytest.fixture(autouse=True)
