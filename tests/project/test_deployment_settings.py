@@ -165,3 +165,19 @@ def test_every_long_running_compose_service_has_a_health_check():
 
 def test_compose_waits_longer_than_the_gateways_shutdown_grace():
     assert compose()["services"]["gateway"]["stop_grace_period"] == "45s"  # grace 30 s + the flush (10 s) + margin
+
+
+# --- one Redis database shared ------------------------------------------------------------------
+
+
+def test_every_redis_key_of_an_installation_is_under_its_prefix(settings):
+    """Two installations (or a test suite's workers) on one Redis database must not meet: the cache
+    and the config-version mirror live under the prefix beside the balancer's and quotas' keys."""
+    from gateway.snapshot.version import VersionMirror
+
+    configured = settings_under({"REDIS_URL": "redis://127.0.0.1:6379/3", "GATEWAY_BALANCER_REDIS_PREFIX": "staging"})
+    assert configured["CACHES"]["default"]["KEY_PREFIX"] == "staging:cache"
+    assert configured["GATEWAY"]["BALANCER_REDIS_PREFIX"] == "staging"
+
+    settings.GATEWAY = {**settings.GATEWAY, "BALANCER_REDIS_PREFIX": "staging"}
+    assert VersionMirror(client=None).key == "staging:config-version"
