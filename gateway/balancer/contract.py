@@ -84,6 +84,11 @@ class Reason(StrEnum):
     QUEUED = "queued"  # other tickets are ahead in the queue
     NOT_QUEUED = "not_queued"  # the ticket is unknown (left, or its lease expired)
     EVICTED = "evicted"  # a better-priority arrival pushed the ticket out of the full queue
+    # Nothing fits, and every candidate that could take the demand has an open circuit breaker
+    # (or its half-open probe in flight): wait_seconds says when the first lets a probe through.
+    # Not worth queueing for: the deployments are failing, and a client held for the breaker's
+    # open period (30 s) sees a hang; it is told at once (503 with Retry-After) instead.
+    UNHEALTHY = "unhealthy"
 
 
 @dataclass(frozen=True, slots=True)

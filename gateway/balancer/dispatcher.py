@@ -40,8 +40,14 @@ class Lease:
     extra: dict = field(default_factory=dict)
 
 
+# NoCapacity's code when every candidate is held by its circuit breaker: the gateway answers 503
+# (the deployments are failing), not 429 (they are busy).
+UNHEALTHY_CODE = "deployments_unavailable"
+
+
 class NoCapacity(Exception):
-    """No deployment can take the request in time; answer 429 with ``retry_after``."""
+    """No deployment can take the request in time; answer 429 with ``retry_after`` (503 when the
+    code is ``UNHEALTHY_CODE``)."""
 
     def __init__(self, message: str, retry_after: float, *, code: str = "rate_limit_exceeded") -> None:
         super().__init__(message)

@@ -341,20 +341,22 @@ class MemoryState(BalancerState):
             d = self._deployments[deployment_id] = _Deployment(self.config.retention_window)
         return d
 
-    def _evaluate(self, d: _Deployment, plan: WindowPlan, demand: int, now: float) -> tuple[bool, float, float]:
-        """(fits now, wait, headroom) of a demand on a deployment (module docstring of state)."""
+    def _evaluate(self, d: _Deployment, plan: WindowPlan, demand: int, now: float) -> tuple[bool, float, float, bool]:
+        """(fits now, wait, headroom, held by its breaker) of a demand on a deployment (module
+        docstring of state)."""
         cfg = self.config
         fits, wait, head = True, 0.0, 1.0
         if d.cool > now:
             fits, wait = False, d.cool - now
         blocked = d.breaker.blocked_until(now, cfg.breaker_failures)
-        if blocked > now:
+        broken = blocked > now
+        if broken:
             fits, wait = False, max(wait, blocked - now)
         log = d.log
         for w in plan.windows:
             need = 1 if w.unit == REQUESTS else demand
             if need > w.limit:
-                return False, INF, -INF
+                return False, INF, -INF, False
             c = log.cursor(w, now)
             if w.unit == REQUESTS:
                 left = w.limit - c.requests
@@ -380,16 +382,22 @@ class MemoryState(BalancerState):
             head = min(head, left / max(d.ut, plan.token_ref, 1))
         if not fits and wait < MIN_WAIT:
             wait = MIN_WAIT  # rounding at a boundary: never report "now" for a non-fit
-        return fits, wait, head
+        return fits, wait, head, broken
 
     def _choose(self, candidates: Sequence[Capacity], demand: int, now: float):
-        """(index of the chosen candidate or None, its headroom, the soonest wait)."""
-        best, ties, soonest, heads = -INF, [], INF, {}
+        """(index of the chosen candidate or None, its headroom, the soonest wait, the reason when
+        none): the soonest wait is that of the healthy candidates; only when every candidate that
+        could ever fit is held by its breaker, that of the first breaker to let a probe through
+        (``Reason.UNHEALTHY``)."""
+        best, ties, soonest, soonest_broken, heads = -INF, [], INF, INF, {}
         plan_of = self.planner.plan
         for i, c in enumerate(candidates):
-            fits, wait, head = self._evaluate(self._dep(c.id), plan_of(c.rpm, c.tpm), demand, now)
+            fits, wait, head, broken = self._evaluate(self._dep(c.id), plan_of(c.rpm, c.tpm), demand, now)
             if not fits:
-                soonest = min(soonest, wait)
+                if broken:
+                    soonest_broken = min(soonest_broken, wait)
+                else:
+                    soonest = min(soonest, wait)
                 continue
             heads[i] = head
             s = score(head, c.weight)
@@ -398,14 +406,18 @@ class MemoryState(BalancerState):
             elif s >= best - TIE_EPSILON:
                 ties.append(i)
         if not ties:
-            return None, 0.0, soonest
+            if soonest < INF:
+                return None, 0.0, soonest, Reason.CAPACITY
+            if soonest_broken < INF:
+                return None, 0.0, soonest_broken, Reason.UNHEALTHY
+            return None, 0.0, INF, Reason.NEVER
         pick = ties[int(self._rng.random() * len(ties))] if len(ties) > 1 else ties[0]
-        return pick, heads[pick], 0.0
+        return pick, heads[pick], 0.0, None
 
     def _acquire(self, candidates: Sequence[Capacity], demand: int, now: float) -> Grant | Denied:
-        i, head, wait = self._choose(candidates, demand, now)
+        i, head, wait, reason = self._choose(candidates, demand, now)
         if i is None:
-            return Denied(wait, Reason.NEVER if wait == INF else Reason.CAPACITY)
+            return Denied(wait, reason)
         c = candidates[i]
         d = self._dep(c.id)
         cfg = self.config
@@ -445,8 +457,8 @@ class MemoryState(BalancerState):
         else:
             ahead = q is not None and bool(q.tickets)
         if ahead:
-            _, _, wait = self._choose(candidates, demand_tokens, now)
-            return Denied(wait, Reason.NEVER if wait == INF else Reason.QUEUED)
+            _, _, wait, reason = self._choose(candidates, demand_tokens, now)
+            return Denied(wait, Reason.QUEUED if reason in (None, Reason.CAPACITY) else reason)
         result = self._acquire(candidates, demand_tokens, now)
         if ticket_id is not None and isinstance(result, Grant):
             q.remove(ticket_id, served=True)
@@ -601,7 +613,7 @@ class MemoryState(BalancerState):
         for c in deployments:
             d = self._dep(c.id)
             plan = self.planner.plan(c.rpm, c.tpm)
-            _, wait, head = self._evaluate(d, plan, 0, now)
+            _, wait, head, _ = self._evaluate(d, plan, 0, now)
             windows = []
             for w in plan.windows:
                 cur = d.log.cursor(w, now)

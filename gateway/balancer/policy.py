@@ -36,7 +36,7 @@ import time
 from gateway.balancer.breaker import OPEN
 from gateway.balancer.calibration import Calibration, CalibrationSync
 from gateway.balancer.contract import BalancerState, Denied, Grant, Reason, new_id, poll_pause
-from gateway.balancer.dispatcher import Demand, Lease, NoCapacity
+from gateway.balancer.dispatcher import UNHEALTHY_CODE, Demand, Lease, NoCapacity
 from gateway.balancer.failures import FailureNotes
 from gateway.snapshot.types import DeploymentView
 
@@ -239,7 +239,9 @@ class BalancedDispatcher:
             if isinstance(outcome, Grant) or outcome.reason in (Reason.QUEUED, Reason.NOT_QUEUED, Reason.EVICTED):
                 return outcome
             last = index == len(tiers) - 1
-            if not last and (outcome.reason == Reason.NEVER or outcome.wait_seconds > max_wait - waited):
+            if not last and (
+                outcome.reason in (Reason.NEVER, Reason.UNHEALTHY) or outcome.wait_seconds > max_wait - waited
+            ):
                 result = _sooner(result, outcome)
                 continue  # spill over to the next tier now
             # Wait for this tier; but a tier passed over above may free first, and the waiter
@@ -248,6 +250,13 @@ class BalancedDispatcher:
         raise AssertionError("the last tier always answers")  # callers pass at least one tier
 
     def _raise_if_hopeless(self, result: Denied, demand: Demand) -> None:
+        if result.reason == Reason.UNHEALTHY:
+            raise NoCapacity(
+                f"Every deployment of model '{demand.model}' is failing and paused by its circuit breaker; "
+                "nothing was sent upstream. Retry shortly.",
+                _retry_hint(result.wait_seconds, 1.0),
+                code=UNHEALTHY_CODE,
+            )
         if result.reason == Reason.NEVER:
             raise NoCapacity(
                 f"Request too large for model '{demand.model}': it needs {demand.tokens} tokens, more than any "
@@ -398,12 +407,14 @@ def _tiers(deployments) -> list[tuple[float, tuple[DeploymentView, ...]]]:
 
 
 def _sooner(a: Denied | None, b: Denied) -> Denied:
+    """The denial to act on across tiers: capacity worth waiting for first (the soonest), then
+    breakers (the soonest probe), then never."""
     if a is None:
         return b
-    if a.reason == Reason.NEVER:
-        return b
-    if b.reason == Reason.NEVER:
-        return a
+    rank = {Reason.NEVER: 2, Reason.UNHEALTHY: 1}
+    ra, rb = rank.get(a.reason, 0), rank.get(b.reason, 0)
+    if ra != rb:
+        return a if ra < rb else b
     return a if a.wait_seconds <= b.wait_seconds else b
 
 

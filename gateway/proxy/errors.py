@@ -150,6 +150,19 @@ def gateway_timeout(message: str) -> GatewayError:
     return GatewayError(504, message, type="api_error", code="upstream_timeout", outcome="upstream_timeout")
 
 
+def deployments_unavailable(message: str, retry_after: float) -> GatewayError:
+    """503: every deployment that could serve the request is failing (their circuit breakers are
+    open); nothing was sent upstream. Retry-After: when the first breaker lets a trial through."""
+    return GatewayError(
+        503,
+        message,
+        type="api_error",
+        code="deployments_unavailable",
+        outcome="upstream_error",
+        headers=retry_headers(retry_after),
+    )
+
+
 def state_unavailable(retry_after: float) -> GatewayError:
     """The balancer's shared state (Redis) cannot be reached: nothing was sent upstream; retry shortly."""
     return GatewayError(

@@ -25,7 +25,7 @@ import logging
 
 from django.conf import settings
 
-from gateway.balancer.dispatcher import Lease, NoCapacity
+from gateway.balancer.dispatcher import UNHEALTHY_CODE, Lease, NoCapacity
 from gateway.observability.tracing import upstream_headers_traced
 from gateway.proxy import azure_ad, errors, upstream, upstream_errors
 from gateway.proxy.relay import AnswerBroke, AnswerRelay, read_bounded
@@ -104,6 +104,8 @@ class Forwarder:
                 ctx.queue_wait += exc.queue_wait  # a 429 after 30 s in the queue says so in its record
                 if retry.last_error is not None:
                     raise retry.last_error from None
+                if exc.code == UNHEALTHY_CODE:
+                    raise errors.deployments_unavailable(str(exc), exc.retry_after) from None
                 # A request larger than any deployment's minute will never fit: tell the SDK not to retry.
                 raise errors.rate_limited(
                     str(exc), exc.retry_after, code=exc.code, should_retry=exc.code != "request_too_large"

@@ -324,7 +324,7 @@ async def test_breaker_opens_lets_one_probe_through_then_closes_or_reopens(make_
     for _ in range(2):
         assert await state.record_failure(1, T0) == "closed"
     assert await state.record_failure(1, T0) == "open"
-    assert await state.try_acquire([c], 1, T0 + 1) == Denied(approx(4.0), Reason.CAPACITY)
+    assert await state.try_acquire([c], 1, T0 + 1) == Denied(approx(4.0), Reason.UNHEALTHY)
     assert (await state.status([c], T0 + 1))[1]["breaker"]["state"] == "open"
 
     # Half-open: of two concurrent acquirers exactly one gets the probe.
@@ -332,7 +332,7 @@ async def test_breaker_opens_lets_one_probe_through_then_closes_or_reopens(make_
     probes = [r for r in (first, second) if isinstance(r, Grant)]
     assert len(probes) == 1 and probes[0].probe
     other = first if second is probes[0] else second
-    assert other == Denied(approx(30.0), Reason.CAPACITY)
+    assert other == Denied(approx(30.0), Reason.UNHEALTHY)  # the probe is in flight
     assert (await state.status([c], T0 + 5))[1]["breaker"] == {
         "state": "half_open",
         "failures": 3,
@@ -343,7 +343,7 @@ async def test_breaker_opens_lets_one_probe_through_then_closes_or_reopens(make_
     # The probe fails: open again for the full time.
     assert await state.record_failure(1, T0 + 5.5) == "open"
     assert await state.release(probes[0], now=T0 + 5.5)
-    assert await state.try_acquire([c], 1, T0 + 6) == Denied(approx(4.5), Reason.CAPACITY)
+    assert await state.try_acquire([c], 1, T0 + 6) == Denied(approx(4.5), Reason.UNHEALTHY)
 
     # The next probe succeeds: closed, full capacity.
     probe = await state.try_acquire([c], 1, T0 + 10.5)
@@ -356,12 +356,28 @@ async def test_breaker_opens_lets_one_probe_through_then_closes_or_reopens(make_
     assert (await state.status([c], T0 + 10.8))[1]["breaker"]["state"] == "closed"
 
 
+async def test_a_healthy_candidate_worth_waiting_for_wins_over_a_broken_one(make_state):
+    """The wait reported is the healthy candidates' (capacity): the broken one counts only when
+    nothing else could ever take the demand."""
+    state = await make_state(breaker_failures=1, breaker_open_seconds=5.0)
+    broken, full = Candidate(1, rpm=60), Candidate(2, rpm=1)
+    assert await state.record_failure(1, T0) == "open"
+    assert isinstance(await state.try_acquire([full], 1, T0), Grant)
+
+    denied = await state.try_acquire([broken, full], 1, T0 + 1)
+    assert denied.reason == Reason.CAPACITY and denied.wait_seconds > 5.0  # the minute of the full one
+
+    too_small = Candidate(3, tpm=10)  # never fits 100 tokens
+    assert await state.try_acquire([broken, too_small], 100, T0 + 1) == Denied(approx(4.0), Reason.UNHEALTHY)
+    assert await state.try_acquire([too_small], 100, T0 + 1) == Denied(float("inf"), Reason.NEVER)
+
+
 async def test_a_lost_probe_is_replaced_after_probe_seconds(make_state):
     state = await make_state(breaker_failures=1, breaker_open_seconds=1.0, probe_seconds=2.0)
     c = Candidate(1)
     await state.record_failure(1, T0)
     assert (await state.try_acquire([c], 1, T0 + 1)).probe
-    assert await state.try_acquire([c], 1, T0 + 2.9) == Denied(approx(0.1), Reason.CAPACITY)
+    assert await state.try_acquire([c], 1, T0 + 2.9) == Denied(approx(0.1), Reason.UNHEALTHY)
     assert (await state.try_acquire([c], 1, T0 + 3)).probe
 
 

@@ -272,6 +272,48 @@ async def test_a_retry_does_not_wait_for_an_untried_deployment_whose_breaker_is_
     assert elapsed < 1.0, elapsed
 
 
+async def test_a_model_whose_every_deployment_is_broken_is_refused_at_once_not_held(settings, monkeypatch):
+    """Breakers others opened: the client hears so at once (503, Retry-After until the first trial),
+    instead of waiting the open period out in the queue (30 s by default: a hang to the client)."""
+    settings.GATEWAY = {**settings.GATEWAY, "BREAKER_FAILURES": 2, "BREAKER_OPEN_SECONDS": 20.0}
+    gw = await build_gateway(settings, monkeypatch)
+    await runtime.ensure_started()
+    for name in ("east-a", "west-b"):
+        for _ in range(2):
+            await runtime.dispatcher.state.record_failure(gw.deployments[name].id)
+    async with gw.client() as http:
+        started = time.monotonic()
+        response = await gw.chat(http)
+        elapsed = time.monotonic() - started
+
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "deployments_unavailable"
+    assert 15 < float(response.headers["retry-after"]) <= 20
+    assert gw.upstream.calls == [] and elapsed < 1.0, elapsed
+    record = only_record(gw)
+    assert (record["status"], record["error_code"]) == (503, "deployments_unavailable")
+
+
+async def test_a_retry_does_not_wait_for_a_tried_deployment_whose_breaker_others_opened(settings, monkeypatch):
+    settings.GATEWAY = {**settings.GATEWAY, "BREAKER_FAILURES": 3, "BREAKER_OPEN_SECONDS": 30.0}
+    gw = await build_gateway(settings, monkeypatch, deployments=("east-a",))
+    east = gw.deployments["east-a"].id
+
+    async def failing_while_others_fail_too(call):
+        for _ in range(3):  # the other requests' failures open the breaker meanwhile
+            await runtime.dispatcher.state.record_failure(east)
+        return error(500, "boom")(call)
+
+    gw.upstream.script("east-a", failing_while_others_fail_too)
+    async with gw.client() as http:
+        started = time.monotonic()
+        response = await gw.chat(http)
+        elapsed = time.monotonic() - started
+
+    assert response.status_code == 502  # the attempt's own failure, not a wait for the breaker
+    assert len(gw.upstream.calls) == 1 and elapsed < 1.0, elapsed
+
+
 async def test_retries_stop_at_max_retries(settings, monkeypatch):
     gw = await build_gateway(settings, monkeypatch)
     gw.upstream.script("east-a", error(500, f"internal error near {SECRET_EAST}"))

@@ -41,16 +41,17 @@ if q then
     ahead = redis.call('ZCARD', q.z) > 0  -- a new arrival never jumps the waiters
   end
   if ahead then
-    local _, _, wait = choose(cands, now, demand, cfg, rand)
-    if wait == INF then return {'D', 'inf', 'never'} end
+    local _, _, wait, why = choose(cands, now, demand, cfg, rand)
+    if why == 'never' then return {'D', 'inf', 'never'} end
+    if why == 'unhealthy' then return {'D', fmt(wait), 'unhealthy'} end
     return {'D', fmt(wait), 'queued'}
   end
 end
 
-local idx, head, wait = choose(cands, now, demand, cfg, rand)
+local idx, head, wait, why = choose(cands, now, demand, cfg, rand)
 if not idx then
-  if wait == INF then return {'D', 'inf', 'never'} end
-  return {'D', fmt(wait), 'capacity'}
+  if why == 'never' then return {'D', 'inf', 'never'} end
+  return {'D', fmt(wait), why}
 end
 local c = cands[idx]
 local t, probe = reserve(c, c.d, rid, now, demand, cfg)

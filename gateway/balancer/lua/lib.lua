@@ -159,9 +159,10 @@ local function free_at(c, w, now, last_t, need)
   return INF
 end
 
--- (fits now, wait, headroom) of 1 request + `demand` tokens; see state.py for definitions.
+-- (fits now, wait, headroom, held by its breaker) of 1 request + `demand` tokens; see
+-- memory.py's _evaluate for definitions.
 local function evaluate(c, d, now, demand, cfg)
-  local fits, wait, head = true, 0, 1.0
+  local fits, wait, head, broken = true, 0, 1.0, false
   if d.cool > now then
     fits, wait = false, d.cool - now
   end
@@ -173,13 +174,13 @@ local function evaluate(c, d, now, demand, cfg)
       blocked = d.probe_until
     end
     if blocked > now then
-      fits, wait = false, math.max(wait, blocked - now)
+      fits, wait, broken = false, math.max(wait, blocked - now), true
     end
   end
   for _, w in ipairs(c.windows) do
     local need = demand
     if w.unit == 'r' then need = 1 end
-    if need > w.limit then return false, INF, -INF end
+    if need > w.limit then return false, INF, -INF, false end
     local left, frac
     if w.unit == 'r' then
       left = w.limit - w.n
@@ -206,18 +207,23 @@ local function evaluate(c, d, now, demand, cfg)
     head = math.min(head, left / math.max(d.ut, c.tref, 1))
   end
   if not fits and wait < MIN_WAIT then wait = MIN_WAIT end
-  return fits, wait, head
+  return fits, wait, head, broken
 end
 
--- (index or nil, its headroom, soonest wait). Loads each candidate's state into c.d.
+-- (index or nil, its headroom, soonest wait, reason when none: 'capacity' | 'unhealthy' |
+-- 'never'); as memory.py's _choose. Loads each candidate's state into c.d.
 local function choose(cands, now, demand, cfg, rand)
-  local best, ties, soonest, heads = -INF, {}, INF, {}
+  local best, ties, soonest, soonest_broken, heads = -INF, {}, INF, INF, {}
   for i, c in ipairs(cands) do
     c.d = load_dep(c, now)
     save_moved(c)
-    local fits, wait, head = evaluate(c, c.d, now, demand, cfg)
+    local fits, wait, head, broken = evaluate(c, c.d, now, demand, cfg)
     if not fits then
-      if wait < soonest then soonest = wait end
+      if broken then
+        if wait < soonest_broken then soonest_broken = wait end
+      elseif wait < soonest then
+        soonest = wait
+      end
     else
       heads[i] = head
       local s = head - 2
@@ -229,10 +235,14 @@ local function choose(cands, now, demand, cfg, rand)
       end
     end
   end
-  if #ties == 0 then return nil, 0, soonest end
+  if #ties == 0 then
+    if soonest < INF then return nil, 0, soonest, 'capacity' end
+    if soonest_broken < INF then return nil, 0, soonest_broken, 'unhealthy' end
+    return nil, 0, INF, 'never'
+  end
   local pick = ties[1]
   if #ties > 1 then pick = ties[math.floor(rand * #ties) + 1] end
-  return pick, heads[pick], 0
+  return pick, heads[pick], 0, nil
 end
 
 -- Renew the deployment's expiries at most once every minute (not on every call): a key in use

@@ -13,10 +13,10 @@ local rbucket = tonumber(ARGV[i])
 local cands = read_candidates(ARGV, i + 1, KEYS, 1)
 local c = cands[1]
 finish(c, 'release', old, 0, false, now, demand, t, false, cfg.retention, rbucket)
-local idx, head, wait = choose(cands, now, demand, cfg, rand)
+local idx, head, wait, why = choose(cands, now, demand, cfg, rand)
 if not idx then
-  if wait == INF then return {'D', 'inf', 'never'} end
-  return {'D', fmt(wait), 'capacity'}
+  if why == 'never' then return {'D', 'inf', 'never'} end
+  return {'D', fmt(wait), why}
 end
 local at, probe = reserve(c, c.d, rid, now, demand, cfg)
 return {'G', '1', rid, fmt(at), fmt(head), tostring(probe)}
