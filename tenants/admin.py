@@ -16,13 +16,12 @@ from django.db import transaction
 from django.db.models import Count, Prefetch, Q, QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest, HttpResponse
-from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.cache import add_never_cache_headers
 from django.utils.html import format_html
 
 from tenants.admin_forms import AccessPolicyForm, ClientKeyForm, ClientKeyIssueForm, QuotaForm, TenantForm
+from tenants.admin_issued import issued_secret_response
 from tenants.admin_quota import admin_periods, quota_bars, quota_scope
 from tenants.models import AccessPolicy, AlertEvent, ClientKey, Membership, Quota, Tenant
 from tenants.quota_state.contract import KEY, TENANT
@@ -350,25 +349,15 @@ class ClientKeyAdmin(admin.ModelAdmin):
         issued: IssuedKey | None = getattr(request, _ISSUED, None)
         if issued is None:  # pragma: no cover - save_model always sets it on add
             return super().response_add(request, obj, post_url_continue)
-        # Rendered, not redirected, and for popups too (the secret must reach a person), and
-        # never cached: this response is the only copy of the secret there will ever be.
-        opts = self.opts
-        response = TemplateResponse(
+        return issued_secret_response(
+            self,
             request,
-            ISSUED_TEMPLATE,
-            {
-                **self.admin_site.each_context(request),
-                "title": "Key issued",
-                "opts": opts,
-                "issued": obj,
-                "secret": issued.secret,
-                "change_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk]),
-                "changelist_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist"),
-                "add_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_add"),
-            },
+            obj,
+            secret=issued.secret,
+            template=ISSUED_TEMPLATE,
+            title="Key issued",
+            links=("change", "changelist", "add"),
         )
-        add_never_cache_headers(response)
-        return response
 
     @admin.display(description="status")
     def status(self, key: ClientKey) -> str:

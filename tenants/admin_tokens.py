@@ -9,11 +9,9 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
-from django.template.response import TemplateResponse
-from django.urls import reverse
 from django.utils import timezone
-from django.utils.cache import add_never_cache_headers
 
+from tenants.admin_issued import issued_secret_response
 from tenants.models import ManagementToken
 from tenants.services import IssuedManagementToken, management_token_issue, management_token_revoke
 
@@ -82,21 +80,9 @@ class ManagementTokenAdmin(admin.ModelAdmin):
         issued: IssuedManagementToken | None = getattr(request, _ISSUED, None)
         if issued is None:  # pragma: no cover - save_model always sets it on add
             return super().response_add(request, obj, post_url_continue)
-        opts = self.opts
-        response = TemplateResponse(
-            request,
-            ISSUED_TEMPLATE,
-            {
-                **self.admin_site.each_context(request),
-                "title": "Management token issued",
-                "opts": opts,
-                "issued": obj,
-                "secret": issued.secret,
-                "changelist_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist"),
-            },
+        return issued_secret_response(
+            self, request, obj, secret=issued.secret, template=ISSUED_TEMPLATE, title="Management token issued"
         )
-        add_never_cache_headers(response)  # the only copy of the secret there will ever be
-        return response
 
     @admin.display(description="status")
     def status(self, token: ManagementToken) -> str:
