@@ -190,6 +190,7 @@ class Calibration:
                 max(1, int(deployment.tpm / learned.factor)),
                 deployment.weight,
                 deployment.sku,
+                getattr(deployment, "model", ""),
             )
         return view
 

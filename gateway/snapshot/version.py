@@ -20,7 +20,6 @@ from django.db.models.signals import post_delete, post_save
 log = logging.getLogger(__name__)
 
 
-
 def mirror_key() -> str:
     """The mirror's key, under the installation's Redis prefix: two gateways sharing one Redis
     (staging and production, or a test suite's workers) must not read each other's versions."""
