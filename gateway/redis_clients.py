@@ -60,15 +60,33 @@ def _options(timeout: float | None) -> dict[str, Any]:
     return {"socket_timeout": seconds, "socket_connect_timeout": seconds}
 
 
+# Connections per cluster node and client. redis-py's cluster pools fail a call at once past their
+# maximum (100 by default) instead of waiting: a burst of concurrent requests would get 503s. The
+# single-node client has no maximum; this one as good as none.
+CLUSTER_MAX_CONNECTIONS = 10_000
+
+
+class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
+    """redis-py's asyncio cluster client, learning the cluster before the first command runs.
+
+    The client learns its nodes lazily; concurrent first commands (a burst at start-up) raced
+    that and failed with broken connections (redis-py 8.1: 4-12 of 20-50 concurrent first SETs).
+    ``initialize`` takes a lock, so the first commands wait for one initialisation instead."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._initialize:
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
+
+
 def redis_async_client(url: str | None = None, *, timeout: float | None = None, **options: Any) -> Any:
     """An asyncio client on ``url`` (default ``REDIS_URL``) with bounded waits: a
     ``redis.asyncio.Redis``, or a ``redis.asyncio.cluster.RedisCluster`` for a cluster URL."""
     chosen = _url(url)
     retry = AsyncRetry(NoBackoff(), BROKEN_CONNECTION_RETRIES, supported_errors=(redis.ConnectionError,))
     if is_cluster_url(chosen):
-        return redis.asyncio.cluster.RedisCluster.from_url(
-            plain_url(chosen), retry=retry, **_options(timeout), **options
-        )
+        options.setdefault("max_connections", CLUSTER_MAX_CONNECTIONS)
+        return _AsyncCluster.from_url(plain_url(chosen), retry=retry, **_options(timeout), **options)
     return redis.asyncio.Redis.from_url(chosen, retry=retry, **_options(timeout), **options)
 
 
