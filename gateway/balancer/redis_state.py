@@ -358,7 +358,10 @@ class RedisState(BalancerState):
     async def drain(self):
         """Send the queued settlements now (tests, shutdown): one call (on a cluster, per model)."""
         batches, self._later, self._later_count = self._later, {}, 0
-        if batches:
+        if len(batches) == 1:  # always on one Redis
+            (batch,) = batches.values()
+            await self._send_settlements(*batch)
+        elif batches:
             await asyncio.gather(*(self._send_settlements(*batch) for batch in batches.values()))
 
     async def _send_settlements(self, keys: list[str], args: list[str], count: int) -> None:
@@ -525,7 +528,10 @@ class RedisState(BalancerState):
         groups: dict[str, list] = {}  # one call per slot (model) on a cluster, one call on one Redis
         for c in deployments:
             groups.setdefault(self._model_of(c) if self._cluster else "", []).append(c)
-        replies = await asyncio.gather(*(self._status_rows(group, now) for group in groups.values()))
+        if len(groups) == 1:
+            replies = [await self._status_rows(deployments, now)]
+        else:
+            replies = await asyncio.gather(*(self._status_rows(group, now) for group in groups.values()))
         rows_of = {
             c.id: row
             for group, rows in zip(groups.values(), replies, strict=True)
