@@ -25,7 +25,8 @@ slot, so an acquire, which reads the queue and every candidate, stays one atomic
 Settlements ride along only an acquire of their own model's slot (on one Redis, any acquire),
 and the batched ones go in one call per model. A deployment's model comes from the candidates
 this state was given (``Capacity.model``; one without a model is tagged ``{m:}``): signals and
-settlements follow a grant, so the state has seen it. The price: one model's traffic is one
+settlements follow a grant, so the state has seen it; for a deployment it has not seen, it asks
+``model_of`` (the gateway's: the configuration snapshot). The price: one model's traffic is one
 slot, on one node; models spread over the nodes, a single hot model does not.
 
 Waking waiters: whenever a queue's head changes because tickets left (served, gave up,
@@ -46,7 +47,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -135,6 +136,8 @@ class RedisState(BalancerState):
         self._candidate_args: dict[tuple[int, int, int], list[str]] = {}
         self._dep_keys_cache: dict[tuple[int, str], list[str]] = {}
         self._models: dict[int, str] = {}  # deployment id -> the model (hash tag) it was last seen with
+        # Where the model of a deployment not seen yet comes from (None: it has none, ``{m:}``).
+        self.model_of: Callable[[int], str | None] | None = None
         self._settle_args_cache: dict[tuple, list[str]] = {}
         # On a cluster, keys of different models live in different slots: settlements are kept
         # per model (on one Redis, all in group "": any acquire carries them all).
@@ -193,7 +196,9 @@ class RedisState(BalancerState):
     def _dep_keys(self, deployment_id: int, model: str | None = None) -> list[str]:
         """The deployment's keys, in its model's slot (``model``: as given now; None: as last seen)."""
         if model is None:
-            model = self._models.get(deployment_id, "")
+            model = self._models.get(deployment_id)
+            if model is None:
+                model = self._models[deployment_id] = (self.model_of and self.model_of(deployment_id)) or ""
         ref = (deployment_id, model)
         keys = self._dep_keys_cache.get(ref)
         if keys is None:
@@ -321,11 +326,12 @@ class RedisState(BalancerState):
         in one batched call within ``SETTLE_DELAY_SECONDS``. So a request's own settlement costs
         no round trip on its response path, and under load hardly any at all (measured below).
         Until it lands, the reservation keeps holding the windows as reserved: the safe side."""
-        group = self._models.get(grant.deployment_id, "") if self._cluster else ""
+        keys = self._dep_keys(grant.deployment_id)
+        group = self._models[grant.deployment_id] if self._cluster else ""
         batch = self._later.get(group)
         if batch is None:
             batch = self._later[group] = [[], [], 0]
-        batch[0] += self._dep_keys(grant.deployment_id)
+        batch[0] += keys
         batch[1] += self._finish_args("settle", grant, actual_tokens, sku, now, ok)
         batch[2] += 1
         self._later_count += 1

@@ -222,6 +222,18 @@ async def test_renew_moves_a_reservation_to_now_in_one_step(make_state):
     assert await used(state, c, free + 0.002) == [1, 1, 1, 500]
 
 
+async def test_a_signal_for_a_deployment_not_acquired_yet_reaches_its_models_state(make_state):
+    """Redis keeps a deployment's keys under its model's tag: a signal given only the id (another
+    request opened its breaker) finds the model through ``model_of`` (the gateway's snapshot)."""
+    state = await make_state(breaker_failures=2)
+    if make_state.backend != "memory":
+        state.model_of = {1: "gpt-4o"}.get
+    for _ in range(2):
+        await state.record_failure(1, T0)
+    denied = await state.try_acquire_queued("gpt-4o", None, [Candidate(1, tpm=1000, model="gpt-4o")], 10, T0 + 1)
+    assert isinstance(denied, Denied) and denied.reason == Reason.CAPACITY
+
+
 async def test_settlements_of_other_models_wait_for_their_own_slot_and_still_land(make_state):
     """On a Redis Cluster a model's keys live in its slot: an acquire of model "b" carries only
     "b"'s settlements (on one Redis, all); "a"'s go in their own call within the settle delay."""
