@@ -53,6 +53,7 @@ from pathlib import Path
 
 from redis import ConnectionError as RedisConnectionError
 from redis import RedisError
+from redis.exceptions import RedisClusterException
 from redis import TimeoutError as RedisTimeoutError
 from redis.asyncio import Redis
 
@@ -173,7 +174,9 @@ class RedisState(BalancerState):
             raise StateUnavailable(self._unavailable_reason, UNAVAILABLE_RETRY_AFTER)
         try:
             result = await self._scripts[script](keys=keys, args=args)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, RedisClusterException) as exc:
+            # (RedisClusterException: the cluster client found no node to ask, or no owner of the
+            # slot; it is not a RedisError.)
             self._unavailable_until = time.monotonic() + UNAVAILABLE_HOLD_SECONDS
             self._unavailable_reason = f"Redis did not answer ({type(exc).__name__}: {exc})"
             if self.available:
