@@ -53,9 +53,9 @@ from pathlib import Path
 
 from redis import ConnectionError as RedisConnectionError
 from redis import RedisError
-from redis.exceptions import RedisClusterException
 from redis import TimeoutError as RedisTimeoutError
 from redis.asyncio import Redis
+from redis.exceptions import RedisClusterException
 
 from gateway.balancer.breaker import CLOSED, HALF_OPEN, OPEN
 from gateway.balancer.contract import (
