@@ -88,7 +88,7 @@ def quota_use_read(scopes: list[ScopeLimits], periods: Periods, now: float | Non
     if settings.REDIS_URL:
         try:
             return _redis_use(scopes, periods, now)
-        except redis.RedisError:
+        except (redis.RedisError, redis.exceptions.RedisClusterException):  # (a cluster with no node to ask)
             log.warning("could not read quota counters from Redis; showing the usage records", exc_info=True)
             return _records_use(scopes, periods, now)
     local = MemoryQuotaState.local()
