@@ -245,7 +245,7 @@ def make_admitter(redis_client=None) -> Admitter:
     config = QuotaStateConfig(window=g["QUOTA_WINDOW_SECONDS"], hold_seconds=g["QUOTA_HOLD_SECONDS"])
     state: RedisQuotaState | MemoryQuotaState
     if redis_client is not None:
-        fast = fast_client(str(settings.REDIS_URL), settings.REDIS_TIMEOUT_SECONDS)
+        fast = fast_client(str(settings.REDIS_URL), settings.REDIS_TIMEOUT_SECONDS, redis_client)
         state = RedisQuotaState(redis_client, config, prefix=g["BALANCER_REDIS_PREFIX"], fast=fast)
     else:
         state = MemoryQuotaState(config)

@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from gateway.redis_clients import is_cluster_client
+from gateway.redis_clients import is_cluster_client, is_cluster_url
 from tenants.quota_state.contract import (
     TENANT,
     Admitted,
@@ -39,6 +39,7 @@ from tenants.quota_state.contract import (
     new_reservation_id,
 )
 from tenants.quota_state.resp import RespClient
+from tenants.quota_state.resp_cluster import RespClusterClient
 
 _LUA = Path(__file__).with_name("lua")
 SCRIPTS = ("admit", "settle", "read", "reconcile")
@@ -95,7 +96,7 @@ class RedisQuotaState(QuotaState):
         *,
         prefix: str = "gw",
         owns_client: bool = False,
-        fast: RespClient | None = None,
+        fast: RespClient | RespClusterClient | None = None,
     ) -> None:
         """``redis`` serves every call; ``fast`` (owned), when given, serves the two calls of the
         request path, admit and settle (``resp.py`` says why)."""
@@ -120,7 +121,7 @@ class RedisQuotaState(QuotaState):
         from gateway.redis_clients import redis_async_client
 
         client = redis_async_client(url, timeout=timeout)
-        return cls(client, config, prefix=prefix, owns_client=True, fast=fast_client(url, timeout))
+        return cls(client, config, prefix=prefix, owns_client=True, fast=fast_client(url, timeout, client))
 
     async def _hot(self, name: str, keys: list[str], args: list[str]) -> Any:
         if self._fast is not None:
@@ -284,15 +285,18 @@ class RedisQuotaState(QuotaState):
             await self._redis.aclose()
 
 
-def fast_client(url: str, timeout: float) -> RespClient | None:
-    """The small pipelined client for ``url``, or None where it cannot go: a unix socket, or a
-    Redis Cluster (``redis+cluster://``), where the hot calls go through redis-py's cluster
-    client, which routes each script call to its tenant's slot. (``resp.py`` speaks to one node
-    and would have to learn the slot map and follow ``MOVED``; the cluster client costs ~60 us
-    more CPU per call: docs/architecture.md, "Redis Cluster".)
+def fast_client(url: str, timeout: float, cluster: Any = None) -> RespClient | RespClusterClient | None:
+    """The small pipelined client for ``url``, or None where it cannot go (e.g. a unix socket).
 
+    On a Redis Cluster (``redis+cluster://``) one such connection per primary, routed by slot
+    with ``cluster``'s slot map (``resp_cluster.py``); without ``cluster``, None: the hot calls
+    then go through redis-py's cluster client (~80 us more gateway CPU per call).
     ``timeout`` bounds connecting and each reply, as for every other Redis client of the gateway
     (``REDIS_TIMEOUT_SECONDS``): a paused Redis must turn into a 503 within a second."""
+    if is_cluster_url(url):
+        if cluster is None or not is_cluster_client(cluster):
+            return None
+        return RespClusterClient(cluster, url, connect_timeout=timeout, timeout=timeout)
     try:
         return RespClient(url, connect_timeout=timeout, timeout=timeout)
     except ValueError:
