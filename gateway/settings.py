@@ -149,17 +149,24 @@ else:
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="") or None
+# ``redis+cluster://host:port`` (``rediss+cluster://`` with TLS): a Redis Cluster, any node of it
+# (gateway/redis_clients.py). Django's Redis cache, the channel layer and Celery's Redis broker
+# cannot use one; they take GATEWAY_CACHE_REDIS_URL (a plain Redis) if given, else stay in
+# process (the gateway uses neither the cache nor the layer on its request path) and Celery runs
+# eagerly unless CELERY_BROKER_URL is set.
+REDIS_CLUSTER = bool(REDIS_URL) and str(REDIS_URL).lower().startswith(("redis+cluster://", "rediss+cluster://"))
+CACHE_REDIS_URL = env.str("GATEWAY_CACHE_REDIS_URL", default="") or (None if REDIS_CLUSTER else REDIS_URL)
 
 # Every Redis call answers or fails within this many seconds (connect and each reply). redis-py's
 # defaults (5 s each, ten retries with backoff) would hold a request for a minute on a paused Redis.
 REDIS_TIMEOUT_SECONDS = env.float("GATEWAY_REDIS_TIMEOUT_SECONDS", default=0.5)
 _REDIS_TIMEOUTS = {"socket_timeout": REDIS_TIMEOUT_SECONDS, "socket_connect_timeout": REDIS_TIMEOUT_SECONDS}
 
-if REDIS_URL:
+if CACHE_REDIS_URL:
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": REDIS_URL,
+            "LOCATION": CACHE_REDIS_URL,
             "OPTIONS": _REDIS_TIMEOUTS,
             # Under the gateway's namespace, beside its balancer and quota keys. (Never
             # ``cache.clear()`` here: Django's Redis cache flushes the whole database.)
@@ -170,7 +177,7 @@ if REDIS_URL:
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             # Connect timeout only: the layer's receive blocks in BZPOPMIN for seconds by design.
-            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_connect_timeout": REDIS_TIMEOUT_SECONDS}]},
+            "CONFIG": {"hosts": [{"address": CACHE_REDIS_URL, "socket_connect_timeout": REDIS_TIMEOUT_SECONDS}]},
         }
     }
 else:
@@ -244,9 +251,9 @@ SPECTACULAR_SETTINGS = {
 # Celery: a worker and beat on Redis when configured. Without a broker, tasks called with
 # .delay() run eagerly in process, and `make run` runs the beat schedule below on a timer in its
 # own process (gateway.scheduler), so the dashboards fill without Redis.
-CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL or "memory://")
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=CACHE_REDIS_URL or "memory://")
 CELERY_RESULT_BACKEND = None
-CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=not REDIS_URL)
+CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=not CACHE_REDIS_URL)
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Bounded waits on the broker too (a longer one than the request path's: workers are not on it).

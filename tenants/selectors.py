@@ -17,9 +17,10 @@ import redis
 from django.conf import settings
 from django.db.models import Count, F, Q, Sum
 
+from gateway.redis_clients import is_cluster_url, redis_sync_client
 from tenants.quota_state.contract import BUCKETS, KEY, ScopeLimits, ScopeUse, Seed
 from tenants.quota_state.memory import MemoryQuotaState
-from tenants.quota_state.redis import lua_source, read_args, read_rows, scope_keys
+from tenants.quota_state.redis import lua_source, read_args, read_rows, scope_keys, slot_groups
 from tenants.quotas import Periods, cost_units, reset_since
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def quota_use_read(scopes: list[ScopeLimits], periods: Periods, now: float | Non
     if settings.REDIS_URL:
         try:
             return _redis_use(scopes, periods, now)
-        except redis.RedisError:
+        except (redis.RedisError, redis.exceptions.RedisClusterException):  # (a cluster with no node to ask)
             log.warning("could not read quota counters from Redis; showing the usage records", exc_info=True)
             return _records_use(scopes, periods, now)
     local = MemoryQuotaState.local()
@@ -98,16 +99,21 @@ def quota_use_read(scopes: list[ScopeLimits], periods: Periods, now: float | Non
 
 @cache
 def _redis_reader(url: str) -> Any:
-    client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    client = redis_sync_client(url, timeout=2.0)
     return client.register_script(lua_source("read"))
 
 
 def _redis_use(scopes: list[ScopeLimits], periods: Periods, now: float) -> list[ScopeUse]:
-    script = _redis_reader(str(settings.REDIS_URL))
+    url = str(settings.REDIS_URL)
+    script = _redis_reader(url)
     g = settings.GATEWAY
-    keys = [key for scope in scopes for key in scope_keys(g["BALANCER_REDIS_PREFIX"], scope)]
-    args = read_args(scopes, periods.ids, now, g["QUOTA_WINDOW_SECONDS"] / BUCKETS)
-    return read_rows(script(keys=keys, args=args))
+    out: dict[int, ScopeUse] = {}
+    for group in slot_groups(scopes, is_cluster_url(url)):  # one call; on a cluster, one per tenant
+        part = [scopes[i] for i in group]
+        keys = [key for scope in part for key in scope_keys(g["BALANCER_REDIS_PREFIX"], scope)]
+        args = read_args(part, periods.ids, now, g["QUOTA_WINDOW_SECONDS"] / BUCKETS)
+        out.update(zip(group, read_rows(script(keys=keys, args=args)), strict=True))
+    return [out[i] for i in range(len(scopes))]
 
 
 def _records_use(scopes: list[ScopeLimits], periods: Periods, now: float) -> list[ScopeUse]:

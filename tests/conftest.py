@@ -23,6 +23,7 @@ from gateway.models import Deployment, Endpoint
 from tenants.models import AccessPolicy, Quota, Tenant
 from tenants.services import IssuedKey, key_issue
 from tests.log_secrets import endpoint_secrets, endpoint_secrets_note, leaked_secret
+from tests.redis_cluster import redis_cluster  # noqa: F401 (a fixture: the local Redis Cluster)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -67,9 +67,9 @@ Applying it
 Sharing (Redis)
     Each process publishes, every ``publish_interval`` seconds (off the request path), per
     deployment it has used: its tokens reserved within the minute, its local factor and its sample
-    count, in one hash per deployment (``calibration_key``: the deployment id is the hash tag, so
-    the key lives in the same Redis Cluster slot as the deployment's balancer keys if those use
-    the same tag). It reads every process's fields back: the factor used is the sample-weighted
+    count, in one hash per deployment (``calibration_key``; on a Redis Cluster the deployment id is
+    its hash tag, and the hashes of several deployments go in one pipeline, which redis-py's
+    cluster client splits per node: no script needs them in one slot). It reads every process's fields back: the factor used is the sample-weighted
     mean of the fresh local factors, and ``R`` adds the other processes' reservations. Without
     Redis, the process's own figures are the whole story.
 """
@@ -190,6 +190,7 @@ class Calibration:
                 max(1, int(deployment.tpm / learned.factor)),
                 deployment.weight,
                 deployment.sku,
+                getattr(deployment, "model", ""),
             )
         return view
 

@@ -126,6 +126,8 @@ class Capacity(Protocol):
     def weight(self) -> int: ...
     @property
     def sku(self) -> str: ...
+    @property
+    def model(self) -> str: ...  # the model it serves: on Redis, the hash tag of its keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,7 @@ class Candidate:
     tpm: int = 0
     weight: int = 1
     sku: str = SKU_STANDARD
+    model: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,17 @@ arrive meanwhile, are answered at once. The first call after the hold tries Redi
 the state recovers by itself when Redis answers.
 
 Time is the caller's ``time.time()``: gateway hosts must keep their clocks in sync (NTP keeps
-them within a few ms, which the window guard absorbs). Keys are passed in ``KEYS``; for Redis
-Cluster give a hash-tagged prefix (``"{gw}"``) so they share a slot.
+them within a few ms, which the window guard absorbs). Keys are passed in ``KEYS``.
+
+Redis Cluster: every key carries its *model* as the hash tag (``<prefix>:bal:{m:<model>}:...``):
+a model's queue and the deployments serving it (a deployment serves one model) live in one
+slot, so an acquire, which reads the queue and every candidate, stays one atomic script call.
+Settlements ride along only an acquire of their own model's slot (on one Redis, any acquire),
+and the batched ones go in one call per model. A deployment's model comes from the candidates
+this state was given (``Capacity.model``; one without a model is tagged ``{m:}``): signals and
+settlements follow a grant, so the state has seen it; for a deployment it has not seen, it asks
+``model_of`` (the gateway's: the configuration snapshot). The price: one model's traffic is one
+slot, on one node; models spread over the nodes, a single hot model does not.
 
 Waking waiters: whenever a queue's head changes because tickets left (served, gave up,
 lease lapsed), the script PUBLISHes ``"<queue>\n<ticket>"`` on ``<prefix>:bal:wake``; one
@@ -38,7 +47,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -46,6 +55,7 @@ from redis import ConnectionError as RedisConnectionError
 from redis import RedisError
 from redis import TimeoutError as RedisTimeoutError
 from redis.asyncio import Redis
+from redis.exceptions import RedisClusterException
 
 from gateway.balancer.breaker import CLOSED, HALF_OPEN, OPEN
 from gateway.balancer.contract import (
@@ -61,6 +71,7 @@ from gateway.balancer.contract import (
     new_id,
     window_status,
 )
+from gateway.redis_clients import is_cluster_client
 from gateway.snapshot.types import SKU_PROVISIONED, SKU_STANDARD
 
 _LUA = Path(__file__).with_name("lua")
@@ -124,11 +135,16 @@ class RedisState(BalancerState):
             repr(cfg.breaker_open_seconds),
         ]
         self._candidate_args: dict[tuple[int, int, int], list[str]] = {}
-        self._dep_keys_cache: dict[int, list[str]] = {}
+        self._dep_keys_cache: dict[tuple[int, str], list[str]] = {}
+        self._models: dict[int, str] = {}  # deployment id -> the model (hash tag) it was last seen with
+        # Where the model of a deployment not seen yet comes from (None: it has none, ``{m:}``).
+        self.model_of: Callable[[int], str | None] | None = None
         self._settle_args_cache: dict[tuple, list[str]] = {}
-        # Settlements waiting to ride along the next acquire (settle_later).
-        self._later_keys: list[str] = []
-        self._later_args: list[str] = []
+        # On a cluster, keys of different models live in different slots: settlements are kept
+        # per model (on one Redis, all in group "": any acquire carries them all).
+        self._cluster = is_cluster_client(redis)
+        # Settlements waiting to ride along the next acquire (settle_later): group -> [keys, args, count].
+        self._later: dict[str, list] = {}
         self._later_count = 0
         self._flush_task: asyncio.Task | None = None
         self._channel = f"{self._prefix}:wake"
@@ -158,7 +174,9 @@ class RedisState(BalancerState):
             raise StateUnavailable(self._unavailable_reason, UNAVAILABLE_RETRY_AFTER)
         try:
             result = await self._scripts[script](keys=keys, args=args)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, RedisClusterException) as exc:
+            # (RedisClusterException: the cluster client found no node to ask, or no owner of the
+            # slot; it is not a RedisError.)
             self._unavailable_until = time.monotonic() + UNAVAILABLE_HOLD_SECONDS
             self._unavailable_reason = f"Redis did not answer ({type(exc).__name__}: {exc})"
             if self.available:
@@ -178,16 +196,28 @@ class RedisState(BalancerState):
 
     # -- keys and arguments --------------------------------------------------------------
 
-    def _dep_keys(self, deployment_id: int) -> list[str]:
-        keys = self._dep_keys_cache.get(deployment_id)
+    def _dep_keys(self, deployment_id: int, model: str | None = None) -> list[str]:
+        """The deployment's keys, in its model's slot (``model``: as given now; None: as last seen)."""
+        if model is None:
+            model = self._models.get(deployment_id)
+            if model is None:
+                model = self._models[deployment_id] = (self.model_of and self.model_of(deployment_id)) or ""
+        ref = (deployment_id, model)
+        keys = self._dep_keys_cache.get(ref)
         if keys is None:
-            base = f"{self._prefix}:d:{int(deployment_id)}"
-            keys = self._dep_keys_cache[deployment_id] = [f"{base}:s", f"{base}:b", f"{base}:infl"]
+            base = f"{self._prefix}:{{m:{model}}}:d:{int(deployment_id)}"
+            keys = self._dep_keys_cache[ref] = [f"{base}:s", f"{base}:b", f"{base}:infl"]
         return keys
 
     def _queue_keys(self, queue: str) -> list[str]:
-        base = f"{self._prefix}:q:{queue}"
+        base = f"{self._prefix}:{{m:{queue}}}:q"
         return [f"{base}:z", f"{base}:t", f"{base}:l", f"{base}:m", f"{base}:r", f"{base}:e"]
+
+    def _model_of(self, c: Capacity) -> str:
+        model = getattr(c, "model", "") or ""
+        if self._models.get(c.id) != model:
+            self._models[c.id] = model
+        return model
 
     def _cand_args(self, c: Capacity) -> list[str]:
         key = (c.rpm, c.tpm, c.weight)
@@ -204,7 +234,7 @@ class RedisState(BalancerState):
         keys: list[str] = []
         args = [str(len(candidates))]
         for c in candidates:
-            keys += self._dep_keys(c.id)
+            keys += self._dep_keys(c.id, self._model_of(c))
             args += self._cand_args(c)
         return keys, args
 
@@ -217,7 +247,10 @@ class RedisState(BalancerState):
         keys = (self._queue_keys(queue) + ckeys) if queue is not None else ckeys
         riding = 0
         if self._later_count:
-            later_keys, later_args, riding = self._take_later()
+            group = (
+                "" if not self._cluster else (queue if queue is not None else self._models.get(candidates[0].id, ""))
+            )
+            later_keys, later_args, riding = self._take_later(group)
             keys = keys + later_keys
             cargs = cargs + later_args
         args = [
@@ -296,18 +329,27 @@ class RedisState(BalancerState):
         in one batched call within ``SETTLE_DELAY_SECONDS``. So a request's own settlement costs
         no round trip on its response path, and under load hardly any at all (measured below).
         Until it lands, the reservation keeps holding the windows as reserved: the safe side."""
-        self._later_keys += self._dep_keys(grant.deployment_id)
-        self._later_args += self._finish_args("settle", grant, actual_tokens, sku, now, ok)
+        keys = self._dep_keys(grant.deployment_id)
+        group = self._models[grant.deployment_id] if self._cluster else ""
+        batch = self._later.get(group)
+        if batch is None:
+            batch = self._later[group] = [[], [], 0]
+        batch[0] += keys
+        batch[1] += self._finish_args("settle", grant, actual_tokens, sku, now, ok)
+        batch[2] += 1
         self._later_count += 1
         if self._later_count >= SETTLE_BATCH_MAX:
             self._start_flush(0.0)
         elif self._flush_task is None:
             self._start_flush(SETTLE_DELAY_SECONDS)
 
-    def _take_later(self) -> tuple[list[str], list[str], int]:
-        taken = self._later_keys, self._later_args, self._later_count
-        self._later_keys, self._later_args, self._later_count = [], [], 0
-        return taken
+    def _take_later(self, group: str) -> tuple[list[str], list[str], int]:
+        """The settlements waiting in ``group`` (those an acquire in its slot may carry)."""
+        batch = self._later.pop(group, None)
+        if batch is None:
+            return [], [], 0
+        self._later_count -= batch[2]
+        return batch[0], batch[1], batch[2]
 
     def _start_flush(self, delay: float) -> None:
         if self._flush_task is not None and not self._flush_task.done():
@@ -323,10 +365,15 @@ class RedisState(BalancerState):
         await self.drain()
 
     async def drain(self):
-        """Send the queued settlements now (tests, shutdown)."""
-        keys, args, count = self._take_later()
-        if not count:
-            return
+        """Send the queued settlements now (tests, shutdown): one call (on a cluster, per model)."""
+        batches, self._later, self._later_count = self._later, {}, 0
+        if len(batches) == 1:  # always on one Redis
+            (batch,) = batches.values()
+            await self._send_settlements(*batch)
+        elif batches:
+            await asyncio.gather(*(self._send_settlements(*batch) for batch in batches.values()))
+
+    async def _send_settlements(self, keys: list[str], args: list[str], count: int) -> None:
         try:
             await self._run("settle", keys, args)
         except StateUnavailable as exc:
@@ -365,7 +412,7 @@ class RedisState(BalancerState):
             repr(self.config.retention_window.bucket),
             *cargs,
         ]
-        res = await self._run("renew", self._dep_keys(candidate.id), args)
+        res = await self._run("renew", self._dep_keys(candidate.id, self._model_of(candidate)), args)
         return self._result(res, (candidate,), int(grant.tokens), rid)
 
     # -- upstream signals ----------------------------------------------------------------
@@ -457,8 +504,13 @@ class RedisState(BalancerState):
             self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def _listen(self) -> None:
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = None
         try:
+            if self._cluster:
+                # A cluster client learns its nodes on first use; its pub/sub needs them. A PUBLISH
+                # (from a script) reaches the subscribers of every node of a cluster.
+                await self._redis.initialize()
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             await pubsub.subscribe(self._channel)
             self._subscribed.set()
             async for message in pubsub.listen():
@@ -471,8 +523,9 @@ class RedisState(BalancerState):
         except Exception:  # the next wait_change restarts us; until then waiters poll
             log.warning("balancer wake-up listener stopped", exc_info=True)
         finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+            if pubsub is not None:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
 
     # -- status --------------------------------------------------------------------------
 
@@ -481,10 +534,21 @@ class RedisState(BalancerState):
         cfg = self.config
         if not deployments:
             return {}
-        keys, cargs = self._candidates(deployments)
-        rows = await self._run("status", keys, [repr(now), *self._config_args, *cargs])
+        groups: dict[str, list] = {}  # one call per slot (model) on a cluster, one call on one Redis
+        for c in deployments:
+            groups.setdefault(self._model_of(c) if self._cluster else "", []).append(c)
+        if len(groups) == 1:
+            replies = [await self._status_rows(deployments, now)]
+        else:
+            replies = await asyncio.gather(*(self._status_rows(group, now) for group in groups.values()))
+        rows_of = {
+            c.id: row
+            for group, rows in zip(groups.values(), replies, strict=True)
+            for c, row in zip(group, rows, strict=True)
+        }
         out: dict[int, dict] = {}
-        for c, row in zip(deployments, rows, strict=True):
+        for c in deployments:
+            row = rows_of[c.id]
             row = [_s(x) for x in row]
             plan = self.planner.plan(c.rpm, c.tpm)
             fails, open_until = int(float(row[4])), float(row[5])
@@ -510,6 +574,10 @@ class RedisState(BalancerState):
                 upstream_tokens=int(float(row[8])) if row[8] else None,
             )
         return out
+
+    async def _status_rows(self, deployments, now: float) -> list:
+        keys, cargs = self._candidates(deployments)
+        return await self._run("status", keys, [repr(now), *self._config_args, *cargs])
 
     # -- lifecycle -----------------------------------------------------------------------
 

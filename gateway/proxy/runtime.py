@@ -21,6 +21,7 @@ from gateway.balancer import make_state
 from gateway.balancer.calibration import Calibration, CalibrationSync
 from gateway.balancer.failures import FailureNotes
 from gateway.balancer.policy import BalancedDispatcher
+from gateway.balancer.redis_state import RedisState
 from gateway.observability.dispatch import ObservedDispatcher, dispatcher_observed
 from gateway.observability.service import observability_start, observability_stop
 from gateway.proxy.admission import Admitter
@@ -208,6 +209,8 @@ def make_dispatcher(redis_client=None) -> BalancedDispatcher:
         breaker_open_seconds=g["BREAKER_OPEN_SECONDS"],
         queue_max_depth=g["QUEUE_MAX_DEPTH"],
     )
+    if isinstance(state, RedisState):  # a deployment's keys are in its model's slot
+        state.model_of = deployment_model
     calibration = Calibration(state.config.minute)
     sync = None
     if redis_client is not None:
@@ -224,6 +227,14 @@ def make_dispatcher(redis_client=None) -> BalancedDispatcher:
     )
 
 
+def deployment_model(deployment_id: int) -> str | None:
+    """The model a deployment serves, from the configuration (None: not configured)."""
+    for d in snapshot.current().all_deployments:
+        if d.id == deployment_id:
+            return d.model
+    return None
+
+
 def make_admitter(redis_client=None) -> Admitter:
     """Quota admission on this process's state: Redis (sharing the runtime's client) when configured."""
     from tenants.quota_state import QuotaStateConfig
@@ -234,7 +245,7 @@ def make_admitter(redis_client=None) -> Admitter:
     config = QuotaStateConfig(window=g["QUOTA_WINDOW_SECONDS"], hold_seconds=g["QUOTA_HOLD_SECONDS"])
     state: RedisQuotaState | MemoryQuotaState
     if redis_client is not None:
-        fast = fast_client(str(settings.REDIS_URL), settings.REDIS_TIMEOUT_SECONDS)
+        fast = fast_client(str(settings.REDIS_URL), settings.REDIS_TIMEOUT_SECONDS, redis_client)
         state = RedisQuotaState(redis_client, config, prefix=g["BALANCER_REDIS_PREFIX"], fast=fast)
     else:
         state = MemoryQuotaState(config)

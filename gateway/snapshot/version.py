@@ -64,7 +64,7 @@ def _mirror_to_redis(version: int) -> None:
             client.set(mirror_key(), version)
         finally:
             client.close()
-    except redis.RedisError:
+    except (redis.RedisError, redis.exceptions.RedisClusterException):  # (a cluster with no node to ask)
         # The database holds the version; every process also reads it there, within a second or so.
         log.warning("could not mirror config version %s to Redis", version, exc_info=True)
 

@@ -6,7 +6,9 @@ one round trip. Every key expires: windows two minutes after their last use, bud
 after theirs (a budget that loses its keys is seeded again from the usage records).
 
 Keys are ``<prefix>:q:{t<tenant id>}:<scope>:<b|z|w>``: the hash tag puts a tenant's scopes and
-its keys' in one Redis Cluster slot, so the scripts stay single-slot.
+its keys' in one Redis Cluster slot, so the scripts stay single-slot (admission and settlement
+are per tenant; settlements ride along or are batched per tenant; the reconciliation and the
+admin's read take a tenant's scopes per call on a cluster, see ``reconcile`` and ``read``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from gateway.redis_clients import is_cluster_client, is_cluster_url
 from tenants.quota_state.contract import (
     TENANT,
     Admitted,
@@ -36,6 +39,7 @@ from tenants.quota_state.contract import (
     new_reservation_id,
 )
 from tenants.quota_state.resp import RespClient
+from tenants.quota_state.resp_cluster import RespClusterClient
 
 _LUA = Path(__file__).with_name("lua")
 SCRIPTS = ("admit", "settle", "read", "reconcile")
@@ -65,6 +69,17 @@ def read_args(scopes: list[ScopeLimits], periods: PeriodIds, now: float, bucket_
     return args
 
 
+def slot_groups(scopes: list[ScopeLimits], cluster: bool) -> list[list[int]]:
+    """Indexes of ``scopes`` per script call: all in one on a single Redis; on a cluster one call
+    per tenant (its hash tag), as a script's keys must share a slot."""
+    if not cluster:
+        return [list(range(len(scopes)))]
+    groups: dict[int, list[int]] = {}
+    for i, scope in enumerate(scopes):
+        groups.setdefault(scope.tenant_id, []).append(i)
+    return list(groups.values())
+
+
 def read_rows(rows: list) -> list[ScopeUse]:
     out = []
     for row in rows:
@@ -81,7 +96,7 @@ class RedisQuotaState(QuotaState):
         *,
         prefix: str = "gw",
         owns_client: bool = False,
-        fast: RespClient | None = None,
+        fast: RespClient | RespClusterClient | None = None,
     ) -> None:
         """``redis`` serves every call; ``fast`` (owned), when given, serves the two calls of the
         request path, admit and settle (``resp.py`` says why)."""
@@ -90,6 +105,7 @@ class RedisQuotaState(QuotaState):
         self._owns_client = owns_client
         self.prefix = prefix
         self._scripts = {name: redis.register_script(lua_source(name)) for name in SCRIPTS}
+        self._cluster = is_cluster_client(redis)
         self._fast = fast
         self._shas = {name: fast.register(lua_source(name)) for name in ("admit", "settle")} if fast else {}
         self._keys: dict[tuple[str, int, int], list[str]] = {}
@@ -102,8 +118,10 @@ class RedisQuotaState(QuotaState):
         cls, url: str, config: QuotaStateConfig | None = None, *, prefix: str = "gw", timeout: float = 0.5
     ) -> RedisQuotaState:
         """A state with clients of its own on ``url``, every wait bounded by ``timeout`` seconds."""
-        client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        return cls(client, config, prefix=prefix, owns_client=True, fast=fast_client(url, timeout))
+        from gateway.redis_clients import redis_async_client
+
+        client = redis_async_client(url, timeout=timeout)
+        return cls(client, config, prefix=prefix, owns_client=True, fast=fast_client(url, timeout, client))
 
     async def _hot(self, name: str, keys: list[str], args: list[str]) -> Any:
         if self._fast is not None:
@@ -217,28 +235,36 @@ class RedisQuotaState(QuotaState):
 
     async def reconcile(self, items: list[tuple[ScopeLimits, Seed]], periods: PeriodIds) -> int:
         raised = 0
-        for start in range(0, len(items), 200):  # a few hundred scopes per call keeps each call short
-            chunk = items[start : start + 200]
-            keys = [self.keys(scope)[0] for scope, _ in chunk]
-            args = [str(periods.day), str(periods.month), str(len(chunk))]
-            for scope, seed in chunk:
-                args += [
-                    str(scope.day_stamp),
-                    str(scope.month_stamp),
-                    str(seed.day_tokens),
-                    str(seed.month_tokens),
-                    str(seed.month_cost),
-                ]
-            raised += int(await self._scripts["reconcile"](keys=keys, args=args))
+        for group in slot_groups([scope for scope, _ in items], self._cluster):
+            for start in range(0, len(group), 200):  # a few hundred scopes per call keeps each call short
+                raised += await self._reconcile_chunk([items[i] for i in group[start : start + 200]], periods)
         return raised
+
+    async def _reconcile_chunk(self, chunk: list[tuple[ScopeLimits, Seed]], periods: PeriodIds) -> int:
+        keys = [self.keys(scope)[0] for scope, _ in chunk]
+        args = [str(periods.day), str(periods.month), str(len(chunk))]
+        for scope, seed in chunk:
+            args += [
+                str(scope.day_stamp),
+                str(scope.month_stamp),
+                str(seed.day_tokens),
+                str(seed.month_tokens),
+                str(seed.month_cost),
+            ]
+        return int(await self._scripts["reconcile"](keys=keys, args=args))
 
     async def read(self, scopes: list[ScopeLimits], periods: PeriodIds, now: float | None = None) -> list[ScopeUse]:
         if not scopes:
             return []
         now = time.time() if now is None else now
-        keys = [key for scope in scopes for key in self.keys(scope)]
-        rows = await self._scripts["read"](keys=keys, args=read_args(scopes, periods, now, self.config.bucket))
-        return read_rows(rows)
+        out: list[ScopeUse | None] = [None] * len(scopes)
+        for group in slot_groups(scopes, self._cluster):
+            part = [scopes[i] for i in group]
+            keys = [key for scope in part for key in self.keys(scope)]
+            rows = await self._scripts["read"](keys=keys, args=read_args(part, periods, now, self.config.bucket))
+            for i, use in zip(group, read_rows(rows), strict=True):
+                out[i] = use
+        return [use for use in out if use is not None]
 
     async def reset_all(self) -> None:
         """Delete every quota key under this prefix (tests; never on a shared production prefix)."""
@@ -259,11 +285,18 @@ class RedisQuotaState(QuotaState):
             await self._redis.aclose()
 
 
-def fast_client(url: str, timeout: float) -> RespClient | None:
+def fast_client(url: str, timeout: float, cluster: Any = None) -> RespClient | RespClusterClient | None:
     """The small pipelined client for ``url``, or None where it cannot go (e.g. a unix socket).
 
+    On a Redis Cluster (``redis+cluster://``) one such connection per primary, routed by slot
+    with ``cluster``'s slot map (``resp_cluster.py``); without ``cluster``, None: the hot calls
+    then go through redis-py's cluster client (~80 us more gateway CPU per call).
     ``timeout`` bounds connecting and each reply, as for every other Redis client of the gateway
     (``REDIS_TIMEOUT_SECONDS``): a paused Redis must turn into a 503 within a second."""
+    if is_cluster_url(url):
+        if cluster is None or not is_cluster_client(cluster):
+            return None
+        return RespClusterClient(cluster, url, connect_timeout=timeout, timeout=timeout)
     try:
         return RespClient(url, connect_timeout=timeout, timeout=timeout)
     except ValueError:

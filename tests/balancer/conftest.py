@@ -34,13 +34,19 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def make_state(request):
     """``await make_state(**knobs)`` -> a fresh BalancerState of the parametrized backend.
 
-    Defaults: a 6-second minute (windows 0.1 s, 1 s, 6 s) and a 10 ms guard floor.
+    ``cluster``: the Redis backend on a local three-node Redis Cluster (``tests/redis_cluster.py``),
+    where a script whose keys span two slots fails. Defaults: a 6-second minute (windows 0.1 s,
+    1 s, 6 s) and a 10 ms guard floor.
     """
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    url = None
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+    elif request.param == "cluster":
+        url = request.getfixturevalue("redis_cluster").url
     created: list[BalancerState] = []
 
     async def factory(**knobs) -> BalancerState:

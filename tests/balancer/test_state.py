@@ -27,7 +27,13 @@ from gateway.balancer.windows import request_windows, token_windows
 
 from .conftest import T0
 
-UNLIMITED = [Candidate(99)]
+
+def serving(queue: str) -> list[Candidate]:
+    """An unlimited deployment of the queue's model (on a Redis Cluster, a model's queue and its
+    deployments share a slot; a queued acquire's candidates are the queue's model's)."""
+    return [Candidate(99, model=queue)]
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -214,6 +220,33 @@ async def test_renew_moves_a_reservation_to_now_in_one_step(make_state):
     late = await state.renew(renewed, c, free + 0.002)
     assert isinstance(late, Denied)
     assert await used(state, c, free + 0.002) == [1, 1, 1, 500]
+
+
+async def test_a_signal_for_a_deployment_not_acquired_yet_reaches_its_models_state(make_state):
+    """Redis keeps a deployment's keys under its model's tag: a signal given only the id (another
+    request opened its breaker) finds the model through ``model_of`` (the gateway's snapshot)."""
+    state = await make_state(breaker_failures=2)
+    if make_state.backend != "memory":
+        state.model_of = {1: "gpt-4o"}.get
+    for _ in range(2):
+        await state.record_failure(1, T0)
+    denied = await state.try_acquire_queued("gpt-4o", None, [Candidate(1, tpm=1000, model="gpt-4o")], 10, T0 + 1)
+    assert isinstance(denied, Denied) and denied.wait_seconds > 20  # held by the open breaker (30 s)
+
+
+async def test_settlements_of_other_models_wait_for_their_own_slot_and_still_land(make_state):
+    """On a Redis Cluster a model's keys live in its slot: an acquire of model "b" carries only
+    "b"'s settlements (on one Redis, all); "a"'s go in their own call within the settle delay."""
+    state = await make_state()
+    a, b = Candidate(1, tpm=1000, model="a"), Candidate(2, tpm=1000, model="b")
+    ga, gb = await state.try_acquire([a], 300, T0), await state.try_acquire([b], 300, T0)
+    await state.settle_later(ga, 100, now=T0 + 0.05)
+    await state.settle_later(gb, 200, now=T0 + 0.05)
+    assert isinstance(await state.try_acquire_queued("b", None, [b], 10, T0 + 0.1), Grant)
+    await asyncio.sleep(0.1)
+    status = await state.status([a, b], T0 + 0.1)
+    assert [status[1]["in_flight"], status[2]["in_flight"]] == [0, 1]  # b's latest grant is still out
+    assert not await state.settle(ga, 10) and not await state.settle(gb, 10)  # both settled once
 
 
 async def test_settle_later_lands_with_the_next_acquire_or_soon_after(make_state):
@@ -433,7 +466,7 @@ async def serve_order(state, queue, tickets, now=T0) -> list[str]:
     order, waiting = [], list(tickets)
     while waiting:
         for t in waiting:
-            r = await state.try_acquire_queued(queue, t, UNLIMITED, 1, now)
+            r = await state.try_acquire_queued(queue, t, serving(queue), 1, now)
             if isinstance(r, Grant):
                 order.append(t)
                 waiting.remove(t)
@@ -484,7 +517,7 @@ async def test_tickets_that_left_unserved_do_not_push_their_tenant_back(make_sta
 
 async def test_new_arrival_cannot_jump_the_waiters(make_state):
     state = await make_state()
-    c = Candidate(1, tpm=1000)
+    c = Candidate(1, tpm=1000, model="m")
     await state.enqueue("m", "w1", 5, "A", T0)
     # Capacity is there, but somebody waits: the newcomer (any priority) must queue too.
     assert await state.try_acquire_queued("m", None, [c], 10, T0) == Denied(0.0, Reason.QUEUED)
@@ -502,11 +535,11 @@ async def test_expired_leases_are_skipped_and_polls_renew_them(make_state):
     state = await make_state()
     await state.enqueue("m", "dead", 1, "A", T0, lease_seconds=1.0)
     await state.enqueue("m", "alive", 1, "B", T0, lease_seconds=1.0)
-    assert await state.try_acquire_queued("m", "alive", UNLIMITED, 1, T0 + 0.8) == Denied(0.0, Reason.QUEUED)
+    assert await state.try_acquire_queued("m", "alive", serving("m"), 1, T0 + 0.8) == Denied(0.0, Reason.QUEUED)
     assert await state.touch("m", "alive", T0 + 1.5)
     assert await state.depth("m", T0 + 1.6) == {1: 1}  # "dead" never polled: gone
-    assert isinstance(await state.try_acquire_queued("m", "alive", UNLIMITED, 1, T0 + 1.7), Grant)
-    assert await state.try_acquire_queued("m", "dead", UNLIMITED, 1, T0 + 1.8) == Denied(0.0, Reason.NOT_QUEUED)
+    assert isinstance(await state.try_acquire_queued("m", "alive", serving("m"), 1, T0 + 1.7), Grant)
+    assert await state.try_acquire_queued("m", "dead", serving("m"), 1, T0 + 1.8) == Denied(0.0, Reason.NOT_QUEUED)
     assert not await state.touch("m", "dead", T0 + 1.8)
     assert await state.depth("m", T0 + 1.8) == {}
 
@@ -535,8 +568,8 @@ async def test_a_better_priority_evicts_the_last_ticket_of_a_full_queue(make_sta
     assert await state.enqueue("m", "vip", 0, "V", T0 + 0.1)
     assert await state.depth("m", T0 + 0.1) == {0: 1, 9: 2}
     # The ticket that would have been served last learns why it is gone, once.
-    assert await state.try_acquire_queued("m", "low2", UNLIMITED, 1, T0 + 0.2) == Denied(0.0, Reason.EVICTED)
-    assert await state.try_acquire_queued("m", "low2", UNLIMITED, 1, T0 + 0.3) == Denied(0.0, Reason.NOT_QUEUED)
+    assert await state.try_acquire_queued("m", "low2", serving("m"), 1, T0 + 0.2) == Denied(0.0, Reason.EVICTED)
+    assert await state.try_acquire_queued("m", "low2", serving("m"), 1, T0 + 0.3) == Denied(0.0, Reason.NOT_QUEUED)
     assert not await state.touch("m", "low2", T0 + 0.3)
     assert await serve_order(state, "m", ["low0", "low1", "vip"], T0 + 0.4) == ["vip", "low0", "low1"]
 
@@ -549,8 +582,8 @@ async def test_an_equal_priority_arrival_into_a_full_queue_is_refused(make_state
     assert not await state.enqueue("m", "worse", 10, "T9", T0 + 0.1)
     assert await state.depth("m", T0 + 0.1) == {9: 3}
     for ticket in ("low1", "low2"):  # nobody was evicted
-        assert await state.try_acquire_queued("m", ticket, UNLIMITED, 1, T0 + 0.2) == Denied(0.0, Reason.QUEUED)
-    assert await state.try_acquire_queued("m", "late", UNLIMITED, 1, T0 + 0.2) == Denied(0.0, Reason.NOT_QUEUED)
+        assert await state.try_acquire_queued("m", ticket, serving("m"), 1, T0 + 0.2) == Denied(0.0, Reason.QUEUED)
+    assert await state.try_acquire_queued("m", "late", serving("m"), 1, T0 + 0.2) == Denied(0.0, Reason.NOT_QUEUED)
     assert await serve_order(state, "m", ["low0", "low1", "low2"], T0 + 0.3) == ["low0", "low1", "low2"]
 
 
@@ -566,7 +599,7 @@ async def test_eviction_takes_the_ticket_that_would_be_served_last(make_state):
         assert await state.enqueue("m", ticket, priority, "N", now) == (victim is not None)
         assert sum((await state.depth("m", now)).values()) == 4
         if victim is not None:
-            assert await state.try_acquire_queued("m", victim, UNLIMITED, 1, now) == Denied(0.0, Reason.EVICTED)
+            assert await state.try_acquire_queued("m", victim, serving("m"), 1, now) == Denied(0.0, Reason.EVICTED)
     assert await state.depth("m", T0 + 1) == {0: 1, 3: 1, 5: 2}
     assert await serve_order(state, "m", ["x", "n5", "n3", "n0"], T0 + 1) == ["n0", "n3", "x", "n5"]
 
@@ -576,19 +609,19 @@ async def test_an_eviction_is_forgotten_after_the_lease_or_when_the_ticket_leave
     assert await state.enqueue("m", "old", 9, "A", T0, lease_seconds=1.0)
     assert await state.enqueue("m", "new", 0, "B", T0 + 0.5)
     # Not asked within its lease (its process died?): the tombstone lapses with it.
-    assert await state.try_acquire_queued("m", "old", UNLIMITED, 1, T0 + 1.6) == Denied(0.0, Reason.NOT_QUEUED)
+    assert await state.try_acquire_queued("m", "old", serving("m"), 1, T0 + 1.6) == Denied(0.0, Reason.NOT_QUEUED)
 
     assert await state.enqueue("q", "a", 9, "A", T0)
     assert await state.enqueue("q", "b", 1, "B", T0)
     assert not await state.leave("q", "a")  # it was not there any more, but its waiter is done
-    assert await state.try_acquire_queued("q", "a", UNLIMITED, 1, T0) == Denied(0.0, Reason.NOT_QUEUED)
+    assert await state.try_acquire_queued("q", "a", serving("q"), 1, T0) == Denied(0.0, Reason.NOT_QUEUED)
 
     assert await state.enqueue("r", "c", 9, "A", T0)
     assert await state.enqueue("r", "d", 0, "B", T0)
     assert not await state.enqueue("r", "c", 9, "A", T0)  # rejoining a full queue: refused
     assert await state.leave("r", "d")
     assert await state.enqueue("r", "c", 9, "A", T0)  # rejoined: no longer evicted
-    assert isinstance(await state.try_acquire_queued("r", "c", UNLIMITED, 1, T0), Grant)
+    assert isinstance(await state.try_acquire_queued("r", "c", serving("r"), 1, T0), Grant)
 
 
 async def test_evictions_follow_the_queue_order_and_never_overfill_it(make_state):
@@ -619,7 +652,7 @@ async def test_evictions_follow_the_queue_order_and_never_overfill_it(make_state
         assert await state.depth("m", now) == dict(sorted(want.items()))
     assert len(evicted) > 20
     for ticket in evicted:
-        assert await state.try_acquire_queued("m", ticket, UNLIMITED, 1, now) == Denied(0.0, Reason.EVICTED)
+        assert await state.try_acquire_queued("m", ticket, serving("m"), 1, now) == Denied(0.0, Reason.EVICTED)
     order = [ticket for _, _, ticket in sorted(model)]
     assert await serve_order(state, "m", order, now) == order
 
@@ -629,7 +662,7 @@ async def test_evictions_follow_the_queue_order_and_never_overfill_it(make_state
 
 async def test_an_evicted_waiter_is_woken_at_once(make_state):
     state = await make_state(queue_max_depth=1)
-    c = Candidate(1, tpm=1000)
+    c = Candidate(1, tpm=1000, model="m")
     await state.try_acquire([c], 1000)
     assert await state.enqueue("m", "low", 9, "A")
     sleeper = asyncio.create_task(state.wait_change("m", "low", 5.0))
@@ -680,8 +713,8 @@ async def test_every_redis_key_expires(redis_url):
         assert len(keys) >= 10
         ttls = {k: await client.ttl(k) for k in keys}
         assert all(ttl > 0 for ttl in ttls.values()), ttls
-        assert ttls[f"{prefix}:bal:q:m:e"] > 0
-        assert ttls[f"{prefix}:bal:d:2:s"] > 3600
+        assert ttls[f"{prefix}:bal:{{m:m}}:q:e"] > 0  # the model is the hash tag (Redis Cluster slot)
+        assert ttls[f"{prefix}:bal:{{m:}}:d:2:s"] > 3600
     finally:
         await state.reset()
         await state.aclose()

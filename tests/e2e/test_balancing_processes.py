@@ -28,15 +28,22 @@ RPM, TPM = 120, 12_000
 PAIR = ["std-a", "std-b"]
 
 
-@pytest.mark.skipif(
-    not settings.REDIS_URL,
-    reason=(
-        "REDIS_URL is not set: gateway processes share the balancer's windows and queue only through Redis; "
-        "with the in-process state each process would balance alone, so there is nothing shared to test"
-    ),
-)
+@pytest.fixture(params=["redis", "cluster"])
+def shared_redis(request) -> str:
+    """The Redis the gateway processes share: REDIS_URL's, or the local three-node Redis Cluster
+    (``tests/redis_cluster.py``; the model's queue and its deployments in one slot)."""
+    if request.param == "cluster":
+        return request.getfixturevalue("redis_cluster").url
+    if not settings.REDIS_URL:
+        pytest.skip(
+            "REDIS_URL is not set: gateway processes share the balancer's windows and queue only through "
+            "Redis; with the in-process state each process would balance alone, so there is nothing shared to test"
+        )
+    return settings.REDIS_URL
+
+
 def test_two_processes_sharing_redis_keep_the_upstream_within_its_limits(
-    start_sim, deploy, tenant_key, start_process_gateway, balancer_prefix
+    start_sim, deploy, tenant_key, start_process_gateway, balancer_prefix, shared_redis
 ):
     """60 requests of 300 tokens to each process, within 0.6 s: 36,000 tokens against 24,000 per
     minute. Each process alone would see room for 80 requests and send them all in the first
@@ -46,6 +53,7 @@ def test_two_processes_sharing_redis_keep_the_upstream_within_its_limits(
     deploy(sim, [{"name": n, "rpm": RPM, "tpm": TPM} for n in PAIR])
     secret = tenant_key("procs")
     env = {
+        "REDIS_URL": shared_redis,
         "GATEWAY_WINDOW_MINUTE_SECONDS": str(MINUTE),
         "GATEWAY_BALANCER_REDIS_PREFIX": balancer_prefix,
         "GATEWAY_QUEUE_TIMEOUT_SECONDS": "30",

@@ -44,14 +44,26 @@ def upstream(start_sim, deploy) -> None:
 
 
 @pytest.fixture
+def quota_redis(request) -> str:
+    """The gateways' Redis URL: a private redis-server, or (``indirect`` param ``"cluster"``) the
+    local three-node Redis Cluster (``tests/redis_cluster.py``)."""
+    if getattr(request, "param", "redis") == "cluster":
+        return request.getfixturevalue("redis_cluster").url
+    return request.getfixturevalue("private_redis").url
+
+
+ON_BOTH = pytest.mark.parametrize("quota_redis", ["redis", "cluster"], indirect=True)
+
+
+@pytest.fixture
 def gateways(
-    upstream, private_redis: RedisServer, balancer_prefix: str, start_process_gateway, tmp_path: Path
+    upstream, quota_redis: str, balancer_prefix: str, start_process_gateway, tmp_path: Path
 ) -> Callable[..., list[ProcessGateway]]:
-    """``gateways(n=2)`` -> n gateway processes on the private Redis (e-mail into files, Celery eager)."""
+    """``gateways(n=2)`` -> n gateway processes on ``quota_redis`` (e-mail into files, Celery eager)."""
 
     def start(n: int = 2) -> list[ProcessGateway]:
         env = {
-            "REDIS_URL": private_redis.url,
+            "REDIS_URL": quota_redis,
             "GATEWAY_BALANCER_REDIS_PREFIX": balancer_prefix,
             "GATEWAY_SNAPSHOT_POLL_SECONDS": "0.05",
             "GATEWAY_USAGE_FLUSH_SECONDS": "0.05",
@@ -98,8 +110,9 @@ def tokens_recorded(tenant: Tenant) -> int:
     return sum(r.prompt_tokens + r.completion_tokens for r in UsageRecord.objects.filter(tenant=tenant))
 
 
+@ON_BOTH
 def test_fifty_concurrent_requests_overrun_a_budget_by_at_most_one_reservation(
-    gateways, private_redis, balancer_prefix, settings
+    gateways, quota_redis, balancer_prefix, settings
 ):
     tenant, secret = team("tight-budget", monthly_tokens=100)
     first, second = gateways()
@@ -113,13 +126,14 @@ def test_fifty_concurrent_requests_overrun_a_budget_by_at_most_one_reservation(
     wait_for_records(50)
     spent = tokens_recorded(tenant)
     assert spent == USED * len(admitted) <= 100 + RESERVED
-    use = counters(tenant, settings, private_redis.url, balancer_prefix, monthly_tokens=100)
+    use = counters(tenant, settings, quota_redis, balancer_prefix, monthly_tokens=100)
     assert (use.month_tokens, use.held_tokens) == (spent, 0)  # the records agree with the counters
     assert set(UsageRecord.objects.filter(status=429).values_list("error_code", flat=True)) == {
         "insufficient_quota:tenant_monthly_tokens"
     }
 
 
+@ON_BOTH
 def test_a_team_over_its_rpm_is_refused_while_another_on_the_same_deployment_is_not(gateways):
     _, limited = team("ten-rpm", rpm=10)
     _, other = team("other-team", rpm=1_000)

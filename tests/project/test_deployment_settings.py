@@ -181,3 +181,55 @@ def test_every_redis_key_of_an_installation_is_under_its_prefix(settings):
 
     settings.GATEWAY = {**settings.GATEWAY, "BALANCER_REDIS_PREFIX": "staging"}
     assert VersionMirror(client=None).key == "staging:config-version"
+
+
+# --- Redis Cluster ---------------------------------------------------------------------------------
+
+
+def test_a_cluster_url_keeps_the_cache_the_channel_layer_and_celery_off_the_cluster():
+    """Django's Redis cache, the channel layer and Celery's broker cannot use a Redis Cluster: on a
+    ``redis+cluster://`` URL they take GATEWAY_CACHE_REDIS_URL, else stay in process."""
+    unset = ("CELERY_BROKER_URL", "CELERY_TASK_ALWAYS_EAGER", "GATEWAY_CACHE_REDIS_URL")
+    alone = settings_under({"REDIS_URL": "redis+cluster://10.0.0.5:7000"}, unset=unset)
+    assert alone["REDIS_CLUSTER"] and alone["CACHE_REDIS_URL"] is None
+    assert alone["CACHES"]["default"]["BACKEND"].endswith("LocMemCache")
+    assert alone["CHANNEL_LAYERS"]["default"]["BACKEND"] == "channels.layers.InMemoryChannelLayer"
+    assert (alone["CELERY_BROKER_URL"], alone["CELERY_TASK_ALWAYS_EAGER"]) == ("memory://", True)
+
+    beside = settings_under(
+        {"REDIS_URL": "rediss+cluster://10.0.0.5:7000", "GATEWAY_CACHE_REDIS_URL": "redis://10.0.0.6:6379/0"},
+        unset=unset,
+    )
+    assert beside["CACHES"]["default"]["LOCATION"] == "redis://10.0.0.6:6379/0"
+    assert (beside["CELERY_BROKER_URL"], beside["CELERY_TASK_ALWAYS_EAGER"]) == ("redis://10.0.0.6:6379/0", False)
+
+    plain = settings_under({"REDIS_URL": "redis://10.0.0.6:6379/2"}, unset=unset)
+    assert not plain["REDIS_CLUSTER"] and plain["CACHES"]["default"]["LOCATION"] == "redis://10.0.0.6:6379/2"
+
+
+def test_a_cluster_url_builds_cluster_clients_with_bounded_waits(redis_cluster):
+    import redis.asyncio.cluster
+    import redis.cluster
+
+    from gateway.redis_clients import (
+        is_cluster_client,
+        is_cluster_url,
+        plain_url,
+        redis_async_client,
+        redis_sync_client,
+    )
+
+    assert is_cluster_url("redis+cluster://h:7000") and is_cluster_url("REDISS+CLUSTER://h:7000")
+    assert not is_cluster_url("redis://h:6379/0") and not is_cluster_url(None)
+    assert plain_url("rediss+cluster://u:p@h:7000") == "rediss://u:p@h:7000"
+    asynchronous = redis_async_client(redis_cluster.url, timeout=0.25)
+    assert isinstance(asynchronous, redis.asyncio.cluster.RedisCluster) and is_cluster_client(asynchronous)
+    assert asynchronous.connection_kwargs["socket_timeout"] == 0.25
+    assert asynchronous.connection_kwargs["max_connections"] == 10_000  # redis-py's 100 fails bursts
+    assert not is_cluster_client(redis_async_client("redis://127.0.0.1:1/0", timeout=0.25))
+    blocking = redis_sync_client(redis_cluster.url, timeout=0.25)  # (connects at once)
+    try:
+        assert isinstance(blocking, redis.cluster.RedisCluster) and is_cluster_client(blocking)
+        assert len(blocking.get_primaries()) == 3
+    finally:
+        blocking.close()

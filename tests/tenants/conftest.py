@@ -35,10 +35,15 @@ def quota_redis_url() -> str:
     return REDIS_URL
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def make_quota_state(request: Any) -> AsyncIterator[Callable[..., Awaitable[QuotaState]]]:
-    """``await make_quota_state(**config)`` -> a fresh QuotaState of the parametrized backend."""
-    url = request.getfixturevalue("quota_redis_url") if request.param == "redis" else None
+    """``await make_quota_state(**config)`` -> a fresh QuotaState of the parametrized backend
+    (``cluster``: on a local three-node Redis Cluster, ``tests/redis_cluster.py``)."""
+    url = None
+    if request.param == "redis":
+        url = request.getfixturevalue("quota_redis_url")
+    elif request.param == "cluster":
+        url = request.getfixturevalue("redis_cluster").url
     created: list[QuotaState] = []
 
     async def factory(**config: Any) -> QuotaState:

@@ -68,3 +68,21 @@ def test_without_a_gateway_here_the_admin_reads_the_usage_records(settings, tena
     (use,) = quota_use_read([scope], periods_at(time.time(), ZoneInfo("UTC")))
 
     assert (use.requests, use.tokens, use.month_tokens) == (1, 42, 42)
+
+
+@pytest.mark.django_db
+def test_an_unreachable_redis_cluster_falls_back_to_the_usage_records(settings, tenant_a, key_a):
+    """redis-py's cluster client raises RedisClusterException (not a RedisError) when no node
+    answers: the admin shows the records, and a configuration change is still saved."""
+    from gateway.snapshot.version import _mirror_to_redis
+    from tests.admin.test_admin_pages import usage_record
+    from tests.e2e.servers import free_port
+
+    settings.REDIS_URL = f"redis+cluster://127.0.0.1:{free_port()}"
+    usage_record(1, tenant=tenant_a, key=key_a.key, prompt_tokens=30, completion_tokens=12)
+    scope = ScopeLimits(TENANT, tenant_a.pk, tenant_a.pk, rpm=60, monthly_tokens=1_000)
+
+    (use,) = quota_use_read([scope], periods_at(time.time(), ZoneInfo("UTC")))
+    _mirror_to_redis(5)  # logged, not raised
+
+    assert (use.requests, use.tokens, use.month_tokens) == (1, 42, 42)
