@@ -38,6 +38,7 @@ from gateway.balancer.calibration import Calibration, CalibrationSync
 from gateway.balancer.contract import BalancerState, Denied, Grant, Reason, new_id, poll_pause
 from gateway.balancer.dispatcher import Demand, Lease, NoCapacity
 from gateway.balancer.failures import FailureNotes
+from gateway.balancer.guard import DispatchGuard
 from gateway.snapshot.types import DeploymentView
 
 # Cool-down after a 429 that names no retry-after: short, since the SDKs' own first backoff is ~0.5 s.
@@ -76,16 +77,18 @@ class BalancedDispatcher:
         self.notes = notes or FailureNotes()
         self.calibration = calibration or Calibration(state.config.minute, clock=clock)
         self.calibration_sync = calibration_sync
+        self.guard = DispatchGuard(
+            state.config.guard_floor
+        )  # the request windows' guard, measured (``gateway.balancer.guard``)
         # Requests between their first acquire and their end, by id(demand). A 429 or a failure
         # sends a request back to ``acquire``; a tier's max wait and the queue timeout are the
         # request's, so the time its earlier attempts waited counts (see ``acquire``).
         self._requests: dict[int, _Waits] = {}
         self._pruned_at = 0.0
-        # A grant that reaches us later than this after its reservation was recorded is renewed
-        # (see ``_renewed``): half the guard of the shortest window, the other half being left
-        # for sending the request.
-        config = state.config
-        self._late_after = config.guard(config.minute / 60.0) / 2.0
+        # A grant that reaches us later than half the guard of the shortest window after its
+        # reservation was recorded is renewed (see ``_renewed``), the other half being left for
+        # sending the request; the measured guard once there is one (``_late_after``).
+        self._shortest = state.config.minute / 60.0
 
     # -- acquiring ------------------------------------------------------------------------------
 
@@ -130,6 +133,27 @@ class BalancedDispatcher:
         self._dispatched(lease, now)
         return lease
 
+    def sending(self, lease: Lease) -> None:
+        """The request of ``lease`` is being handed to the upstream client: its delay since the
+        reservation sizes the window guard (``gateway.balancer.guard``)."""
+        grant = lease.grant
+        self.guard.sent(grant.deployment_id, self.clock() - grant.reserved_at)
+
+    def _capacity(self, deployment: DeploymentView):
+        """What the state sees of a deployment: TPM in the gateway's units, the measured guard."""
+        return self.guard.capacity(self.calibration.capacity(deployment))
+
+    def _late_after(self, deployment_id: int) -> float:
+        """How late a grant may reach us before it is renewed (see ``_renewed``).
+
+        Half the ceiling guard while unmeasured; then the measured guard itself, which is 1.5x
+        the 95th percentile of the delays: renewing at half of it would renew most grants on
+        Redis (a round trip is most of the delay) and lengthen the delays it measures."""
+        measured = self.guard.guard(deployment_id)
+        if not measured:
+            return self.state.config.guard(self._shortest) / 2.0
+        return self.state.config.request_guard(self._shortest, measured)
+
     def _dispatched(self, lease: Lease, now: float) -> None:
         """Tell the calibration a reservation is about to be sent (see ``calibration``)."""
         grant = lease.grant
@@ -168,9 +192,9 @@ class BalancedDispatcher:
         """
         for _ in range(RENEW_ATTEMPTS):
             grant = lease.grant
-            if self.clock() - grant.reserved_at <= self._late_after:
+            if self.clock() - grant.reserved_at <= self._late_after(grant.deployment_id):
                 break
-            fresh = await asyncio.shield(self.state.renew(grant, self.calibration.capacity(lease.deployment)))
+            fresh = await asyncio.shield(self.state.renew(grant, self._capacity(lease.deployment)))
             if not isinstance(fresh, Grant):
                 return None
             lease.grant = fresh
@@ -234,7 +258,7 @@ class BalancedDispatcher:
         """
         result: Denied | None = None
         for index, (max_wait, deployments) in enumerate(tiers):
-            capacities = tuple(self.calibration.capacity(d) for d in deployments)
+            capacities = tuple(self._capacity(d) for d in deployments)
             outcome = await self.state.try_acquire_queued(queue, ticket, capacities, demand.tokens)
             if isinstance(outcome, Grant) or outcome.reason in (Reason.QUEUED, Reason.NOT_QUEUED, Reason.EVICTED):
                 return outcome

@@ -1,0 +1,62 @@
+"""The window guard sized from measurement (``gateway.balancer.guard``), and how the windows and
+both state backends take it (``WindowPlanner``, ``Candidate.guard``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.balancer import Candidate, Grant
+from gateway.balancer.contract import REQUESTS, StateConfig, WindowPlanner
+from gateway.balancer.guard import MIN_SAMPLES, SAMPLES, DispatchGuard, measured_guard
+
+from .conftest import T0
+
+
+def test_the_guard_is_twice_the_second_largest_of_the_recent_delays_rounded_up():
+    delays = [0.001] * 62 + [0.004, 0.030]  # one straggler (a heap collection) is ignored
+    assert measured_guard(delays, floor=0.002) == pytest.approx(0.008)
+    assert measured_guard([0.0001] * 64, floor=0.002) == pytest.approx(0.002)  # the floor
+    assert measured_guard([0.00123] * 64, floor=0.0) == pytest.approx(0.0025)  # 2.46 ms up to 0.5 ms steps
+    assert measured_guard([0.001] * (MIN_SAMPLES - 1), floor=0.002) == 0.0  # too few: unmeasured
+
+
+def test_a_deployment_keeps_its_ceiling_until_measured_then_carries_its_own_guard():
+    guard = DispatchGuard(floor=0.002)
+    dep = Candidate(7, rpm=600, tpm=1000)
+    assert guard.capacity(dep) is dep and guard.status(7) == {"ms": None, "samples": 0}
+    for _ in range(MIN_SAMPLES):
+        guard.sent(7, 0.003)
+    view = guard.capacity(dep)
+    assert (view.id, view.rpm, view.tpm, view.guard) == (7, 600, 1000, pytest.approx(0.006))
+    assert guard.capacity(Candidate(8, rpm=600)).guard == 0.0  # another deployment: its own
+    assert guard.status(7) == {"ms": 6.0, "samples": MIN_SAMPLES}
+    for _ in range(SAMPLES):  # the delays shrink: the guard follows the recent ones
+        guard.sent(7, 0.0005)
+    assert guard.capacity(dep).guard == pytest.approx(0.002)
+
+
+def test_request_windows_take_the_measured_guard_within_floor_and_ceiling_and_keep_their_buckets():
+    cfg = StateConfig(minute=60.0)
+    planner = WindowPlanner(cfg)
+    ceiling = planner.plan(600, 1000)
+    for measured, expected in ((0.004, 0.004), (0.0005, cfg.guard_floor), (5.0, None)):
+        plan = planner.plan(600, 1000, measured)
+        for w, c in zip(plan.windows, ceiling.windows, strict=True):
+            assert w.bucket == c.bucket  # every process cuts the same buckets (Redis fields)
+            if w.unit == REQUESTS and expected is not None:
+                assert w.span == pytest.approx(w.seconds + expected)
+            else:  # token windows, and a guard above the ceiling: the ceiling
+                assert w.span == c.span
+
+
+async def test_a_measured_guard_frees_a_request_slot_sooner_on_both_backends(make_state):
+    """RPM 60 on a 60 s minute: one request per 1 s window, buckets of 26.25 ms. Reserved at a
+    bucket's start, the slot frees 1.05 s + one bucket later with the 50 ms ceiling, 1.005 s + one
+    bucket later with a 5 ms guard; the shared bucket counts are the same either way."""
+    state = await make_state(minute=60.0, guard_min=0.05)
+    measured, ceiling = Candidate(1, rpm=60, guard=0.005), Candidate(1, rpm=60)
+    start = T0 - T0 % state.planner.plan(60, 0).windows[0].bucket  # a bucket's start
+    assert isinstance(await state.try_acquire([measured], 0, start), Grant)
+    now = start + 1.04
+    assert not isinstance(await state.try_acquire([ceiling], 0, now), Grant)
+    assert isinstance(await state.try_acquire([measured], 0, now), Grant)
