@@ -147,7 +147,7 @@ class StateConfig:
     minute: float = 60.0
     guard_fraction: float = 0.02
     guard_min: float = 0.05
-    guard_floor: float = 0.002  # the least a measured guard can be (``WindowPlanner``)
+    guard_floor: float = 0.01  # the least a measured guard can be (``WindowPlanner``)
     upstream_ttl: float = 0.0  # how long the upstream's word holds; 0 = minute / 6
     breaker_failures: int = 5  # consecutive failures that open the breaker
     breaker_open_seconds: float = 30.0

@@ -14,9 +14,10 @@ request and so cancels out. The guard is ``MARGIN`` x the ``QUANTILE`` of the la
 delays, within the configured floor and the fixed value as the ceiling, rounded up to
 ``STEP`` (so the window plans it selects stay few). Until ``MIN_SAMPLES`` delays are in, the
 ceiling. In process only: the guard is passed with each call (``Candidate.guard``), so on
-Redis every process counts the shared buckets with its own measurement. Not measured: clock
-differences between gateway hosts, which the floor has to cover (NTP keeps them within a few
-milliseconds).
+Redis every process counts the shared buckets with its own measurement. Not measured, so the
+floor (10 ms) has to cover them: the send path after the hand-over (a new connection in a burst,
+a busy loop before the bytes leave: a 2 ms floor drew single upstream 429s in bursts on 50 ms
+test windows) and clock differences between gateway hosts (NTP keeps them within a few ms).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def measured_guard(delays: list[float], floor: float) -> float:
 class DispatchGuard:
     """Per deployment, the delay from reservation to sending, and the guard it sizes."""
 
-    def __init__(self, floor: float = 0.002) -> None:
+    def __init__(self, floor: float = 0.01) -> None:
         self.floor = floor  # ``StateConfig.guard_floor``
         self._delays: dict[int, _Delays] = {}
         self._views: dict[tuple, Candidate] = {}

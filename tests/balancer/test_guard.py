@@ -39,7 +39,7 @@ def test_request_windows_take_the_measured_guard_within_floor_and_ceiling_and_ke
     cfg = StateConfig(minute=60.0)
     planner = WindowPlanner(cfg)
     ceiling = planner.plan(600, 1000)
-    for measured, expected in ((0.004, 0.004), (0.0005, cfg.guard_floor), (5.0, None)):
+    for measured, expected in ((0.012, 0.012), (0.004, cfg.guard_floor), (5.0, None)):
         plan = planner.plan(600, 1000, measured)
         for w, c in zip(plan.windows, ceiling.windows, strict=True):
             assert w.bucket == c.bucket  # every process cuts the same buckets (Redis fields)
@@ -51,10 +51,10 @@ def test_request_windows_take_the_measured_guard_within_floor_and_ceiling_and_ke
 
 async def test_a_measured_guard_frees_a_request_slot_sooner_on_both_backends(make_state):
     """RPM 60 on a 60 s minute: one request per 1 s window, buckets of 26.25 ms. Reserved at a
-    bucket's start, the slot frees 1.05 s + one bucket later with the 50 ms ceiling, 1.005 s + one
-    bucket later with a 5 ms guard; the shared bucket counts are the same either way."""
+    bucket's start, the slot frees 1.05 s + one bucket later with the 50 ms ceiling, 1.01 s + one
+    bucket later with a 10 ms guard; the shared bucket counts are the same either way."""
     state = await make_state(minute=60.0, guard_min=0.05)
-    measured, ceiling = Candidate(1, rpm=60, guard=0.005), Candidate(1, rpm=60)
+    measured, ceiling = Candidate(1, rpm=60, guard=0.01), Candidate(1, rpm=60)
     start = T0 - T0 % state.planner.plan(60, 0).windows[0].bucket  # a bucket's start
     assert isinstance(await state.try_acquire([measured], 0, start), Grant)
     now = start + 1.04
