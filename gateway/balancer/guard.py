@@ -10,8 +10,8 @@ So each process measures, per deployment, the delay from reservation to the mome
 is handed to the upstream client (``BalancedDispatcher.sending``): its renewal of late grants,
 Redis round trips, a busy event loop and building the upstream body are all inside it; what
 follows (the connection, the network, the upstream's parsing) is about the same for every
-request and so cancels out. The guard is ``MARGIN`` x the ``QUANTILE`` of the last ``SAMPLES``
-delays, within the configured floor and the fixed value as the ceiling, rounded up to
+request and so cancels out. The guard is ``MARGIN`` x the ``QUANTILE`` (the largest) of the last
+``SAMPLES`` delays, within the configured floor and the fixed value as the ceiling, rounded up to
 ``STEP`` (so the window plans it selects stay few). Until ``MIN_SAMPLES`` delays are in, the
 ceiling. In process only: the guard is passed with each call (``Candidate.guard``), so on
 Redis every process counts the shared buckets with its own measurement. Not measured, so the
@@ -31,8 +31,8 @@ from gateway.balancer.contract import Candidate, Capacity
 
 SAMPLES = 64  # the last delays kept per deployment
 MIN_SAMPLES = 16  # before this many, the ceiling
-QUANTILE = 0.98  # of the delays: the second largest of 64, so one straggler (a heap collection) is ignored
-MARGIN = 2.0  # on that quantile (below ~20 ms a larger guard costs nothing: see docs/architecture.md)
+QUANTILE = 1.0  # of the delays: the largest of the last 64 (the 98th percentile drew single 429s on Redis)
+MARGIN = 1.5  # on it (below ~24 ms a larger guard costs nothing: see docs/architecture.md)
 STEP = 0.0005  # seconds: guards are rounded up to this
 REFRESH = 8  # the guard is recomputed every this many samples
 

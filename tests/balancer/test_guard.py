@@ -8,15 +8,17 @@ import pytest
 from gateway.balancer import Candidate, Grant
 from gateway.balancer.contract import REQUESTS, StateConfig, WindowPlanner
 from gateway.balancer.guard import MIN_SAMPLES, SAMPLES, DispatchGuard, measured_guard
+from gateway.balancer.policy import BalancedDispatcher
 
 from .conftest import T0
+from .test_policy import NOTHING, demand, deployment
 
 
-def test_the_guard_is_twice_the_second_largest_of_the_recent_delays_rounded_up():
-    delays = [0.001] * 62 + [0.004, 0.030]  # one straggler (a heap collection) is ignored
-    assert measured_guard(delays, floor=0.002) == pytest.approx(0.008)
+def test_the_guard_is_one_and_a_half_times_the_largest_recent_delay_rounded_up():
+    delays = [0.001] * 62 + [0.004, 0.012]
+    assert measured_guard(delays, floor=0.002) == pytest.approx(0.018)
     assert measured_guard([0.0001] * 64, floor=0.002) == pytest.approx(0.002)  # the floor
-    assert measured_guard([0.00123] * 64, floor=0.0) == pytest.approx(0.0025)  # 2.46 ms up to 0.5 ms steps
+    assert measured_guard([0.0013] * 64, floor=0.0) == pytest.approx(0.002)  # 1.95 ms up to 0.5 ms steps
     assert measured_guard([0.001] * (MIN_SAMPLES - 1), floor=0.002) == 0.0  # too few: unmeasured
 
 
@@ -27,9 +29,9 @@ def test_a_deployment_keeps_its_ceiling_until_measured_then_carries_its_own_guar
     for _ in range(MIN_SAMPLES):
         guard.sent(7, 0.003)
     view = guard.capacity(dep)
-    assert (view.id, view.rpm, view.tpm, view.guard) == (7, 600, 1000, pytest.approx(0.006))
+    assert (view.id, view.rpm, view.tpm, view.guard) == (7, 600, 1000, pytest.approx(0.0045))
     assert guard.capacity(Candidate(8, rpm=600)).guard == 0.0  # another deployment: its own
-    assert guard.status(7) == {"ms": 6.0, "samples": MIN_SAMPLES}
+    assert guard.status(7) == {"ms": 4.5, "samples": MIN_SAMPLES}
     for _ in range(SAMPLES):  # the delays shrink: the guard follows the recent ones
         guard.sent(7, 0.0005)
     assert guard.capacity(dep).guard == pytest.approx(0.002)
@@ -60,3 +62,18 @@ async def test_a_measured_guard_frees_a_request_slot_sooner_on_both_backends(mak
     now = start + 1.04
     assert not isinstance(await state.try_acquire([ceiling], 0, now), Grant)
     assert isinstance(await state.try_acquire([measured], 0, now), Grant)
+
+
+async def test_the_dispatcher_measures_each_hand_over_and_passes_the_guard_to_the_state(make_state):
+    """Every request handed to the upstream client is a delay sample of its deployment; once
+    enough are in, the state sees that deployment with the measured guard (here the floor: the
+    hand-over follows the grant at once)."""
+    state = await make_state(guard_min=0.05)
+    dispatcher = BalancedDispatcher(state)
+    candidates = deployment(tpm=1_000_000)
+    for _ in range(MIN_SAMPLES):
+        lease = await dispatcher.acquire(candidates, demand(10), NOTHING)
+        dispatcher.sending(lease)
+        await dispatcher.succeeded(lease, 10, 0, {})
+    assert dispatcher.guard.status(1) == {"ms": state.config.guard_floor * 1000, "samples": MIN_SAMPLES}
+    assert dispatcher._capacity(candidates[0]).guard == pytest.approx(state.config.guard_floor)
