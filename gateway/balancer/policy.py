@@ -77,9 +77,8 @@ class BalancedDispatcher:
         self.notes = notes or FailureNotes()
         self.calibration = calibration or Calibration(state.config.minute, clock=clock)
         self.calibration_sync = calibration_sync
-        self.guard = DispatchGuard(
-            state.config.guard_floor
-        )  # the request windows' guard, measured (``gateway.balancer.guard``)
+        # The request windows' guard, measured per deployment (``gateway.balancer.guard``).
+        self.guard = DispatchGuard(state.config.guard_floor)
         # Requests between their first acquire and their end, by id(demand). A 429 or a failure
         # sends a request back to ``acquire``; a tier's max wait and the queue timeout are the
         # request's, so the time its earlier attempts waited counts (see ``acquire``).
