@@ -66,8 +66,8 @@ async def test_a_measured_guard_frees_a_request_slot_sooner_on_both_backends(mak
 
 async def test_the_dispatcher_measures_each_hand_over_and_passes_the_guard_to_the_state(make_state):
     """Every request handed to the upstream client is a delay sample of its deployment; once
-    enough are in, the state sees that deployment with the measured guard (here the floor: the
-    hand-over follows the grant at once)."""
+    enough are in, the state sees that deployment with the measured guard (about the floor: the
+    hand-over follows the grant at once, but on Redis a loaded machine can add a few ms)."""
     state = await make_state(guard_min=0.05)
     dispatcher = BalancedDispatcher(state)
     candidates = deployment(tpm=1_000_000)
@@ -75,5 +75,6 @@ async def test_the_dispatcher_measures_each_hand_over_and_passes_the_guard_to_th
         lease = await dispatcher.acquire(candidates, demand(10), NOTHING)
         dispatcher.sending(lease)
         await dispatcher.succeeded(lease, 10, 0, {})
-    assert dispatcher.guard.status(1) == {"ms": state.config.guard_floor * 1000, "samples": MIN_SAMPLES}
-    assert dispatcher._capacity(candidates[0]).guard == pytest.approx(state.config.guard_floor)
+    status = dispatcher.guard.status(1)
+    assert status["samples"] == MIN_SAMPLES and status["ms"] >= state.config.guard_floor * 1000
+    assert dispatcher._capacity(candidates[0]).guard == pytest.approx(status["ms"] / 1000)
