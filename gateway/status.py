@@ -45,6 +45,7 @@ async def deployment_status() -> dict:
     deployments = snap.all_deployments
     assert runtime.dispatcher is not None
     calibration = runtime.dispatcher.calibration
+    guard = runtime.dispatcher.guard
     rows = []
     for d in deployments:
         rows.append(
@@ -62,6 +63,8 @@ async def deployment_status() -> dict:
                 **per_id.get(d.id, {}),
                 # The learned upstream charge per token reserved (gateway.balancer.calibration).
                 "calibration": calibration.status(d.id),
+                # The request windows' guard this process measured (gateway.balancer.guard).
+                "window_guard": guard.status(d.id),
                 # {"reason": "upstream refused credentials (401)", "at": unix time}, or None
                 "last_failure": last_failures.get(d.id),
             }

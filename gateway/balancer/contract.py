@@ -11,15 +11,16 @@ Definitions both backends implement identically (the test suite runs against bot
 
 Window
     ``request_windows(rpm, minute)`` and ``token_windows(tpm, minute)`` from
-    ``gateway.balancer.windows``, counted in fixed buckets: a window's ``span`` (``seconds +
-    guard(seconds)``) is cut into ``BUCKETS_PER_WINDOW`` buckets of ``bucket = span / 20``
-    seconds, bucket ``b`` holding the reservations made in ``[b * bucket, (b + 1) * bucket)``.
+    ``gateway.balancer.windows``, counted in fixed buckets: a window's ``span`` is ``seconds +
+    guard``; its buckets are ``(seconds + guard ceiling) / BUCKETS_PER_WINDOW`` seconds long
+    (the same for every process, whatever guard it measured), bucket ``b`` holding the
+    reservations made in ``[b * bucket, (b + 1) * bucket)``.
     A reservation made at ``t`` counts while its bucket ``floor(t / bucket)`` is at least
     ``floor((now - span) / bucket)`` (``counted``), that is until ``bucket_end(t) + span`` at
     the latest: never less than ``span`` after ``t``. So no span of ``seconds`` ever holds more
     than ``limit`` units, even seen from the upstream. The buckets are what make Redis cheap
     (a few hash fields per window, no per-request log); their price is that an entry counts up
-    to one bucket (5 % of the span, 2.5 % on average) longer than the exact log did.
+    to one bucket (2.5 % of the span, 1.25 % on average) longer than the exact log did.
 
 Guard
     ``max(guard_fraction * seconds, guard_min)``. We reserve at ``t``; the upstream counts the
@@ -27,7 +28,11 @@ Guard
     vary per request. If a slot were freed at exactly ``t + seconds``, the next request could
     arrive upstream less than ``seconds`` after the first one did (when its delta is smaller)
     and draw a 429. Keeping each entry ``guard`` longer absorbs that jitter and small clock
-    differences between gateway hosts, at the cost of ~2 % of throughput.
+    differences between gateway hosts. That fixed value is the ceiling: request windows use the
+    guard each process measures (``gateway.balancer.guard``: a high quantile of the delay from
+    reservation to sending, per deployment), at least ``guard_floor``; a 50 ms guard is 5 % of
+    the 1 s window, which is what an RPM-bound deployment loses to it. Token windows (the
+    minute, where the ceiling is 2 %) keep the ceiling.
 
 Headroom
     For a demand of 1 request + D tokens, each constraint k (each window; the upstream's
@@ -140,6 +145,7 @@ class Candidate:
     weight: int = 1
     sku: str = SKU_STANDARD
     model: str = ""
+    guard: float = 0.0  # the measured window guard, seconds (0: the ceiling; see ``WindowPlanner``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +155,7 @@ class StateConfig:
     minute: float = 60.0
     guard_fraction: float = 0.02
     guard_min: float = 0.05
+    guard_floor: float = 0.01  # the least a measured guard can be (``WindowPlanner``)
     upstream_ttl: float = 0.0  # how long the upstream's word holds; 0 = minute / 6
     breaker_failures: int = 5  # consecutive failures that open the breaker
     breaker_open_seconds: float = 30.0
@@ -168,7 +175,15 @@ class StateConfig:
             raise ValueError("inflight_ttl must outlast the window retention")
 
     def guard(self, seconds: float) -> float:
+        """The guard's ceiling for a window of ``seconds``: what it is until it was measured."""
         return max(self.guard_fraction * seconds, self.guard_min)
+
+    def request_guard(self, seconds: float, measured: float) -> float:
+        """A request window's guard: the measured one (0: not measured yet) within floor..ceiling."""
+        ceiling = self.guard(seconds)
+        if measured <= 0:
+            return ceiling
+        return min(ceiling, max(self.guard_floor, measured))
 
     @property
     def retention(self) -> float:
@@ -190,11 +205,12 @@ class StateConfig:
         return self.inflight_ttl + self.retention + 60.0
 
 
-# Buckets per window span (module docstring, "Window"). 20: an entry counts at most 5 % (on
-# average 2.5 %) of its window longer than an exact log would keep it, which is what saturation
-# loses on the window that binds; more buckets cost Redis more fields to walk when a denial
-# computes its wait and when a window moves on.
-BUCKETS_PER_WINDOW = 20
+# Buckets per window span (module docstring, "Window"). 40: an entry counts at most 2.5 % (on
+# average 1.25 %) of its window longer than an exact log would keep it, and a saturated window,
+# whose freed slots are taken again at once, loses up to a bucket per cycle; with 20 that was
+# 5 %, too much for 97 % of an RPM-bound deployment (issue 18). More buckets cost Redis more
+# fields (~41 live per window) to walk when a denial computes its wait and when a window moves on.
+BUCKETS_PER_WINDOW = 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,20 +248,35 @@ class WindowPlan:
 
 
 class WindowPlanner:
-    """Turns (rpm, tpm) into a ``WindowPlan``, cached: the windows never change for a limit pair."""
+    """Turns (rpm, tpm, measured guard) into a ``WindowPlan``, cached.
+
+    Request windows count their entries ``seconds + request_guard(seconds, guard)``: the guard
+    measured by the process (``gateway.balancer.guard``), within floor and ceiling. Their buckets
+    are sized from the ceiling, never from the measurement, so every process cuts a window into
+    the same buckets (Redis: the same field names) whatever it measured; a process only decides
+    how long its own evaluation counts them. A window never counts an entry longer than the
+    retention (the minute's ceiling span, same bucket grid), so the log still holds everything a
+    window counts. Token windows keep the ceiling: their sums ride on the retention cursor.
+    """
 
     def __init__(self, config: StateConfig) -> None:
         self.config = config
-        self._cache: dict[tuple[int, int], WindowPlan] = {}
+        self._cache: dict[tuple[int, int, float], WindowPlan] = {}
 
-    def plan(self, rpm: int, tpm: int) -> WindowPlan:
-        key = (rpm, tpm)
+    def plan(self, rpm: int, tpm: int, guard: float = 0.0) -> WindowPlan:
+        key = (rpm, tpm, guard)
         plan = self._cache.get(key)
         if plan is None:
-            plan = self._cache[key] = self._build(rpm, tpm)
+            if len(self._cache) > 4096:
+                self._cache.clear()  # bounded: guards come in 0.5 ms steps, limit pairs are few
+            plan = self._cache[key] = self._build(rpm, tpm, guard)
         return plan
 
-    def _build(self, rpm: int, tpm: int) -> WindowPlan:
+    def plan_for(self, c: Capacity) -> WindowPlan:
+        """The plan of a candidate (``guard`` when it carries one: ``Candidate`` views do)."""
+        return self.plan(c.rpm, c.tpm, getattr(c, "guard", 0.0))
+
+    def _build(self, rpm: int, tpm: int, guard: float = 0.0) -> WindowPlan:
         cfg = self.config
         specs = []
         for unit, windows, prefix in (
@@ -253,8 +284,10 @@ class WindowPlanner:
             (TOKENS, token_windows(tpm, cfg.minute), "k"),
         ):
             for i, w in enumerate(windows):
-                span = w.seconds + cfg.guard(w.seconds)
-                specs.append(WindowSpec(unit, w.seconds, span, w.limit, span / BUCKETS_PER_WINDOW, f"{prefix}{i}"))
+                ceiling_span = w.seconds + cfg.guard(w.seconds)
+                span = w.seconds + cfg.request_guard(w.seconds, guard) if unit == REQUESTS else ceiling_span
+                bucket = ceiling_span / BUCKETS_PER_WINDOW
+                specs.append(WindowSpec(unit, w.seconds, span, w.limit, bucket, f"{prefix}{i}"))
         for spec in specs:
             # Token sums are kept over the whole log (one running sum per deployment, in
             # both backends), which is only right if token windows are the longest one.

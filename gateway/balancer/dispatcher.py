@@ -66,6 +66,9 @@ class Dispatcher(Protocol):
         ``wait=False``: when none can take it now).
         """
 
+    def sending(self, lease: Lease) -> None:
+        """The attempt is being handed to the upstream client now (the window guard's measure)."""
+
     async def succeeded(self, lease: Lease, prompt_tokens: int, completion_tokens: int, headers) -> None:
         """The attempt completed: an answer, or a client-caused 4xx (the deployment is healthy)."""
 

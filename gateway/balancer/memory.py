@@ -77,7 +77,7 @@ class _Cursor:
 
 
 class _Log:
-    """One deployment's reservations in time order, with a cursor per window span."""
+    """One deployment's reservations in time order, with a cursor per window (by name)."""
 
     __slots__ = ("base", "cursors", "items", "keep", "last_t")
 
@@ -85,7 +85,7 @@ class _Log:
         self.items: list[_Entry] = []
         self.base = 0  # seq of items[0]
         self.keep = _Cursor(retention, 0)  # the longest span: decides what the log retains
-        self.cursors: dict[tuple[float, float], _Cursor] = {(retention.span, retention.bucket): self.keep}
+        self.cursors: dict[str, _Cursor] = {retention.name: self.keep}
         self.last_t = -INF
 
     def append(self, now: float, tokens: int) -> _Entry:
@@ -101,9 +101,13 @@ class _Log:
         return entry
 
     def cursor(self, spec: WindowSpec, now: float) -> _Cursor:
-        c = self.cursors.get((spec.span, spec.bucket))
+        c = self.cursors.get(spec.name)
         if c is None:
-            c = self.cursors[spec.span, spec.bucket] = self._new_cursor(spec)
+            c = self.cursors[spec.name] = self._new_cursor(spec)
+        elif c.spec is not spec:
+            # The window's span moved with the measured guard (its buckets never do). As on
+            # Redis, where the buckets that left are gone, a longer span counts only from here.
+            c.spec = spec
         self.advance(c, now)
         return c
 
@@ -390,9 +394,9 @@ class MemoryState(BalancerState):
         could ever fit is held by its breaker, that of the first breaker to let a probe through
         (``Reason.UNHEALTHY``)."""
         best, ties, soonest, soonest_broken, heads = -INF, [], INF, INF, {}
-        plan_of = self.planner.plan
+        plan_of = self.planner.plan_for
         for i, c in enumerate(candidates):
-            fits, wait, head, broken = self._evaluate(self._dep(c.id), plan_of(c.rpm, c.tpm), demand, now)
+            fits, wait, head, broken = self._evaluate(self._dep(c.id), plan_of(c), demand, now)
             if not fits:
                 if broken:
                     soonest_broken = min(soonest_broken, wait)
@@ -432,7 +436,7 @@ class MemoryState(BalancerState):
         if d.ut is not None and entry.t >= d.ut_at:
             d.ut_used += demand
         probe = d.breaker.on_grant(rid, now, cfg.breaker_failures, cfg.probe_seconds)
-        plan = self.planner.plan(c.rpm, c.tpm)
+        plan = self.planner.plan_for(c)
         return Grant(c.id, rid, demand, entry.t, getattr(c, "sku", SKU_STANDARD), head, probe, plan.windows)
 
     async def try_acquire(self, candidates, demand_tokens, now=None):
@@ -612,7 +616,7 @@ class MemoryState(BalancerState):
         out: dict[int, dict] = {}
         for c in deployments:
             d = self._dep(c.id)
-            plan = self.planner.plan(c.rpm, c.tpm)
+            plan = self.planner.plan_for(c)
             _, wait, head, _ = self._evaluate(d, plan, 0, now)
             windows = []
             for w in plan.windows:

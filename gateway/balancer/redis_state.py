@@ -134,7 +134,7 @@ class RedisState(BalancerState):
             repr(cfg.key_ttl),
             repr(cfg.breaker_open_seconds),
         ]
-        self._candidate_args: dict[tuple[int, int, int], list[str]] = {}
+        self._candidate_args: dict[tuple[int, int, int, float], list[str]] = {}
         self._dep_keys_cache: dict[tuple[int, str], list[str]] = {}
         self._models: dict[int, str] = {}  # deployment id -> the model (hash tag) it was last seen with
         # Where the model of a deployment not seen yet comes from (None: it has none, ``{m:}``).
@@ -220,10 +220,12 @@ class RedisState(BalancerState):
         return model
 
     def _cand_args(self, c: Capacity) -> list[str]:
-        key = (c.rpm, c.tpm, c.weight)
+        key = (c.rpm, c.tpm, c.weight, getattr(c, "guard", 0.0))
         args = self._candidate_args.get(key)
         if args is None:
-            plan = self.planner.plan(c.rpm, c.tpm)
+            if len(self._candidate_args) > 4096:
+                self._candidate_args.clear()  # bounded: measured guards come in 0.5 ms steps
+            plan = self.planner.plan_for(c)
             args = [str(int(c.weight)), str(plan.request_ref), str(plan.token_ref), str(len(plan.windows))]
             for w in plan.windows:
                 args += [w.name, w.unit, repr(w.span), str(w.limit), repr(w.bucket)]
@@ -290,7 +292,7 @@ class RedisState(BalancerState):
                 getattr(c, "sku", SKU_STANDARD),
                 float(res[4]),
                 _s(res[5]) == "1",
-                self.planner.plan(c.rpm, c.tpm).windows,
+                self.planner.plan_for(c).windows,
             )
         return Denied(float(res[1]), Reason(_s(res[2])))
 
@@ -550,7 +552,7 @@ class RedisState(BalancerState):
         for c in deployments:
             row = rows_of[c.id]
             row = [_s(x) for x in row]
-            plan = self.planner.plan(c.rpm, c.tpm)
+            plan = self.planner.plan_for(c)
             fails, open_until = int(float(row[4])), float(row[5])
             if fails < cfg.breaker_failures:
                 state, open_for = CLOSED, 0.0

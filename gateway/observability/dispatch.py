@@ -37,6 +37,10 @@ class ObservedDispatcher:
     def calibration(self):
         return self.inner.calibration
 
+    @property
+    def guard(self):
+        return self.inner.guard
+
     async def acquire(
         self, candidates: tuple[DeploymentView, ...], demand: Demand, exclude: frozenset[int], *, wait: bool = True
     ) -> Lease:
@@ -86,6 +90,9 @@ class ObservedDispatcher:
                 )
             lease.extra["attempt"] = attempt
         return lease
+
+    def sending(self, lease: Lease) -> None:
+        self.inner.sending(lease)
 
     async def succeeded(self, lease: Lease, prompt_tokens: int, completion_tokens: int, headers) -> None:
         self._ended(lease, OK)

@@ -178,6 +178,7 @@ class Forwarder:
         reported = False
         left = self.budget.left()  # taken before the clock runs again: exact, and on a first attempt
         self.budget.resume()  # the endpoint's whole first_byte, so its own Timeouts object is used
+        self.dispatcher.sending(lease)
         try:
             try:
                 response = await self.open(deployment, body, left)

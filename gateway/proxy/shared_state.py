@@ -45,6 +45,10 @@ class GuardedDispatcher:
     def calibration(self):
         return self.inner.calibration
 
+    @property
+    def guard(self):
+        return self.inner.guard
+
     async def acquire(
         self, candidates: tuple[DeploymentView, ...], demand: Demand, exclude: frozenset[int], *, wait: bool = True
     ) -> Lease:
@@ -54,6 +58,9 @@ class GuardedDispatcher:
             return await self.inner.acquire(candidates, demand, exclude, wait=wait)
         except StateUnavailable as exc:
             raise errors.state_unavailable(exc.retry_after) from None
+
+    def sending(self, lease: Lease) -> None:
+        self.inner.sending(lease)
 
     async def succeeded(self, lease: Lease, prompt_tokens: int, completion_tokens: int, headers) -> None:
         try:

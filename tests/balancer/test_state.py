@@ -808,5 +808,5 @@ async def test_processes_sharing_redis_never_overrun_a_window(redis_url):
         assert _peak(kept, w.seconds + cfg.guard(w.seconds), lambda _: 1) <= w.limit, w
     assert _peak(kept, cfg.minute, lambda tokens: tokens) <= 3000
     # Saturated: the token window (3,000 per 1.2 s at ~50 tokens each) binds, or the RPM does.
-    # (Above 80 with the exact log; buckets keep each entry up to 5 % of its window longer.)
+    # (Above 80 with the exact log; buckets keep each entry up to 2.5 % of its window longer.)
     assert len(kept) > 75

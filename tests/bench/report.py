@@ -160,6 +160,24 @@ def resource_rows(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _calibrations(run: dict[str, Any]) -> str:
+    learned = run.get("learned") or {}
+    parts = []
+    for name, v in sorted(learned.items()):
+        c = v.get("calibration") or {}
+        parts.append(f"{name} x{fmt(c.get('factor'), 2)} ({fmt(c.get('samples'))})")
+    return ", ".join(parts) or "-"
+
+
+def _guards(run: dict[str, Any]) -> str:
+    learned = run.get("learned") or {}
+    parts = []
+    for name, v in sorted(learned.items()):
+        g = v.get("window_guard") or {}
+        parts.append(f"{name} {fmt(g.get('ms'), 1, ' ms') if g.get('ms') is not None else 'ceiling'}")
+    return ", ".join(parts) or "-"
+
+
 def saturation_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     runs = results.get("saturation", {})
     names = list(runs)
@@ -216,6 +234,8 @@ def saturation_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]
     add("unfinished at drain end", lambda r: fmt(_get(r, "client", "unfinished")))
     add("capacity used: requests", lambda r: fmt(_get(r, "capacity_used", "request_share_percent"), 1, " %"))
     add("capacity used: tokens", lambda r: fmt(_get(r, "capacity_used", "token_share_percent"), 1, " %"))
+    add("learned calibration factor (samples)", _calibrations)
+    add("measured window guard", _guards)
     add("upstream peak per window, sat-a", lambda r: _peaks(_get(r, "upstream", "sat-a")))
     add("queue wait of 200s p50 / p99, prio 0", wait("0"))
     add("queue wait of 200s p50 / p99, prio 9", wait("9"))

@@ -14,7 +14,9 @@ Measured:
   has stopped and flushed): queue wait by priority, outcomes and error codes;
 * the share of combined capacity used: requests (and counted tokens) the upstream served
   inside the offered-load window, over what the limits allow in that time, from stats
-  sampled every half second and interpolated at the window's edges.
+  sampled every half second and interpolated at the window's edges;
+* what the gateway learned (issue 18, its staff status API): per deployment the calibration
+  factor (the upstream's charge per token reserved) and the request windows' measured guard.
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ def run_saturation(
             )
             sampler.sample()
         upstream = httpx.get(sim_url + "/_sim/stats", trust_env=False, timeout=5.0).json()["deployments"]
+        learned = _learned(gateway.url, env.staff_session())
     finally:
         group.stop(gateway.child)
     records = _usage_records(env, since)
@@ -198,6 +201,7 @@ def run_saturation(
         "client": _client_view(load),
         "upstream": _upstream_view(upstream, config),
         "capacity_used": _capacity_used(sampler, load, config),
+        "learned": learned,
         "gateway": _gateway_view(records),
         "gateway_exit_code": gateway.child.process.returncode,
         "log_lines": len(gateway.child.log_tail(10**9).splitlines()),
@@ -244,6 +248,22 @@ def _upstream_view(stats: dict[str, Any], config: SaturationConfig) -> dict[str,
     view["total_429"] = sum(stats[name]["rate_limited"] for name in SAT_DEPLOYMENTS)
     view["total_served"] = sum(stats[name]["served"] for name in SAT_DEPLOYMENTS)
     return view
+
+
+def _learned(gateway_url: str, session: str) -> dict[str, Any]:
+    """What the gateway learned per deployment (issue 18): the calibration factor (the upstream's
+    charge per token reserved) and the request windows' guard, from the staff status API."""
+    try:
+        rows = httpx.get(
+            gateway_url + "/api/status/deployments", cookies={"sessionid": session}, trust_env=False, timeout=5.0
+        ).json()["deployments"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return {}
+    return {
+        r["name"]: {"calibration": r.get("calibration"), "window_guard": r.get("window_guard")}
+        for r in rows
+        if r["name"] in SAT_DEPLOYMENTS
+    }
 
 
 def _capacity_used(sampler: StatsSampler, load: dict[str, Any], config: SaturationConfig) -> dict[str, Any]:

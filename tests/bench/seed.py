@@ -10,7 +10,8 @@ benchmark process itself never imports Django or touches a database. The spec (J
 
 Deployment entries take any ``gateway.models.Deployment`` field; ``quota`` and ``key_quota`` any
 ``tenants.models.Quota`` field (a tenant without ``quota`` gets an unlimited one). Prints
-``{"keys": {"bench-a/app": "<secret>", ...}}`` on stdout. Idempotent for endpoints, deployments
+``{"keys": {"bench-a/app": "<secret>", ...}}`` on stdout (and ``"staff_session"``, a logged-in
+staff session for the status API, when the spec has ``"staff_session": true``). Idempotent for endpoints, deployments
 and tenants; a key is issued on every run (secrets are shown once, so an old one cannot be read).
 """
 
@@ -61,13 +62,34 @@ def seed(spec: dict) -> dict[str, str]:
     return secrets
 
 
+def staff_session() -> str:
+    """A logged-in staff session (its cookie value), for the staff-only status API."""
+    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+    from django.contrib.auth.models import User
+    from django.contrib.sessions.backends.db import SessionStore
+
+    user = User.objects.filter(username="bench-ops").first() or User.objects.create_user(
+        "bench-ops", password="bench-ops-very-long-password", is_staff=True
+    )
+    session = SessionStore()
+    session[SESSION_KEY] = str(user.pk)
+    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    session.create()
+    assert session.session_key is not None
+    return session.session_key
+
+
 def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway.settings")
     import django
 
     django.setup()
     spec = json.load(sys.stdin)
-    print(json.dumps({"keys": seed(spec)}))
+    out: dict = {"keys": seed(spec)}
+    if spec.get("staff_session"):
+        out["staff_session"] = staff_session()
+    print(json.dumps(out))
     return 0
 
 

@@ -93,6 +93,12 @@ class BenchEnv:
         """Write endpoints, deployments, tenants and keys (see ``tests.bench.seed``); returns the keys."""
         return json.loads(self.run("-m", "tests.bench.seed", stdin=json.dumps(spec)))["keys"]
 
+    def staff_session(self) -> str:
+        """A staff session's cookie value, for ``/api/status/deployments`` (see ``tests.bench.seed``)."""
+        return json.loads(self.run("-m", "tests.bench.seed", stdin=json.dumps({"staff_session": True})))[
+            "staff_session"
+        ]
+
 
 # --- the simulated upstream -------------------------------------------------------------------
 

@@ -107,7 +107,7 @@ def _check(
     return figures
 
 
-def _staff_cookie() -> dict[str, str]:
+def staff_cookie() -> dict[str, str]:
     user = User.objects.filter(username="ops").first() or User.objects.create_user(
         "ops", password="x-very-long-password", is_staff=True
     )
@@ -117,7 +117,7 @@ def _staff_cookie() -> dict[str, str]:
 
 
 def _factors(url: str) -> dict[str, float]:
-    data = httpx.get(url + "/api/status/deployments", cookies=_staff_cookie(), trust_env=False).json()
+    data = httpx.get(url + "/api/status/deployments", cookies=staff_cookie(), trust_env=False).json()
     return {d["name"]: d["calibration"]["factor"] for d in data["deployments"]}
 
 

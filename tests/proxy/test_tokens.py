@@ -257,6 +257,9 @@ def test_fast_mode_is_in_the_right_ballpark(model):
         ("chat", {"max_tokens": True, "n": -2}, 700, 700),
         ("completions", {"max_tokens": 10, "n": 2, "best_of": 5}, 1024, 50),
         ("completions", {"max_tokens": 10, "n": 3}, 1024, 30),
+        ("completions", {"best_of": 3}, 1024, 48),  # the upstream's default of 16 per candidate
+        ("chat", {"max_completion_tokens": 50, "n": 2}, 1024, 100),
+        ("chat", {"max_completion_tokens": 0, "max_tokens": 40, "n": 2}, 1024, 80),
         ("completions", {}, 1024, 16),
         ("embeddings", {"max_tokens": 10}, 1024, 0),
     ],

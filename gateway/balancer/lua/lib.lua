@@ -7,7 +7,7 @@
 --              ut/ut_at/ut_used (the upstream's word), x (when the expiries are next renewed),
 --              and per window <w> (r0, r1, r2: requests; k0: tokens; contract.py "Window"):
 --              l<w> the oldest bucket counted, n<w> the units counted
---   b     HASH <w>:<bucket> the units reserved in one bucket of window <w> (about 21 per window
+--   b     HASH <w>:<bucket> the units reserved in one bucket of window <w> (about 41 per window
 --              live at once), and '~' (keeps the key). Apart from s, so that the every-call
 --              HMGET of s reads a small hash: Redis keeps hashes of up to 128 fields as a flat
 --              list searched field by field, and one hash of both cost ~4x the CPU per call.
