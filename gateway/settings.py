@@ -322,6 +322,10 @@ GATEWAY = {
     "DEFAULT_COMPLETION_ALLOWANCE": env.int("GATEWAY_DEFAULT_COMPLETION_ALLOWANCE", default=1024),
     # Length of the balancer's "minute"; tests shorten it. Short windows scale with it.
     "WINDOW_MINUTE_SECONDS": env.float("GATEWAY_WINDOW_MINUTE_SECONDS", default=60.0),
+    # The least window guard (the measured one is 1.5x the recent reserve-to-send delays): it
+    # covers the unmeasured send path and clock differences between gateway hosts sharing Redis.
+    # Raise it if their clocks may differ by more (NTP keeps them within a few ms).
+    "WINDOW_GUARD_FLOOR_MS": env.float("GATEWAY_WINDOW_GUARD_FLOOR_MS", default=10.0),
     # Queue: the longest a request waits for capacity, and how many may wait per model.
     "QUEUE_TIMEOUT_SECONDS": env.float("GATEWAY_QUEUE_TIMEOUT_SECONDS", default=30.0),
     "QUEUE_MAX_DEPTH": env.int("GATEWAY_QUEUE_MAX_DEPTH", default=1000),

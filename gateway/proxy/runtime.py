@@ -208,6 +208,7 @@ def make_dispatcher(redis_client=None) -> BalancedDispatcher:
         breaker_failures=g["BREAKER_FAILURES"],
         breaker_open_seconds=g["BREAKER_OPEN_SECONDS"],
         queue_max_depth=g["QUEUE_MAX_DEPTH"],
+        guard_floor=g["WINDOW_GUARD_FLOOR_MS"] / 1000.0,
     )
     if isinstance(state, RedisState):  # a deployment's keys are in its model's slot
         state.model_of = deployment_model

@@ -79,3 +79,13 @@ async def test_the_dispatcher_measures_each_hand_over_and_passes_the_guard_to_th
     status = dispatcher.guard.status(1)
     assert status["samples"] == MIN_SAMPLES and status["ms"] >= state.config.guard_floor * 1000
     assert dispatcher._capacity(candidates[0]).guard == pytest.approx(status["ms"] / 1000)
+
+
+def test_the_floor_is_an_operator_setting(settings):
+    """Hosts whose clocks may differ by more than the default 10 ms raise it."""
+    from gateway.proxy.runtime import make_dispatcher
+
+    settings.GATEWAY = {**settings.GATEWAY, "WINDOW_GUARD_FLOOR_MS": 25.0}
+    dispatcher = make_dispatcher()
+    assert dispatcher.state.config.guard_floor == pytest.approx(0.025)
+    assert dispatcher.guard.floor == pytest.approx(0.025)
