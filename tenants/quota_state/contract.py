@@ -286,12 +286,15 @@ class QuotaState(abc.ABC):
         return None
 
 
-def make_quota_state(redis_url: str | None, config: QuotaStateConfig, *, prefix: str = "gw") -> QuotaState:
-    """The Redis state when ``redis_url`` is given, else the in-process one."""
+def make_quota_state(
+    redis_url: str | None, config: QuotaStateConfig, *, prefix: str = "gw", timeout: float = 0.5
+) -> QuotaState:
+    """The Redis state when ``redis_url`` is given (every wait bounded by ``timeout`` seconds),
+    else the in-process one."""
     if redis_url:
         from tenants.quota_state.redis import RedisQuotaState
 
-        return RedisQuotaState.from_url(redis_url, config, prefix=prefix)
+        return RedisQuotaState.from_url(redis_url, config, prefix=prefix, timeout=timeout)
     from tenants.quota_state.memory import MemoryQuotaState
 
     return MemoryQuotaState(config)

@@ -53,6 +53,9 @@ async def make_state(request):
         knobs.setdefault("minute", 6.0)
         knobs.setdefault("guard_min", 0.01)
         prefix = f"test-balancer-{uuid.uuid4().hex[:12]}"
+        # A generous wait for Redis: these tests are about what the state does; on a busy CI
+        # machine running six cluster nodes a loopback connect took over the 0.5 s default.
+        knobs.setdefault("redis_timeout", 5.0)
         state = build(url, prefix=prefix, **knobs)
         created.append(state)
         return state

@@ -48,7 +48,8 @@ async def make_quota_state(request: Any) -> AsyncIterator[Callable[..., Awaitabl
 
     async def factory(**config: Any) -> QuotaState:
         config.setdefault("window", 6.0)
-        state = build(url, QuotaStateConfig(**config), prefix=f"test-quota-{uuid.uuid4().hex[:12]}")
+        # A generous wait for Redis (see tests/balancer/conftest.py's make_state).
+        state = build(url, QuotaStateConfig(**config), prefix=f"test-quota-{uuid.uuid4().hex[:12]}", timeout=5.0)
         created.append(state)
         return state
 
