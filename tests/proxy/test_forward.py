@@ -6,6 +6,7 @@ Runs on the balancer backend the environment configures (Redis when ``REDIS_URL`
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -14,6 +15,7 @@ import pytest
 
 from gateway import status
 from gateway.models import Deployment
+from gateway.proxy import retries
 from gateway.proxy.runtime import runtime
 from tests.proxy.forwarding import (
     SECRET_EAST,
@@ -295,13 +297,20 @@ async def test_a_model_whose_every_deployment_is_broken_is_refused_at_once_not_h
 
 
 async def test_a_retry_does_not_wait_for_a_tried_deployment_whose_breaker_others_opened(settings, monkeypatch):
+    """The request's own failure leaves the breaker closed; other requests' failures open it during
+    the back-off. The retry must not sit out the open period (30 s) on the client's clock."""
     settings.GATEWAY = {**settings.GATEWAY, "BREAKER_FAILURES": 3, "BREAKER_OPEN_SECONDS": 30.0}
     gw = await build_gateway(settings, monkeypatch, deployments=("east-a",))
     east = gw.deployments["east-a"].id
+    monkeypatch.setattr(retries, "BACKOFF_SECONDS", (0.3, 0.3))  # room for the others' failures
 
-    async def failing_while_others_fail_too(call):
-        for _ in range(3):  # the other requests' failures open the breaker meanwhile
+    async def others_fail_meanwhile():
+        await asyncio.sleep(0.02)  # after this attempt's failure is recorded, within the back-off
+        for _ in range(3):
             await runtime.dispatcher.state.record_failure(east)
+
+    def failing_while_others_fail_too(call):
+        asyncio.get_running_loop().create_task(others_fail_meanwhile())
         return error(500, "boom")(call)
 
     gw.upstream.script("east-a", failing_while_others_fail_too)
